@@ -1,0 +1,346 @@
+//! flannel's network config (`<prefix>/config`): parse and validate, no I/O.
+//!
+//! Go's `encoding/json` matches field names case-insensitively, so a config
+//! that Go flanneld accepts (`"network"`, `"Network"`, `"NETWORK"`) is
+//! accepted here too.
+
+use ipnetwork::Ipv4Network;
+use serde_json::{Map, Value};
+use std::net::Ipv4Addr;
+
+/// Default UDP port of flannel's udp backend.
+pub const DEFAULT_UDP_PORT: u16 = 8285;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("network config is not valid JSON: {0}")]
+    Json(String),
+    #[error("network config must be a JSON object")]
+    NotObject,
+    #[error("network config field {field}: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+fn field_err(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A validated IPv4 network config with all defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub network: Ipv4Network,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    /// UDP port of the udp backend (`Backend.Port`).
+    pub port: u16,
+}
+
+/// Case-insensitive view of a JSON object, as Go's decoder sees it.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.0
+            .get(name)
+            .or_else(|| {
+                self.0
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v)
+            })
+            .filter(|v| !v.is_null())
+    }
+
+    fn string(&self, name: &'static str) -> Result<Option<&'a str>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(field_err(name, format!("expected a string, got {other}"))),
+        }
+    }
+
+    fn bool(&self, name: &'static str) -> Result<Option<bool>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(field_err(name, format!("expected true or false, got {other}"))),
+        }
+    }
+
+    fn uint(&self, name: &'static str, max: u64) -> Result<Option<u64>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ => Err(field_err(
+                    name,
+                    format!("expected an integer between 0 and {max}, got {v}"),
+                )),
+            },
+        }
+    }
+}
+
+fn parse_ip(field: &'static str, s: &str) -> Result<Ipv4Addr, ConfigError> {
+    s.parse()
+        .map_err(|_| field_err(field, format!("{s:?} is not an IPv4 address")))
+}
+
+impl NetworkConfig {
+    /// Parses and validates flannel's config JSON, applying flannel's defaults.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let obj = value.as_object().ok_or(ConfigError::NotObject)?;
+        let f = Fields(obj);
+
+        if f.bool("EnableIPv4")? == Some(false) {
+            return Err(field_err(
+                "EnableIPv4",
+                "IPv4 is disabled, but this flanneld only carries IPv4",
+            ));
+        }
+        if f.bool("EnableIPv6")? == Some(true) || f.get("IPv6Network").is_some() {
+            return Err(field_err(
+                "EnableIPv6",
+                "IPv6 networks are not supported by this flanneld (udp backend is IPv4-only)",
+            ));
+        }
+
+        let network_s = f
+            .string("Network")?
+            .ok_or_else(|| field_err("Network", "missing (e.g. \"10.5.0.0/16\")"))?;
+        let network: Ipv4Network = network_s
+            .parse()
+            .map_err(|_| field_err("Network", format!("{network_s:?} is not an IPv4 CIDR")))?;
+        let network = Ipv4Network::new(network.network(), network.prefix())
+            .expect("prefix came from a valid network");
+
+        let subnet_len = match f.uint("SubnetLen", 32)? {
+            // Go treats 0 as "not set".
+            None | Some(0) => {
+                if network.prefix() > 28 {
+                    return Err(field_err(
+                        "Network",
+                        format!("{network} is too small: the prefix must be /28 or shorter"),
+                    ));
+                } else if network.prefix() <= 22 {
+                    24
+                } else {
+                    network.prefix() + 2
+                }
+            }
+            Some(n) => {
+                let n = n as u8;
+                if n > 30 {
+                    return Err(field_err("SubnetLen", format!("{n} is larger than 30")));
+                }
+                if n < network.prefix() + 2 {
+                    return Err(field_err(
+                        "SubnetLen",
+                        format!(
+                            "{n} is too short for {network}: the network must be able to accommodate at least four subnets"
+                        ),
+                    ));
+                }
+                n
+            }
+        };
+
+        let size = subnet_size(subnet_len);
+        let net_start = u32::from(network.network());
+        let net_end = u32::from(network.broadcast());
+        let default_min = net_start + size;
+        let default_max = net_end - (size - 1);
+
+        let bound = |field: &'static str, default: u32| -> Result<Ipv4Addr, ConfigError> {
+            let ip = match f.string(field)? {
+                None => return Ok(Ipv4Addr::from(default)),
+                Some(s) => parse_ip(field, s)?,
+            };
+            if !network.contains(ip) {
+                return Err(field_err(field, format!("{ip} is not inside Network {network}")));
+            }
+            if u32::from(ip) & mask(subnet_len) != u32::from(ip) {
+                return Err(field_err(
+                    field,
+                    format!("{ip} is not on a /{subnet_len} (SubnetLen) boundary"),
+                ));
+            }
+            Ok(ip)
+        };
+        let subnet_min = bound("SubnetMin", default_min)?;
+        let subnet_max = bound("SubnetMax", default_max)?;
+        if u32::from(subnet_min) > u32::from(subnet_max) {
+            return Err(field_err(
+                "SubnetMax",
+                format!("{subnet_max} is below SubnetMin {subnet_min}"),
+            ));
+        }
+
+        let port = match f.get("Backend") {
+            None => DEFAULT_UDP_PORT,
+            Some(Value::Object(b)) => {
+                let b = Fields(b);
+                let rename = |e: ConfigError| match e {
+                    ConfigError::Field { field: "Type", reason } => field_err("Backend.Type", reason),
+                    ConfigError::Field { field: "Port", reason } => field_err("Backend.Port", reason),
+                    other => other,
+                };
+                let ty = b.string("Type").map_err(rename)?.unwrap_or("udp");
+                if !ty.eq_ignore_ascii_case("udp") {
+                    return Err(field_err(
+                        "Backend.Type",
+                        format!("backend {ty:?} is not supported: this flanneld implements only \"udp\""),
+                    ));
+                }
+                match b.uint("Port", 65535).map_err(rename)? {
+                    None | Some(0) => DEFAULT_UDP_PORT,
+                    Some(p) => p as u16,
+                }
+            }
+            Some(other) => {
+                return Err(field_err("Backend", format!("expected an object, got {other}")))
+            }
+        };
+
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            port,
+        })
+    }
+
+    /// Number of addresses in one subnet.
+    pub fn subnet_size(&self) -> u32 {
+        subnet_size(self.subnet_len)
+    }
+
+    /// Whether a lease's subnet may be held under this config
+    /// (flannel's `isSubnetConfigCompat`).
+    pub fn fits(&self, subnet: Ipv4Network) -> bool {
+        subnet.prefix() == self.subnet_len
+            && subnet.network() >= self.subnet_min
+            && subnet.network() <= self.subnet_max
+    }
+}
+
+/// Number of addresses in a subnet of prefix length `len` (1..=32).
+pub fn subnet_size(len: u8) -> u32 {
+    1u32 << (32 - len as u32)
+}
+
+/// The netmask of prefix length `len` as a u32.
+pub fn mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_for_a_slash_16() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#)
+            .unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 255, 0));
+        assert_eq!(c.port, 8285);
+    }
+
+    #[test]
+    fn backend_absent_means_udp_and_field_names_are_case_insensitive() {
+        let c = NetworkConfig::parse(r#"{"network":"10.5.0.0/16","subnetlen":26}"#).unwrap();
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.port, 8285);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 0, 64));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 255, 192));
+    }
+
+    #[test]
+    fn small_networks_get_prefix_plus_two() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/24"}"#).unwrap();
+        assert_eq!(c.subnet_len, 26);
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/22"}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        let e = NetworkConfig::parse(r#"{"Network":"10.5.0.0/29"}"#).unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn explicit_port_min_max() {
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0","SubnetMax":"10.5.20.0","Backend":{"Type":"udp","Port":9000}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 10, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 20, 0));
+        assert!(c.fits("10.5.10.0/24".parse().unwrap()));
+        assert!(!c.fits("10.5.21.0/24".parse().unwrap()));
+        assert!(!c.fits("10.5.10.0/25".parse().unwrap()));
+    }
+
+    fn err_field(json: &str) -> String {
+        match NetworkConfig::parse(json).unwrap_err() {
+            ConfigError::Field { field, .. } => field.to_string(),
+            other => panic!("expected a field error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        assert_eq!(err_field(r#"{}"#), "Network");
+        assert_eq!(err_field(r#"{"Network":"10.5.0.0"}"#), "Network");
+        assert_eq!(err_field(r#"{"Network":7}"#), "Network");
+        assert_eq!(err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#), "SubnetLen");
+        assert_eq!(err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#), "SubnetLen");
+        assert_eq!(err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":-1}"#), "SubnetLen");
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0"}"#),
+            "SubnetMin"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.3.7"}"#),
+            "SubnetMax"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.9.0","SubnetMax":"10.5.3.0"}"#),
+            "SubnetMax"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#),
+            "Backend.Type"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":70000}}"#),
+            "Backend.Port"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","EnableIPv6":true}"#),
+            "EnableIPv6"
+        );
+        assert!(matches!(
+            NetworkConfig::parse("{not json"),
+            Err(ConfigError::Json(_))
+        ));
+        assert_eq!(NetworkConfig::parse("[1]"), Err(ConfigError::NotObject));
+    }
+
+    #[test]
+    fn network_host_bits_are_masked() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.3.4/16"}"#).unwrap();
+        assert_eq!(c.network.to_string(), "10.5.0.0/16");
+    }
+}

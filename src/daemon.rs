@@ -1,0 +1,334 @@
+//! The daemon: wires the lease store, the TUN and the data path together.
+//! Decisions come from the pure modules; this file does the I/O and the
+//! sequencing (acquire → TUN → subnet.env → data path → watch + renew).
+
+use crate::config::NetworkConfig;
+use crate::datapath::{self, tun::Tun, Datapath, Shared};
+use crate::forward::Counters;
+use crate::lease::{self, Acquire, PeerChange, PeerSet};
+use crate::netlink::{self, Netlink};
+use crate::registry::{LeaseStore, LeaseWatch, RawLease, WatchEvent, WatchItem};
+use crate::routes::RouteTable;
+use crate::subnet::LeaseAttrs;
+use crate::subnet_env::{self, SubnetEnv};
+use anyhow::{bail, Context};
+use ipnetwork::Ipv4Network;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// UDP (8) + IPv4 (20) header bytes the tunnel adds.
+pub const ENCAP_OVERHEAD: u32 = 28;
+/// Tries at creating a lease before giving up (flannel: 10).
+const ACQUIRE_TRIES: usize = 10;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub ifaces: Vec<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub renew_margin: Duration,
+    pub lease_ttl: Duration,
+    pub ip_masq: bool,
+    pub tun_name: String,
+}
+
+/// Exponential backoff, 100 ms doubling to a cap (flannel's watch backoff).
+struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(cap: Duration) -> Self {
+        Backoff { next: Duration::from_millis(100), cap }
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        d
+    }
+}
+
+/// Retries a store call while etcd is unreachable, logging once per outage.
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    let mut logged = false;
+    loop {
+        match f().await {
+            Ok(v) => {
+                if logged {
+                    tracing::info!("etcd is reachable again ({what})");
+                }
+                return v;
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::warn!("{what} failed, retrying: {e:#}");
+                    logged = true;
+                }
+                tokio::time::sleep(backoff.step()).await;
+            }
+        }
+    }
+}
+
+fn decode_all(raw: &[RawLease]) -> Vec<lease::Lease> {
+    raw.iter()
+        .filter_map(|r| match lease::decode(r) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("skipping lease: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Gets a subnet: flannel's choice, created with a transaction, retried on conflict.
+async fn acquire<S: LeaseStore>(
+    store: &S,
+    cfg: &NetworkConfig,
+    public_ip: Ipv4Addr,
+    previous: Option<Ipv4Network>,
+    ttl: Duration,
+) -> anyhow::Result<(Ipv4Network, Option<Duration>)> {
+    let value = LeaseAttrs::udp(public_ip).to_json();
+    for _ in 0..ACQUIRE_TRIES {
+        let (raw, _) = retry("listing leases", || store.list()).await;
+        let leases = decode_all(&raw);
+        let plan = lease::plan_acquire(cfg, &leases, public_ip, previous, &mut rand::thread_rng())?;
+        for sn in plan.delete {
+            tracing::info!(subnet = %sn, "deleting our stale lease that no longer fits the config");
+            store.delete(sn).await?;
+        }
+        match plan.action {
+            Acquire::Reuse { subnet, reservation } => {
+                let exp = store
+                    .put(subnet, value.clone(), (!reservation).then_some(ttl))
+                    .await?;
+                tracing::info!(subnet = %subnet, reservation, "reusing our lease");
+                return Ok((subnet, exp));
+            }
+            Acquire::Create(subnet) => match store.create(subnet, value.clone(), ttl).await? {
+                Some(exp) => {
+                    tracing::info!(subnet = %subnet, "acquired a new lease");
+                    return Ok((subnet, Some(exp)));
+                }
+                None => tracing::debug!(subnet = %subnet, "lost the race for a subnet, retrying"),
+            },
+        }
+    }
+    bail!("could not acquire a subnet lease: lost the race {ACQUIRE_TRIES} times")
+}
+
+/// The route table and the peer set behind it.
+struct Peers {
+    set: PeerSet,
+    routes: Arc<RouteTable>,
+    port: u16,
+}
+
+impl Peers {
+    fn log(changes: &[PeerChange]) {
+        for c in changes {
+            match c {
+                PeerChange::Added(sn, ip) => tracing::info!(subnet = %sn, public_ip = %ip, "peer added"),
+                PeerChange::Changed(sn, ip) => tracing::info!(subnet = %sn, public_ip = %ip, "peer moved"),
+                PeerChange::Removed(sn) => tracing::info!(subnet = %sn, "peer removed"),
+            }
+        }
+    }
+
+    fn resync(&mut self, raw: &[RawLease]) {
+        let changes = self
+            .set
+            .resync(decode_all(raw).into_iter().map(|l| (l.subnet, l.attrs.public_ip)));
+        Self::log(&changes);
+        self.routes.store(self.set.snapshot(self.port));
+    }
+
+    /// Applies watch events; returns true when our own lease was deleted.
+    fn apply(&mut self, events: &[WatchEvent], own: Ipv4Network) -> bool {
+        let mut changes = Vec::new();
+        let mut own_deleted = false;
+        for ev in events {
+            match ev {
+                WatchEvent::Put(raw) => match lease::decode(raw) {
+                    Ok(l) => changes.extend(self.set.upsert(l.subnet, l.attrs.public_ip)),
+                    Err(e) => tracing::warn!("skipping lease: {e}"),
+                },
+                WatchEvent::Delete(key) => match crate::subnet::parse_key(key) {
+                    Ok(sn) if sn == own => own_deleted = true,
+                    Ok(sn) => changes.extend(self.set.remove(sn)),
+                    Err(e) => tracing::warn!("skipping deleted key: {e}"),
+                },
+            }
+        }
+        if !changes.is_empty() {
+            Self::log(&changes);
+            self.routes.store(self.set.snapshot(self.port));
+        }
+        own_deleted
+    }
+}
+
+/// Creates and configures the TUN as flannel's udp backend does.
+fn setup_tun(pattern: &str, subnet: Ipv4Network, network: Ipv4Network, mtu: u32) -> anyhow::Result<Tun> {
+    let tun = Tun::create(pattern)?;
+    let index = netlink::if_index(tun.name()).with_context(|| format!("looking up {}", tun.name()))?;
+    let mut nl = Netlink::open().context("opening rtnetlink")?;
+    nl.add_address(index, subnet.network(), 32)
+        .with_context(|| format!("adding {}/32 to {}", subnet.network(), tun.name()))?;
+    nl.set_mtu_up(index, mtu)
+        .with_context(|| format!("setting {} mtu {mtu} up", tun.name()))?;
+    nl.add_route(network.network(), network.prefix(), index)
+        .with_context(|| format!("adding route {network} dev {}", tun.name()))?;
+    Ok(tun)
+}
+
+/// Runs flanneld until `shutdown` resolves.
+pub async fn run<S: LeaseStore>(
+    store: S,
+    opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ext = crate::iface::find_external(&opts.ifaces)?;
+    let public_ip = opts.public_ip.unwrap_or(ext.addr);
+    tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
+
+    let text = retry("reading the network config", || store.get_config()).await;
+    let Some(text) = text else {
+        bail!("flannel config not found in etcd store: write the network config JSON to <prefix>/config");
+    };
+    let cfg = NetworkConfig::parse(&text).context("invalid network config in etcd")?;
+    tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
+    if opts.renew_margin >= opts.lease_ttl {
+        bail!("--subnet-lease-renew-margin must be shorter than the lease TTL");
+    }
+
+    let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
+    let (own, expires_in) = acquire(&store, &cfg, public_ip, previous, opts.lease_ttl).await?;
+    // When to renew: `margin` before expiry; never for a reservation.
+    let renew_time = |exp: Option<Duration>| exp.map(|d| Instant::now() + lease::renew_delay(d, opts.renew_margin));
+    let mut renew_at = renew_time(expires_in);
+
+    let mtu = ext.mtu.checked_sub(ENCAP_OVERHEAD).context("external MTU too small")?;
+    let tun = setup_tun(&opts.tun_name, own, cfg.network, mtu)?;
+    tracing::info!(tun = tun.name(), address = %own.network(), mtu, "TUN ready");
+    let socket = datapath::bind_udp(SocketAddrV4::new(ext.addr, cfg.port))?;
+
+    SubnetEnv { network: cfg.network, subnet: own, mtu, ipmasq: opts.ip_masq }
+        .write(&opts.subnet_file)
+        .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+
+    let routes = Arc::new(RouteTable::default());
+    let mut peers = Peers { set: PeerSet::new(Some(own)), routes: routes.clone(), port: cfg.port };
+    let (raw, rev) = retry("listing leases", || store.list()).await;
+    peers.resync(&raw);
+
+    let counters = Arc::new(Counters::default());
+    let dp = Datapath::start(Shared {
+        tun: Arc::new(tun),
+        socket: Arc::new(socket),
+        routes,
+        counters: counters.clone(),
+        icmp_src: cfg.network.network(),
+    })?;
+
+    let value = LeaseAttrs::udp(public_ip).to_json();
+    let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await);
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = sleep_until(renew_at) => {
+                match store.put(own, value.clone(), Some(opts.lease_ttl)).await {
+                    Ok(exp) => {
+                        renew_at = renew_time(exp);
+                        tracing::info!(subnet = %own, ttl = ?exp, "lease renewed");
+                    }
+                    Err(e) => {
+                        tracing::warn!("renewing lease {own} failed, retrying in a minute: {e:#}");
+                        renew_at = Some(Instant::now() + Duration::from_secs(60));
+                    }
+                }
+            }
+            item = next_item(&mut watch) => {
+                let resync = match item {
+                    Ok(WatchItem::Events(evs)) => {
+                        backoff = Backoff::new(Duration::from_secs(5));
+                        if peers.apply(&evs, own) {
+                            tracing::warn!(subnet = %own, "our lease was deleted from etcd; re-creating it");
+                            match store.create(own, value.clone(), opts.lease_ttl).await {
+                                Ok(Some(exp)) => {
+                                    renew_at = renew_time(Some(exp));
+                                    tracing::info!(subnet = %own, "lease re-created");
+                                }
+                                Ok(None) => break Err(anyhow::anyhow!("lease {own} was revoked and another host took the subnet")),
+                                Err(e) => tracing::warn!("re-creating lease {own} failed: {e:#}"),
+                            }
+                        }
+                        false
+                    }
+                    Ok(WatchItem::Compacted) => {
+                        tracing::warn!("watch revision was compacted; re-listing leases");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!("lease watch broke: {e:#}; re-listing");
+                        tokio::time::sleep(backoff.step()).await;
+                        true
+                    }
+                };
+                if resync {
+                    watch = None;
+                    let (raw, rev) = retry("re-listing leases", || store.list()).await;
+                    peers.resync(&raw);
+                    if !raw.iter().any(|r| crate::subnet::parse_key(&r.key) == Ok(own)) {
+                        tracing::warn!(subnet = %own, "our lease is missing after re-list; re-creating it");
+                        if let Ok(Some(exp)) = store.create(own, value.clone(), opts.lease_ttl).await {
+                            renew_at = renew_time(Some(exp));
+                        }
+                    }
+                    match store.watch(rev + 1).await {
+                        Ok(w) => watch = Some(w),
+                        Err(e) => tracing::warn!("restarting the watch failed: {e:#}"),
+                    }
+                }
+            }
+        }
+    };
+    tracing::info!("shutting down; the lease stays in etcd");
+    dp.stop();
+    let c = counters.snapshot();
+    tracing::info!(
+        sent = c.udp_tx_packets, received = c.udp_rx_packets,
+        no_route = c.drop_no_route, malformed = c.drop_malformed, ttl = c.drop_ttl,
+        "data path counters"
+    );
+    result
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next watch item; a missing watch is an error that triggers a re-list.
+async fn next_item<W: LeaseWatch>(w: &mut Option<W>) -> anyhow::Result<WatchItem> {
+    match w {
+        Some(w) => w.next().await,
+        None => Err(anyhow::anyhow!("no watch")),
+    }
+}

@@ -1,0 +1,90 @@
+//! The TUN device: `/dev/net/tun` opened with `IFF_TUN | IFF_NO_PI`, named
+//! from a pattern like flannel's `flannel%d`. Our own small ioctl wrapper:
+//! the `tun-tap` crate cannot set the flags the fast path needs
+//! (`IFF_VNET_HDR`, `IFF_MULTI_QUEUE`) and pulls in tokio-core 0.1.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+pub struct Tun {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl Tun {
+    /// Creates a TUN device; `%d` in `pattern` lets the kernel pick the
+    /// first free number (`flannel%d` → `flannel0`, `flannel1`, …).
+    /// The fd is non-blocking; the device vanishes when it is closed.
+    pub fn create(pattern: &str) -> io::Result<Tun> {
+        let path = c"/dev/net/tun";
+        // SAFETY: path is NUL-terminated; the fd is owned right below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            let hint = match e.raw_os_error() {
+                Some(libc::ENOENT) => "/dev/net/tun does not exist: give the container the device (--device /dev/net/tun) or load the tun module",
+                Some(libc::EACCES) | Some(libc::EPERM) => "no permission to open /dev/net/tun: flanneld needs CAP_NET_ADMIN and access to the device",
+                _ => "cannot open /dev/net/tun",
+            };
+            return Err(io::Error::new(e.kind(), format!("{hint} ({e})")));
+        }
+        // SAFETY: fd is fresh and valid.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ifreq is plain data; zeroed is valid.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        let b = pattern.as_bytes();
+        if b.is_empty() || b.len() >= ifr.ifr_name.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad TUN name {pattern:?}")));
+        }
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b) {
+            *d = *s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes the ifreq we own.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut ifr) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("TUNSETIFF {pattern}: {e}")));
+        }
+        // SAFETY: the kernel wrote a NUL-terminated name into ifr_name.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifr.ifr_name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        Ok(Tun { fd, name })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one packet; `WouldBlock` when none is queued.
+    #[inline]
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is writable for buf.len() bytes.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one packet.
+    #[inline]
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: buf is readable for buf.len() bytes.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl AsRawFd for Tun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

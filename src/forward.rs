@@ -1,0 +1,231 @@
+//! Per-packet forwarding decisions for both directions, without I/O, and the
+//! counters every drop path feeds.
+
+use crate::routes::RouteSnapshot;
+use crate::wire::{Ipv4Packet, WireError};
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a packet was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not IPv4 (e.g. an IPv6 packet the kernel routed into the TUN).
+    NotIpv4,
+    /// Not a well-formed IPv4 packet (short, bad IHL, lying length, bad checksum).
+    Malformed,
+    /// TTL would reach zero.
+    Ttl,
+    /// No lease covers the destination.
+    NoRoute,
+}
+
+/// What to do with a packet read from the TUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// TTL already decremented; send the packet unchanged otherwise to the peer.
+    Send(SocketAddrV4),
+    /// No lease covers the destination: answer with ICMP net unreachable.
+    Unreachable,
+    /// TTL expired here: answer with ICMP time exceeded.
+    TimeExceeded,
+    Drop(DropReason),
+}
+
+/// What to do with a datagram received on the UDP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// TTL decremented; write the packet to the TUN.
+    Deliver,
+    Drop(DropReason),
+}
+
+fn wire_reason(e: WireError) -> DropReason {
+    match e {
+        WireError::Version => DropReason::NotIpv4,
+        _ => DropReason::Malformed,
+    }
+}
+
+/// TUN → UDP: route lookup and TTL, as flannel's `tun_to_udp`. The kernel
+/// wrote this packet, so its header checksum is trusted.
+#[inline]
+pub fn egress(pkt: &mut [u8], routes: &RouteSnapshot) -> Egress {
+    let mut p = match Ipv4Packet::new_checked(pkt) {
+        Ok(p) => p,
+        Err(e) => return Egress::Drop(wire_reason(e)),
+    };
+    let Some(peer) = routes.lookup(p.dst()) else {
+        return Egress::Unreachable;
+    };
+    if p.ttl() <= 1 {
+        return Egress::TimeExceeded;
+    }
+    p.decrement_ttl();
+    Egress::Send(peer)
+}
+
+/// UDP → TUN: validate and decrement TTL, as flannel's `udp_to_tun`.
+/// Flannel drops at TTL 1→0 but lets TTL 0 wrap to 255; we drop both.
+#[inline]
+pub fn ingress(pkt: &mut [u8]) -> Ingress {
+    let mut p = match Ipv4Packet::new_checked(pkt) {
+        Ok(p) => p,
+        Err(e) => return Ingress::Drop(wire_reason(e)),
+    };
+    if !p.header_checksum_ok() {
+        return Ingress::Drop(DropReason::Malformed);
+    }
+    if p.ttl() <= 1 {
+        return Ingress::Drop(DropReason::Ttl);
+    }
+    p.decrement_ttl();
+    Ingress::Deliver
+}
+
+/// Data-path counters, shared with the control plane (and metrics later).
+/// Workers add a batch at a time, so the atomics are touched once per batch.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub tun_rx_packets: AtomicU64,
+    pub udp_tx_packets: AtomicU64,
+    pub udp_tx_bytes: AtomicU64,
+    pub udp_rx_packets: AtomicU64,
+    pub udp_rx_bytes: AtomicU64,
+    pub tun_tx_packets: AtomicU64,
+    pub icmp_sent: AtomicU64,
+    pub drop_not_ipv4: AtomicU64,
+    pub drop_malformed: AtomicU64,
+    pub drop_ttl: AtomicU64,
+    pub drop_no_route: AtomicU64,
+    pub drop_send_error: AtomicU64,
+    pub drop_tun_write_error: AtomicU64,
+}
+
+/// A worker's per-batch tally, flushed into [`Counters`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub tun_rx_packets: u64,
+    pub udp_tx_packets: u64,
+    pub udp_tx_bytes: u64,
+    pub udp_rx_packets: u64,
+    pub udp_rx_bytes: u64,
+    pub tun_tx_packets: u64,
+    pub icmp_sent: u64,
+    pub drop_not_ipv4: u64,
+    pub drop_malformed: u64,
+    pub drop_ttl: u64,
+    pub drop_no_route: u64,
+    pub drop_send_error: u64,
+    pub drop_tun_write_error: u64,
+}
+
+impl Tally {
+    pub fn drop(&mut self, r: DropReason) {
+        match r {
+            DropReason::NotIpv4 => self.drop_not_ipv4 += 1,
+            DropReason::Malformed => self.drop_malformed += 1,
+            DropReason::Ttl => self.drop_ttl += 1,
+            DropReason::NoRoute => self.drop_no_route += 1,
+        }
+    }
+}
+
+macro_rules! counter_fields {
+    ($m:ident) => {
+        $m!(
+            tun_rx_packets,
+            udp_tx_packets,
+            udp_tx_bytes,
+            udp_rx_packets,
+            udp_rx_bytes,
+            tun_tx_packets,
+            icmp_sent,
+            drop_not_ipv4,
+            drop_malformed,
+            drop_ttl,
+            drop_no_route,
+            drop_send_error,
+            drop_tun_write_error
+        )
+    };
+}
+
+impl Counters {
+    pub fn add(&self, t: &Tally) {
+        macro_rules! add {
+            ($($f:ident),*) => { $( if t.$f != 0 { self.$f.fetch_add(t.$f, Ordering::Relaxed); } )* };
+        }
+        counter_fields!(add);
+    }
+
+    pub fn snapshot(&self) -> Tally {
+        macro_rules! get {
+            ($($f:ident),*) => { Tally { $( $f: self.$f.load(Ordering::Relaxed), )* } };
+        }
+        counter_fields!(get)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::tests::udp_packet;
+    use std::net::Ipv4Addr;
+
+    fn routes() -> RouteSnapshot {
+        RouteSnapshot::new([(
+            "10.5.2.0/24".parse().unwrap(),
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, 2), 8285),
+        )])
+    }
+
+    #[test]
+    fn egress_routes_and_decrements_ttl() {
+        let mut p = udp_packet([10, 5, 1, 0], [10, 5, 2, 7], 64, b"x");
+        assert_eq!(
+            egress(&mut p, &routes()),
+            Egress::Send(SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, 2), 8285))
+        );
+        let v = Ipv4Packet::new_checked(&p[..]).unwrap();
+        assert_eq!(v.ttl(), 63);
+        assert!(v.header_checksum_ok());
+    }
+
+    #[test]
+    fn egress_unrouted_ttl_and_garbage() {
+        let mut p = udp_packet([10, 5, 1, 0], [10, 5, 3, 7], 64, b"x");
+        assert_eq!(egress(&mut p, &routes()), Egress::Unreachable);
+        let mut p = udp_packet([10, 5, 1, 0], [10, 5, 2, 7], 1, b"x");
+        assert_eq!(egress(&mut p, &routes()), Egress::TimeExceeded);
+        let mut v6 = vec![0x60u8; 40];
+        assert_eq!(egress(&mut v6, &routes()), Egress::Drop(DropReason::NotIpv4));
+        assert_eq!(egress(&mut [0x45; 10], &routes()), Egress::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn ingress_checks_checksum_and_ttl() {
+        let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
+        assert_eq!(ingress(&mut p), Ingress::Deliver);
+        assert_eq!(Ipv4Packet::new_checked(&p[..]).unwrap().ttl(), 62);
+        for ttl in [0, 1] {
+            let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], ttl, b"x");
+            assert_eq!(ingress(&mut p), Ingress::Drop(DropReason::Ttl));
+        }
+        let mut bad = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
+        bad[10] ^= 0xff;
+        assert_eq!(ingress(&mut bad), Ingress::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn counters_add_tallies() {
+        let c = Counters::default();
+        let mut t = Tally::default();
+        t.drop(DropReason::Ttl);
+        t.drop(DropReason::NoRoute);
+        t.udp_tx_packets = 3;
+        c.add(&t);
+        c.add(&t);
+        let s = c.snapshot();
+        assert_eq!((s.drop_ttl, s.drop_no_route, s.udp_tx_packets), (2, 2, 6));
+    }
+}

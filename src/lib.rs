@@ -1,0 +1,19 @@
+//! flannel-rs: flanneld's udp backend as a userspace TUN router.
+//!
+//! Data flows one way: etcd → [`registry`] → [`lease`] (pure decisions) →
+//! [`routes`] (lock-free snapshot) → [`datapath`] (TUN ⇄ UDP loops).
+//! The pure modules ([`config`], [`subnet`], [`lease`], [`routes`], [`wire`],
+//! [`forward`], [`subnet_env`]) do no I/O and are unit tested and fuzzed.
+
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod forward;
+pub mod iface;
+pub mod lease;
+pub mod netlink;
+pub mod registry;
+pub mod routes;
+pub mod subnet;
+pub mod subnet_env;
+pub mod wire;

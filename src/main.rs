@@ -1,0 +1,159 @@
+//! `flanneld`: command line → options → [`flannel::daemon::run`].
+
+use clap::Parser;
+use flannel::daemon::{self, Options};
+use flannel::registry::{EtcdOptions, EtcdStore};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// flanneld with the udp backend: leases a subnet of the overlay network from
+/// etcd and carries IPv4 packets between hosts in UDP (flannel's wire format).
+///
+/// Every flag can also be set by its FLANNELD_* environment variable
+/// (upper case, '-' → '_'), as with Go flanneld.
+#[derive(Parser, Debug)]
+#[command(name = "flanneld", version, about, max_term_width = 100)]
+struct Cli {
+    /// Comma-separated etcd endpoints.
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", value_delimiter = ',',
+          default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+
+    /// etcd prefix under which the config and the leases live.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    etcd_prefix: String,
+
+    /// SSL key file used to secure etcd communication.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    etcd_keyfile: Option<PathBuf>,
+
+    /// SSL certification file used to secure etcd communication.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    etcd_certfile: Option<PathBuf>,
+
+    /// SSL Certificate Authority file used to secure etcd communication.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+
+    /// Username for BasicAuth to etcd.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+
+    /// Password for BasicAuth to etcd.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+
+    /// Interface (name or IPv4 address) to use for inter-host traffic; repeat or
+    /// comma-separate to give candidates, the first that exists wins. Default: the
+    /// interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    iface: Vec<String>,
+
+    /// IP address other hosts use to reach this one (default: the interface's address).
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    public_ip: Option<Ipv4Addr>,
+
+    /// File to write the lease into, for the CNI plugin and Docker.
+    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    subnet_file: PathBuf,
+
+    /// Renew the lease this many minutes before it expires (1..1439).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=1439))]
+    subnet_lease_renew_margin: u64,
+
+    /// Set up IP masquerade for traffic leaving the overlay (not implemented yet).
+    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    ip_masq: bool,
+
+    /// Log verbosity as in Go flanneld: 0 info, 1-3 debug, 4+ trace (RUST_LOG overrides).
+    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
+    verbosity: u8,
+
+    /// Name of the TUN device; %d picks the first free number.
+    #[arg(long, env = "FLANNELD_TUN_NAME", default_value = "flannel%d")]
+    tun_name: String,
+
+    /// Lease TTL in seconds (flannel: 24 h). For tests of renewal.
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value_t = 86400, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    subnet_lease_ttl: u64,
+}
+
+fn init_logs(v: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match v {
+        0 => "info",
+        1..=3 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.verbosity);
+    if cli.ip_masq {
+        tracing::error!("--ip-masq is not implemented yet; set up masquerading yourself or run without it");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let etcd = EtcdOptions {
+        endpoints: cli.etcd_endpoints,
+        prefix: cli.etcd_prefix,
+        cafile: cli.etcd_cafile,
+        certfile: cli.etcd_certfile,
+        keyfile: cli.etcd_keyfile,
+        username: cli.etcd_username,
+        password: cli.etcd_password,
+    };
+    let opts = Options {
+        ifaces: cli.iface,
+        public_ip: cli.public_ip,
+        subnet_file: cli.subnet_file,
+        renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),
+        lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
+        ip_masq: cli.ip_masq,
+        tun_name: cli.tun_name,
+    };
+    let result = rt.block_on(async {
+        let store = EtcdStore::connect(&etcd).await?;
+        daemon::run(store, opts, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("flanneld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

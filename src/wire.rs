@@ -1,0 +1,385 @@
+//! IPv4 and ICMP wire code: a checked zero-copy view over a packet buffer,
+//! TTL decrement with an incremental checksum update, and the ICMP error
+//! builder. Pure and fuzzed; no accessor can panic after `new_checked`.
+
+use std::net::Ipv4Addr;
+
+mod field {
+    pub const VER_IHL: usize = 0;
+    pub const TOTAL_LEN: std::ops::Range<usize> = 2..4;
+    pub const FLAGS_FRAG: std::ops::Range<usize> = 6..8;
+    pub const TTL: usize = 8;
+    pub const PROTOCOL: usize = 9;
+    pub const CHECKSUM: std::ops::Range<usize> = 10..12;
+    pub const SRC: std::ops::Range<usize> = 12..16;
+    pub const DST: std::ops::Range<usize> = 16..20;
+}
+
+pub const IPV4_MIN_HEADER: usize = 20;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Why a buffer is not a well-formed IPv4 packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("shorter than an IPv4 header")]
+    Truncated,
+    #[error("not IPv4")]
+    Version,
+    #[error("bad header length")]
+    HeaderLen,
+    #[error("total length disagrees with the datagram")]
+    TotalLen,
+    #[error("bad header checksum")]
+    Checksum,
+}
+
+/// A view of an IPv4 packet whose header fields have been validated.
+#[derive(Debug, Clone, Copy)]
+pub struct Ipv4Packet<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> Ipv4Packet<T> {
+    /// Wraps without checks; accessors may panic on short buffers.
+    pub fn new_unchecked(buf: T) -> Self {
+        Ipv4Packet { buf }
+    }
+
+    /// Validates version, header length and that the total length equals
+    /// the buffer length (a datagram carries exactly one packet).
+    pub fn new_checked(buf: T) -> Result<Self, WireError> {
+        let b = buf.as_ref();
+        if b.len() < IPV4_MIN_HEADER {
+            return Err(WireError::Truncated);
+        }
+        if b[field::VER_IHL] >> 4 != 4 {
+            return Err(WireError::Version);
+        }
+        let hl = ((b[field::VER_IHL] & 0x0f) as usize) * 4;
+        if hl < IPV4_MIN_HEADER || hl > b.len() {
+            return Err(WireError::HeaderLen);
+        }
+        let total = u16::from_be_bytes([b[2], b[3]]) as usize;
+        if total != b.len() {
+            return Err(WireError::TotalLen);
+        }
+        Ok(Ipv4Packet { buf })
+    }
+
+    pub fn into_inner(self) -> T {
+        self.buf
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
+    pub fn header_len(&self) -> usize {
+        ((self.buf.as_ref()[field::VER_IHL] & 0x0f) as usize) * 4
+    }
+
+    pub fn total_len(&self) -> usize {
+        let b = &self.buf.as_ref()[field::TOTAL_LEN];
+        u16::from_be_bytes([b[0], b[1]]) as usize
+    }
+
+    pub fn ttl(&self) -> u8 {
+        self.buf.as_ref()[field::TTL]
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.buf.as_ref()[field::PROTOCOL]
+    }
+
+    pub fn checksum(&self) -> u16 {
+        let b = &self.buf.as_ref()[field::CHECKSUM];
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    pub fn src(&self) -> Ipv4Addr {
+        let b = &self.buf.as_ref()[field::SRC];
+        Ipv4Addr::new(b[0], b[1], b[2], b[3])
+    }
+
+    pub fn dst(&self) -> Ipv4Addr {
+        let b = &self.buf.as_ref()[field::DST];
+        Ipv4Addr::new(b[0], b[1], b[2], b[3])
+    }
+
+    /// Fragment offset in 8-byte units; non-zero for all but the first fragment.
+    pub fn frag_offset(&self) -> u16 {
+        let b = &self.buf.as_ref()[field::FLAGS_FRAG];
+        u16::from_be_bytes([b[0], b[1]]) & 0x1fff
+    }
+
+    pub fn header_checksum_ok(&self) -> bool {
+        checksum(&self.buf.as_ref()[..self.header_len()]) == 0
+    }
+
+    /// The payload after the header.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf.as_ref()[self.header_len()..]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    /// Decrements the TTL and patches the header checksum incrementally
+    /// (RFC 1624), as flannel's proxy does. Returns the new TTL.
+    pub fn decrement_ttl(&mut self) -> u8 {
+        let b = self.buf.as_mut();
+        let old_word = u16::from_be_bytes([b[field::TTL], b[field::PROTOCOL]]);
+        let ttl = b[field::TTL].wrapping_sub(1);
+        b[field::TTL] = ttl;
+        let new_word = u16::from_be_bytes([ttl, b[field::PROTOCOL]]);
+        let old_ck = u16::from_be_bytes([b[10], b[11]]);
+        let ck = checksum_adjust(old_ck, old_word, new_word);
+        b[field::CHECKSUM].copy_from_slice(&ck.to_be_bytes());
+        ttl
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `data`: 0 when verifying a buffer
+/// that already holds its checksum.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u64 = 0;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        sum += u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64;
+    }
+    let mut rest = chunks.remainder();
+    if rest.len() >= 2 {
+        sum += u16::from_be_bytes([rest[0], rest[1]]) as u64;
+        rest = &rest[2..];
+    }
+    if let Some(&b) = rest.first() {
+        sum += (b as u64) << 8;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').
+pub fn checksum_adjust(old_checksum: u16, old_word: u16, new_word: u16) -> u16 {
+    let mut sum = (!old_checksum as u32) + (!old_word as u32) + new_word as u32;
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_NET_UNREACH: u8 = 0;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_EXC_TTL: u8 = 0;
+/// TTL of the ICMP errors we generate (flannel uses 8).
+pub const ICMP_ERROR_TTL: u8 = 8;
+/// Bytes an ICMP error we build can take: IPv4 20 + ICMP 8 + up to 60 + 8 quoted.
+pub const ICMP_ERROR_MAX: usize = 20 + 8 + 60 + 8;
+
+/// Whether an ICMP error may be sent about `offender` (RFC 1122 3.2.2):
+/// never about an ICMP error, a non-first fragment, or a packet whose source
+/// is not a single host.
+pub fn may_send_icmp_error<T: AsRef<[u8]>>(offender: &Ipv4Packet<T>) -> bool {
+    if offender.frag_offset() != 0 {
+        return false;
+    }
+    let src = offender.src();
+    if src.is_unspecified() || src.is_broadcast() || src.is_multicast() || src.is_loopback() {
+        return false;
+    }
+    let dst = offender.dst();
+    if dst.is_broadcast() || dst.is_multicast() {
+        return false;
+    }
+    if offender.protocol() == PROTO_ICMP {
+        // Queries (echo, timestamp, …) may get an error; errors may not.
+        match offender.payload().first() {
+            Some(&t) => !matches!(t, 3 | 4 | 5 | 11 | 12),
+            None => false,
+        }
+    } else {
+        true
+    }
+}
+
+/// Writes an ICMP error (`icmp_type`/`code`) about `offender` into `out`,
+/// sourced from `src`, quoting the offender's header and 8 bytes of payload.
+/// Returns its length, or `None` when no error may be sent or `out` is short.
+pub fn build_icmp_error<T: AsRef<[u8]>>(
+    offender: &Ipv4Packet<T>,
+    icmp_type: u8,
+    code: u8,
+    src: Ipv4Addr,
+    out: &mut [u8],
+) -> Option<usize> {
+    if !may_send_icmp_error(offender) {
+        return None;
+    }
+    let quoted = (offender.header_len() + 8).min(offender.as_bytes().len());
+    let len = 20 + 8 + quoted;
+    if out.len() < len {
+        return None;
+    }
+    let out = &mut out[..len];
+    out[0] = 0x45;
+    out[1] = 0;
+    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    out[4..8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, DF
+    out[8] = ICMP_ERROR_TTL;
+    out[9] = PROTO_ICMP;
+    out[10..12].copy_from_slice(&[0, 0]);
+    out[12..16].copy_from_slice(&src.octets());
+    out[16..20].copy_from_slice(&offender.src().octets());
+    let ck = checksum(&out[..20]);
+    out[10..12].copy_from_slice(&ck.to_be_bytes());
+
+    let icmp = &mut out[20..];
+    icmp[0] = icmp_type;
+    icmp[1] = code;
+    icmp[2..8].copy_from_slice(&[0; 6]);
+    icmp[8..].copy_from_slice(&offender.as_bytes()[..quoted]);
+    let ck = checksum(icmp);
+    icmp[2..4].copy_from_slice(&ck.to_be_bytes());
+    Some(len)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A valid IPv4/UDP packet for tests.
+    pub fn udp_packet(src: [u8; 4], dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        p[8] = ttl;
+        p[9] = PROTO_UDP;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        let ck = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&ck.to_be_bytes());
+        p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5000u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn checksum_known_vector() {
+        // RFC 1071 example words sum.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(checksum(&data), !0xddf2);
+        // Odd length pads with a zero byte.
+        assert_eq!(checksum(&[0xff]), !0xff00);
+    }
+
+    #[test]
+    fn checked_view_rejects_malformed() {
+        let good = udp_packet([10, 5, 1, 2], [10, 5, 2, 3], 64, b"hi");
+        assert!(Ipv4Packet::new_checked(&good[..]).is_ok());
+        assert_eq!(Ipv4Packet::new_checked(&good[..19]).unwrap_err(), WireError::Truncated);
+        let mut v6 = good.clone();
+        v6[0] = 0x65;
+        assert_eq!(Ipv4Packet::new_checked(&v6[..]).unwrap_err(), WireError::Version);
+        let mut ihl = good.clone();
+        ihl[0] = 0x44;
+        assert_eq!(Ipv4Packet::new_checked(&ihl[..]).unwrap_err(), WireError::HeaderLen);
+        ihl[0] = 0x4f;
+        assert_eq!(Ipv4Packet::new_checked(&ihl[..22]).unwrap_err(), WireError::HeaderLen);
+        let mut liar = good.clone();
+        liar[3] += 1;
+        assert_eq!(Ipv4Packet::new_checked(&liar[..]).unwrap_err(), WireError::TotalLen);
+        assert_eq!(Ipv4Packet::new_checked(&good[..25]).unwrap_err(), WireError::TotalLen);
+    }
+
+    #[test]
+    fn ttl_decrement_keeps_checksum_valid() {
+        for ttl in [1u8, 2, 64, 255] {
+            let mut p = udp_packet([10, 5, 1, 2], [10, 5, 2, 3], ttl, b"payload");
+            let mut v = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+            assert_eq!(v.decrement_ttl(), ttl - 1);
+            assert!(v.header_checksum_ok(), "ttl {ttl}");
+            assert_eq!(v.ttl(), ttl - 1);
+        }
+    }
+
+    #[test]
+    fn icmp_net_unreachable_quotes_header_and_8_bytes() {
+        let p = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"0123456789abcdef");
+        let v = Ipv4Packet::new_checked(&p[..]).unwrap();
+        let mut out = [0u8; ICMP_ERROR_MAX];
+        let n = build_icmp_error(&v, ICMP_DEST_UNREACH, ICMP_NET_UNREACH, Ipv4Addr::new(10, 5, 0, 0), &mut out).unwrap();
+        assert_eq!(n, 20 + 8 + 28);
+        let r = Ipv4Packet::new_checked(&out[..n]).unwrap();
+        assert!(r.header_checksum_ok());
+        assert_eq!(r.ttl(), 8);
+        assert_eq!(r.protocol(), PROTO_ICMP);
+        assert_eq!(r.src(), Ipv4Addr::new(10, 5, 0, 0));
+        assert_eq!(r.dst(), Ipv4Addr::new(10, 5, 1, 2));
+        let icmp = r.payload();
+        assert_eq!((icmp[0], icmp[1]), (3, 0));
+        assert_eq!(checksum(icmp), 0);
+        assert_eq!(&icmp[8..], &p[..28]);
+    }
+
+    #[test]
+    fn no_icmp_error_about_errors_fragments_or_broadcasts() {
+        let mut out = [0u8; ICMP_ERROR_MAX];
+        let src = Ipv4Addr::new(10, 5, 0, 0);
+        // An ICMP error (type 3) as offender.
+        let mut p = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"xxxxxxxx");
+        p[9] = PROTO_ICMP;
+        p[20] = 3;
+        let v = Ipv4Packet::new_checked(&p[..]).unwrap();
+        assert_eq!(build_icmp_error(&v, 3, 0, src, &mut out), None);
+        // An echo request is a query: an error is fine.
+        p[20] = 8;
+        let v = Ipv4Packet::new_checked(&p[..]).unwrap();
+        assert!(build_icmp_error(&v, 3, 0, src, &mut out).is_some());
+        // Non-first fragment.
+        let mut f = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"x");
+        f[7] = 1;
+        let v = Ipv4Packet::new_checked(&f[..]).unwrap();
+        assert_eq!(build_icmp_error(&v, 3, 0, src, &mut out), None);
+        // Broadcast destination, unspecified source.
+        let b = udp_packet([10, 5, 1, 2], [255, 255, 255, 255], 63, b"x");
+        assert_eq!(build_icmp_error(&Ipv4Packet::new_checked(&b[..]).unwrap(), 3, 0, src, &mut out), None);
+        let z = udp_packet([0, 0, 0, 0], [10, 5, 9, 3], 63, b"x");
+        assert_eq!(build_icmp_error(&Ipv4Packet::new_checked(&z[..]).unwrap(), 3, 0, src, &mut out), None);
+        // Output too short.
+        let ok = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"x");
+        assert_eq!(build_icmp_error(&Ipv4Packet::new_checked(&ok[..]).unwrap(), 3, 0, src, &mut out[..20]), None);
+    }
+
+    #[test]
+    fn short_offender_is_quoted_whole() {
+        let p = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"");
+        let v = Ipv4Packet::new_checked(&p[..]).unwrap();
+        let mut out = [0u8; ICMP_ERROR_MAX];
+        let n = build_icmp_error(&v, 3, 0, Ipv4Addr::new(10, 5, 0, 0), &mut out).unwrap();
+        assert_eq!(n, 20 + 8 + 28);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn incremental_update_equals_full_recompute(hdr in proptest::collection::vec(proptest::prelude::any::<u8>(), 20), ttl in 1u8..=255) {
+            let mut p = hdr.clone();
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&20u16.to_be_bytes());
+            p[8] = ttl;
+            p[10] = 0; p[11] = 0;
+            let ck = checksum(&p);
+            p[10..12].copy_from_slice(&ck.to_be_bytes());
+            let mut v = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+            v.decrement_ttl();
+            proptest::prop_assert!(v.header_checksum_ok());
+        }
+    }
+}

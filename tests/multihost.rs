@@ -1,0 +1,332 @@
+//! End-to-end: real etcd, namespaced hosts, our flanneld on each.
+//! Needs root, /dev/net/tun, etcd-server/etcd-client and iputils-ping.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+use support::*;
+
+/// Deterministic pseudo-random bytes (xorshift), so corruption is visible.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `len` bytes over TCP from host `from` to host `to`'s overlay address
+/// and returns what arrived.
+fn tcp_transfer(bed: &Bed, from: usize, to: usize, data: Vec<u8>) -> Vec<u8> {
+    let dst = bed.tun_addr(to);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = spawn_in_ns(&bed.ns(to), move || {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let port = rx.recv().unwrap();
+    in_ns(&bed.ns(from), move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), Duration::from_secs(10))
+            .expect("TCP connect through the tunnel");
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    server.join().unwrap()
+}
+
+/// Sends one UDP datagram from host `from` to `dst:9` with IP_RECVERR and
+/// returns the errno an ICMP error produced, if any.
+fn udp_probe_error(bed: &Bed, from: usize, dst: Ipv4Addr) -> Option<i32> {
+    in_ns(&bed.ns(from), move || {
+        use std::os::fd::AsRawFd;
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let one: libc::c_int = 1;
+        // SAFETY: setting an int socket option on a valid socket.
+        unsafe {
+            libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVERR, (&one as *const libc::c_int).cast(), 4);
+        }
+        s.connect((dst, 9)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for _ in 0..3 {
+            let _ = s.send(b"probe");
+            let mut b = [0u8; 64];
+            match s.recv(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return e.raw_os_error(),
+                Ok(_) => return None,
+            }
+        }
+        None
+    })
+}
+
+#[test]
+fn three_hosts_get_distinct_subnets_and_reach_each_other() {
+    let mut bed = Bed::new(3);
+    let subnets: Vec<_> = (0..3).map(|i| bed.start_ready(i)).collect();
+    for (i, a) in subnets.iter().enumerate() {
+        for b in &subnets[i + 1..] {
+            assert_ne!(a, b, "two hosts hold the same subnet");
+        }
+        assert_eq!(a.prefix(), 24);
+    }
+    // etcd holds exactly the Go udp backend's lease values.
+    let leases = bed.leases();
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    for (i, sn) in subnets.iter().enumerate() {
+        let key = format!("{PREFIX}/subnets/{}-24", sn.network());
+        let v = &leases.iter().find(|(k, _)| *k == key).unwrap_or_else(|| panic!("no {key}")).1;
+        assert_eq!(v, &format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, bed.hosts[i].ip));
+        // subnet.env as flannel writes it; MTU = 1500 - 28.
+        let env = std::fs::read_to_string(&bed.hosts[i].subnet_file).unwrap();
+        let first = Ipv4Addr::from(u32::from(sn.network()) + 1);
+        assert_eq!(
+            env,
+            format!("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+        );
+        // TUN: flannel0, /32 of the subnet, MTU 1472, route for the Network.
+        let link = sh(&["ip", "-n", &bed.ns(i), "-o", "addr", "show", "dev", "flannel0"]);
+        assert!(link.contains(&format!("inet {}/32", sn.network())), "{link}");
+        let mtu = sh(&["ip", "-n", &bed.ns(i), "link", "show", "flannel0"]);
+        assert!(mtu.contains("mtu 1472"), "{mtu}");
+    }
+    for a in 0..3 {
+        for b in 0..3 {
+            if a != b {
+                let dst = bed.tun_addr(b);
+                wait_for(&format!("ping h{a} -> h{b} ({dst})"), Duration::from_secs(10), || {
+                    bed.ping(a, dst).then_some(())
+                });
+                let data = pattern(8 << 20, (a * 3 + b) as u64 + 1);
+                let got = tcp_transfer(&bed, a, b, data.clone());
+                assert_eq!(got.len(), data.len(), "h{a} -> h{b}: length");
+                assert!(got == data, "h{a} -> h{b}: 8 MB arrived corrupted");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_late_host_becomes_reachable_without_restarts() {
+    let mut bed = Bed::new(3);
+    for i in 0..3 {
+        bed.start_ready(i);
+    }
+    let late = bed.add_host();
+    bed.start_ready(late);
+    let dst = bed.tun_addr(late);
+    for i in 0..3 {
+        wait_for(&format!("h{i} to reach the late host"), Duration::from_secs(10), || {
+            bed.ping(i, dst).then_some(())
+        });
+        assert!(bed.ping(late, bed.tun_addr(i)));
+    }
+    for i in 0..3 {
+        assert!(bed.is_running(i), "h{i} must not have restarted");
+    }
+}
+
+#[test]
+fn a_deleted_lease_makes_its_host_net_unreachable() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    let sn1 = bed.start_ready(1);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+    // Never leased: ICMP net unreachable comes back at once (flannel's own
+    // reply is dropped as a martian; ours must arrive).
+    assert_eq!(
+        udp_probe_error(&bed, 0, Ipv4Addr::new(10, 5, 250, 1)),
+        Some(libc::ENETUNREACH),
+        "no ICMP net unreachable for an unleased destination"
+    );
+    // Stop h1's daemon so it cannot re-create its lease, then delete it.
+    bed.stop(1, libc::SIGTERM);
+    bed.del(&format!("{PREFIX}/subnets/{}-24", sn1.network()));
+    wait_for("h1 to become net unreachable", Duration::from_secs(5), || {
+        (udp_probe_error(&bed, 0, dst) == Some(libc::ENETUNREACH)).then_some(())
+    });
+    assert!(!bed.ping(0, dst));
+}
+
+#[test]
+fn a_restarted_daemon_keeps_its_subnet() {
+    let mut bed = Bed::new(2);
+    let first = bed.start_ready(0);
+    bed.start_ready(1);
+    // Clean stop: the lease stays in etcd, the TUN goes away.
+    assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    assert_eq!(bed.leases().len(), 2, "the lease must stay after SIGTERM");
+    let links = sh(&["ip", "-n", &bed.ns(0), "link"]);
+    assert!(!links.contains("flannel0"), "TUN left behind: {links}");
+    assert_eq!(bed.start_ready(0), first);
+    // SIGKILL, and without the subnet file: etcd's lease with our PublicIP wins.
+    bed.stop(0, libc::SIGKILL);
+    std::fs::remove_file(&bed.hosts[0].subnet_file).unwrap();
+    assert_eq!(bed.start_ready(0), first);
+    assert_eq!(bed.leases().len(), 2, "no duplicate lease");
+    let dst = bed.tun_addr(0);
+    wait_for("h1 -> restarted h0", Duration::from_secs(10), || bed.ping(1, dst).then_some(()));
+}
+
+/// A raw UDP socket on port 8285 plays a Go flanneld peer that uses plain
+/// recvfrom()/sendto(): what arrives must be exactly the inner IPv4 packet,
+/// and a bare IPv4 packet it sends must be delivered.
+#[test]
+fn underlay_datagrams_carry_exactly_the_inner_packet_on_port_8285() {
+    let mut bed = Bed::new(2);
+    let sn0 = bed.start_ready(0);
+    let peer = 1;
+    let peer_ip = bed.hosts[peer].ip;
+    // The fake peer's lease, as a Go flanneld would write it.
+    bed.put(
+        &format!("{PREFIX}/subnets/10.5.200.0-24"),
+        &format!(r#"{{"PublicIP":"{peer_ip}","PublicIPv6":null}}"#),
+    );
+    let sock = in_ns(&bed.ns(peer), || UdpSocket::bind("0.0.0.0:8285").unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let sender = spawn_in_ns(&bed.ns(0), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        tx.send(s.local_addr().unwrap().port()).unwrap();
+        for _ in 0..50 {
+            let _ = s.send_to(b"hello flannel", "10.5.200.7:9999");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let src_port = rx.recv().unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = wait_for("a datagram at the fake peer", Duration::from_secs(10), || sock.recv_from(&mut buf).ok());
+    let pkt = &buf[..n];
+    assert_eq!(from, std::net::SocketAddr::from((bed.hosts[0].ip, 8285)), "must come from port 8285 of h0's address");
+    assert_eq!(n, 20 + 8 + 13, "payload is the inner packet and nothing else");
+    assert_eq!(pkt[0], 0x45);
+    assert_eq!(u16::from_be_bytes([pkt[2], pkt[3]]) as usize, n);
+    assert_eq!(pkt[9], 17);
+    assert_eq!(&pkt[12..16], &sn0.network().octets(), "inner source: h0's TUN address");
+    assert_eq!(&pkt[16..20], &[10, 5, 200, 7]);
+    assert_eq!(pkt[8], 63, "TTL decremented once on the way out");
+    assert_eq!(flannel::wire::checksum(&pkt[..20]), 0, "valid header checksum");
+    assert_eq!(u16::from_be_bytes([pkt[20], pkt[21]]), src_port);
+    assert_eq!(u16::from_be_bytes([pkt[22], pkt[23]]), 9999);
+    assert_eq!(&pkt[28..], b"hello flannel");
+    sender.join().unwrap();
+
+    // Reverse: the fake peer sends a bare IPv4/UDP packet from 10.5.200.7.
+    let listener = in_ns(&bed.ns(0), || UdpSocket::bind("0.0.0.0:7777").unwrap());
+    listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut p = pkt.to_vec();
+    p[12..16].copy_from_slice(&[10, 5, 200, 7]);
+    p[16..20].copy_from_slice(&sn0.network().octets());
+    p[8] = 64;
+    p[10..12].copy_from_slice(&[0, 0]);
+    let ck = flannel::wire::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&ck.to_be_bytes());
+    p[20..22].copy_from_slice(&4444u16.to_be_bytes());
+    p[22..24].copy_from_slice(&7777u16.to_be_bytes());
+    p[26..28].copy_from_slice(&[0, 0]); // UDP checksum 0: none
+    sock.send_to(&p, (bed.hosts[0].ip, 8285)).unwrap();
+    let mut got = [0u8; 64];
+    let (n, from) = listener.recv_from(&mut got).expect("packet from the Go-style peer delivered");
+    assert_eq!(&got[..n], b"hello flannel");
+    assert_eq!(from, std::net::SocketAddr::from((Ipv4Addr::new(10, 5, 200, 7), 4444)));
+}
+
+#[test]
+fn malformed_leases_and_garbage_datagrams_are_survived() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    // Another writer's garbage: bad JSON and a bad key.
+    bed.put(&format!("{PREFIX}/subnets/10.5.201.0-24"), "{not json");
+    bed.put(&format!("{PREFIX}/subnets/garbage"), r#"{"PublicIP":"1.2.3.4"}"#);
+    bed.start_ready(1);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1 despite bad leases", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+    let log = bed.log(0);
+    assert!(log.contains("10.5.201.0-24") && log.contains("malformed"), "no warning for the bad lease:\n{log}");
+
+    // Garbage at the UDP port: short, not IPv4, lying length, bad checksum.
+    let target = (bed.hosts[0].ip, 8285);
+    in_ns(&bed.ns(1), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let good = {
+            let mut p = vec![0u8; 28];
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&28u16.to_be_bytes());
+            p[8] = 64;
+            p[9] = 17;
+            p
+        };
+        let mut liar = good.clone();
+        liar[3] = 200;
+        let mut v6 = good.clone();
+        v6[0] = 0x60;
+        for d in [&b""[..], b"x", &[0x45; 19], &liar, &v6, &good /* checksum 0: wrong */] {
+            for _ in 0..10 {
+                s.send_to(d, target).unwrap();
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(bed.is_running(0), "flanneld died on garbage:\n{}", bed.log(0));
+    assert!(bed.ping(1, bed.tun_addr(0)), "tunnel broken after garbage");
+    assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    let log = bed.log(0);
+    let counters = log.lines().find(|l| l.contains("data path counters")).expect("counters logged at exit");
+    // 10 short + 10 + 10 + 10 liar + 10 bad checksum = 50 malformed (v6: not_ipv4).
+    assert!(counters.contains("malformed=50"), "{counters}");
+}
+
+#[test]
+fn bad_or_missing_config_exits_nonzero_naming_the_problem() {
+    let mut bed = Bed::empty();
+    bed.add_host();
+    let run = |bed: &Bed| {
+        let out = bed.flanneld_cmd(0, &[]).output().unwrap();
+        assert!(!out.status.success(), "flanneld must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&bed);
+    assert!(err.contains("config not found"), "{err}");
+    bed.put(&format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    let err = run(&bed);
+    assert!(err.contains("Backend.Type") && err.contains("vxlan"), "{err}");
+    bed.put(&format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16","SubnetLen":12}"#);
+    let err = run(&bed);
+    assert!(err.contains("SubnetLen"), "{err}");
+    bed.put(&format!("{PREFIX}/config"), "not json");
+    let err = run(&bed);
+    assert!(err.contains("not valid JSON"), "{err}");
+    // Nothing was left behind by the failed starts.
+    assert!(bed.leases().is_empty());
+    assert!(!sh(&["ip", "-n", &bed.ns(0), "link"]).contains("flannel"));
+}
+
+#[test]
+fn watch_survives_an_etcd_restart_and_routes_new_leases() {
+    let mut bed = Bed::new(3);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    let dst1 = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst1).then_some(()));
+    bed.stop_etcd();
+    // Known peers keep talking while etcd is away.
+    assert!(bed.ping(0, dst1), "traffic stopped while etcd was down");
+    bed.start_etcd();
+    let sn2 = bed.start_ready(2);
+    wait_for("h0 to route to the host added after the etcd restart", Duration::from_secs(15), || {
+        bed.ping(0, sn2.network()).then_some(())
+    });
+}

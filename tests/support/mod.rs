@@ -1,0 +1,378 @@
+//! Test bed: hosts made of network namespaces on a bridge, a real etcd
+//! (Debian's `etcd`) in a "hub" namespace, and our `flanneld` per host.
+//! Everything is removed on drop, also when a test panics; names carry the
+//! test process id and a counter, so tests run in parallel without clashing.
+//! Traffic never leaves the namespaces the bed created.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const NS_PREFIX: &str = "ftest";
+pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
+pub const PREFIX: &str = "/coreos.com/network";
+pub const DEFAULT_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn flanneld_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flanneld"))
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it
+/// creates live in that namespace.
+pub fn in_ns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter_ns(&path);
+        f()
+    })
+    .join()
+    .expect("thread in namespace panicked")
+}
+
+/// Like [`in_ns`], without waiting for the result.
+pub fn spawn_in_ns<R: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> std::thread::JoinHandle<R> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter_ns(&path);
+        f()
+    })
+}
+
+fn enter_ns(path: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// Deletes namespaces left by test processes that died without cleaning up.
+fn reap_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+pub struct Host {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub subnet_file: PathBuf,
+    log: PathBuf,
+    daemon: Option<Child>,
+}
+
+/// One test's little world: a hub namespace with a bridge and etcd, and hosts.
+pub struct Bed {
+    pub name: String,
+    pub hub: String,
+    pub endpoint: String,
+    pub dir: PathBuf,
+    pub hosts: Vec<Host>,
+    etcd: Option<Child>,
+    namespaces: Vec<String>,
+}
+
+impl Bed {
+    /// A bed with `n` hosts, etcd running and the default config written.
+    pub fn new(n: usize) -> Bed {
+        let mut bed = Bed::empty();
+        bed.put(&format!("{PREFIX}/config"), DEFAULT_CONFIG);
+        for _ in 0..n {
+            bed.add_host();
+        }
+        bed
+    }
+
+    /// Hub and etcd only: no config, no hosts.
+    pub fn empty() -> Bed {
+        reap_stale();
+        let id = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{NS_PREFIX}{}x{id}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let hub = format!("{name}-hub");
+        let mut bed = Bed {
+            endpoint: format!("http://{HUB_IP}:2379"),
+            name,
+            hub: hub.clone(),
+            dir,
+            hosts: Vec::new(),
+            etcd: None,
+            namespaces: Vec::new(),
+        };
+        bed.add_ns(&hub);
+        sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &hub, "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+        sh(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
+        bed.start_etcd();
+        bed
+    }
+
+    fn add_ns(&mut self, ns: &str) {
+        sh(&["ip", "netns", "add", ns]);
+        self.namespaces.push(ns.to_string());
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    pub fn start_etcd(&mut self) {
+        assert!(self.etcd.is_none(), "etcd already running");
+        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
+        let ep = &self.endpoint;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hub, "etcd", "--name", "test"])
+            .arg("--data-dir")
+            .arg(self.dir.join("etcd-data"))
+            .args(["--listen-client-urls", ep, "--advertise-client-urls", ep])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "test=http://127.0.0.1:2380"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd (is etcd-server installed? run scripts/deps.sh)");
+        self.etcd = Some(child);
+        wait_for("etcd to be healthy", Duration::from_secs(20), || {
+            self.etcdctl(&["endpoint", "health"]).status.success().then_some(())
+        });
+    }
+
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut c) = self.etcd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.hub, "etcdctl", "--endpoints", &self.endpoint])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("running etcdctl (is etcd-client installed?)")
+    }
+
+    fn etcdctl_ok(&self, args: &[&str]) -> String {
+        let out = self.etcdctl(args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.etcdctl_ok(&["put", key, value]);
+    }
+
+    pub fn del(&self, key: &str) {
+        self.etcdctl_ok(&["del", key]);
+    }
+
+    /// Lease keys and values under the default prefix.
+    pub fn leases(&self) -> Vec<(String, String)> {
+        let out = self.etcdctl_ok(&["get", "--prefix", &format!("{PREFIX}/subnets/")]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].to_string(), c[1].to_string()))
+            .collect()
+    }
+
+    /// Adds a host on the bridge (192.168.100.N), no daemon yet; returns its index.
+    pub fn add_host(&mut self) -> usize {
+        let i = self.hosts.len();
+        let ns = format!("{}-h{i}", self.name);
+        self.add_ns(&ns);
+        let ip = Ipv4Addr::new(192, 168, 100, (i + 1) as u8);
+        let veth = format!("v{i}");
+        sh(&["ip", "-n", &self.hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        sh(&["ip", "-n", &self.hub, "link", "set", &veth, "master", "br0", "up"]);
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &ns, "route", "add", "default", "via", &HUB_IP.to_string()]);
+        self.hosts.push(Host {
+            subnet_file: self.dir.join(format!("h{i}/subnet.env")),
+            log: self.dir.join(format!("flanneld-h{i}.log")),
+            ns,
+            ip,
+            daemon: None,
+        });
+        i
+    }
+
+    /// The flanneld command for host `i` (not started).
+    pub fn flanneld_cmd(&self, i: usize, extra: &[&str]) -> Command {
+        let h = &self.hosts[i];
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &h.ns])
+            .arg(flanneld_bin())
+            .arg(format!("--etcd-endpoints={}", self.endpoint))
+            .arg(format!("--subnet-file={}", h.subnet_file.display()))
+            .args(extra)
+            .env("RUST_LOG", "debug");
+        c
+    }
+
+    /// Starts flanneld on host `i` (output appended to its log).
+    pub fn start(&mut self, i: usize, extra: &[&str]) {
+        assert!(self.hosts[i].daemon.is_none(), "flanneld already running on h{i}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.hosts[i].log)
+            .unwrap();
+        let child = self
+            .flanneld_cmd(i, extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting flanneld");
+        self.hosts[i].daemon = Some(child);
+    }
+
+    /// Starts flanneld and waits until its subnet.env names a subnet.
+    pub fn start_ready(&mut self, i: usize) -> ipnetwork::Ipv4Network {
+        let _ = std::fs::remove_file(&self.hosts[i].subnet_file);
+        self.start(i, &[]);
+        self.wait_subnet(i)
+    }
+
+    pub fn wait_subnet(&mut self, i: usize) -> ipnetwork::Ipv4Network {
+        let file = self.hosts[i].subnet_file.clone();
+        let sn = wait_for(&format!("subnet.env of h{i}"), Duration::from_secs(20), || {
+            if let Some(st) = self.hosts[i].daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("flanneld on h{i} exited with {st}:\n{}", self.log(i));
+            }
+            flannel::subnet_env::read_previous_subnet(&file)
+        });
+        // subnet.env is written before the data path starts; wait for the TUN route too.
+        let ns = self.hosts[i].ns.clone();
+        wait_for("TUN route", Duration::from_secs(10), || {
+            sh(&["ip", "-n", &ns, "route", "show", "10.5.0.0/16"]).contains("flannel").then_some(())
+        });
+        sn
+    }
+
+    /// Sends SIGTERM (or SIGKILL) and waits; returns the exit status.
+    pub fn stop(&mut self, i: usize, signal: i32) -> Option<std::process::ExitStatus> {
+        let mut c = self.hosts[i].daemon.take()?;
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(c.id() as i32, signal) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return Some(st);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.hosts[i]
+            .daemon
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.hosts[i].log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The overlay address of host `i` (its TUN's /32, the subnet's network address).
+    pub fn tun_addr(&self, i: usize) -> Ipv4Addr {
+        flannel::subnet_env::read_previous_subnet(&self.hosts[i].subnet_file)
+            .expect("host has a subnet")
+            .network()
+    }
+
+    /// One ping from host `from` to `to`; true if answered.
+    pub fn ping(&self, from: usize, to: Ipv4Addr) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.hosts[from].ns, "ping", "-c", "1", "-W", "2", &to.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    pub fn ns(&self, i: usize) -> String {
+        self.hosts[i].ns.clone()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        for i in 0..self.hosts.len() {
+            if let Some(mut c) = self.hosts[i].daemon.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if failing {
+                eprintln!("----- flanneld log of h{i} ({}):\n{}", self.hosts[i].ns, self.log(i));
+            }
+        }
+        self.stop_etcd();
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

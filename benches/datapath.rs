@@ -1,1 +1,129 @@
-fn main(){}
+//! Micro benchmarks of the per-packet work. Run: `cargo bench --bench datapath`.
+//! The end-to-end namespace benchmark (iperf3 through the tunnel against
+//! direct veth and kernel VXLAN) is `benches/e2e.sh`.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dashmap::DashMap;
+use flannel::forward::{egress, ingress};
+use flannel::routes::{RouteSnapshot, RouteTable};
+use ipnetwork::Ipv4Network;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// `n` /24 leases out of 10.0.0.0/8, each with its own peer.
+fn leases(n: usize) -> Vec<(Ipv4Network, SocketAddrV4)> {
+    (0..n as u32)
+        .map(|i| {
+            let net = Ipv4Addr::from(0x0a00_0000 | ((i + 1) << 8));
+            let peer = SocketAddrV4::new(Ipv4Addr::from(0xc0a8_0000 | (i & 0xffff)), 8285);
+            (Ipv4Network::new(net, 24).unwrap(), peer)
+        })
+        .collect()
+}
+
+/// 64 destinations spread over the leases (every 8th one a miss).
+fn probes(n: usize) -> Vec<Ipv4Addr> {
+    (0..64u32)
+        .map(|k| {
+            let i = (k.wrapping_mul(2_654_435_761) as usize) % n;
+            if k % 8 == 7 {
+                Ipv4Addr::new(11, 0, 0, k as u8)
+            } else {
+                Ipv4Addr::from(0x0a00_0000 | ((i as u32 + 1) << 8) | (k & 0xff))
+            }
+        })
+        .collect()
+}
+
+/// One route lookup per element: our snapshot (through the ArcSwap load the
+/// data path does per batch), a DashMap keyed by subnet, and flannel's
+/// linear scan.
+fn route_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_lookup");
+    for n in [10usize, 1_000, 10_000] {
+        let routes = leases(n);
+        let dsts = probes(n);
+        g.throughput(Throughput::Elements(dsts.len() as u64));
+
+        let table = RouteTable::new(RouteSnapshot::new(routes.clone()));
+        g.bench_with_input(BenchmarkId::new("snapshot", n), &dsts, |b, dsts| {
+            b.iter(|| {
+                let snap = table.load();
+                let mut hits = 0usize;
+                for d in dsts {
+                    hits += snap.lookup(black_box(*d)).is_some() as usize;
+                }
+                hits
+            })
+        });
+
+        let map: DashMap<u32, SocketAddrV4> =
+            routes.iter().map(|(n, p)| (u32::from(n.network()), *p)).collect();
+        g.bench_with_input(BenchmarkId::new("dashmap", n), &dsts, |b, dsts| {
+            b.iter(|| {
+                let mut hits = 0usize;
+                for d in dsts {
+                    let key = u32::from(black_box(*d)) & 0xffff_ff00;
+                    hits += map.get(&key).is_some() as usize;
+                }
+                hits
+            })
+        });
+
+        g.bench_with_input(BenchmarkId::new("linear", n), &dsts, |b, dsts| {
+            b.iter(|| {
+                let mut hits = 0usize;
+                for d in dsts {
+                    let d = black_box(*d);
+                    hits += routes.iter().any(|(n, _)| n.contains(d)) as usize;
+                }
+                hits
+            })
+        });
+    }
+    g.finish();
+}
+
+fn packet(len: usize, ttl: u8) -> Vec<u8> {
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = ttl;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[10, 0, 1, 2]);
+    p[16..20].copy_from_slice(&[10, 0, 7, 9]);
+    let ck = flannel::wire::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&ck.to_be_bytes());
+    p
+}
+
+/// Per-packet work of each direction on a 1472-byte packet (TUN MTU):
+/// validate, route, TTL + incremental checksum (encapsulation is the packet
+/// itself, so nothing is copied). TTL is reset so every iteration forwards.
+fn per_packet(c: &mut Criterion) {
+    let mut g = c.benchmark_group("per_packet");
+    let snap = RouteSnapshot::new(leases(1_000));
+    let mut p = packet(1472, 64);
+    g.throughput(Throughput::Bytes(p.len() as u64));
+    g.bench_function("egress_tun_to_udp", |b| {
+        b.iter(|| {
+            p[8] = 64;
+            egress(black_box(&mut p), &snap)
+        })
+    });
+    let mut p = packet(1472, 64);
+    g.bench_function("ingress_udp_to_tun", |b| {
+        b.iter(|| {
+            // Restore TTL and checksum so the header stays valid.
+            p[8] = 64;
+            p[10] = 0;
+            p[11] = 0;
+            let ck = flannel::wire::checksum(&p[..20]);
+            p[10..12].copy_from_slice(&ck.to_be_bytes());
+            ingress(black_box(&mut p))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_lookup, per_packet);
+criterion_main!(benches);

@@ -7,21 +7,63 @@ use ipnetwork::Ipv4Network;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-/// Routes of one prefix length, sorted by network address.
+/// Routes of one prefix length, in an open-addressing hash table
+/// (linear probing, load ≤ 1/2) keyed by network address.
 #[derive(Debug, Clone)]
 struct Group {
     prefix: u8,
     mask: u32,
     nets: Vec<u32>,
     peers: Vec<SocketAddrV4>,
+    /// Index into `nets`/`peers`, or `EMPTY`.
+    slots: Vec<u32>,
+    shift: u32,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl Group {
+    #[inline]
+    fn hash(&self, key: u32) -> usize {
+        // Fibonacci hashing: the top bits of key * 2^32/φ.
+        (key.wrapping_mul(0x9E37_79B9) >> self.shift) as usize
+    }
+
+    fn build_index(&mut self) {
+        let size = (self.nets.len() * 2).next_power_of_two().max(2);
+        self.shift = 32 - size.trailing_zeros();
+        self.slots = vec![EMPTY; size];
+        for (i, &net) in self.nets.iter().enumerate() {
+            let mut h = self.hash(net);
+            while self.slots[h] != EMPTY {
+                h = (h + 1) & (size - 1);
+            }
+            self.slots[h] = i as u32;
+        }
+    }
+
+    #[inline]
+    fn get(&self, key: u32) -> Option<SocketAddrV4> {
+        let m = self.slots.len() - 1;
+        let mut h = self.hash(key);
+        loop {
+            let i = self.slots[h];
+            if i == EMPTY {
+                return None;
+            }
+            if self.nets[i as usize] == key {
+                return Some(self.peers[i as usize]);
+            }
+            h = (h + 1) & m;
+        }
+    }
 }
 
 /// An immutable longest-prefix-match table: subnet → peer's UDP address.
 ///
 /// In a flannel network every lease has the same length, so a lookup is one
-/// binary search over a dense `u32` array (cache friendly: 10 000 leases fit
-/// in 40 KB). Mixed lengths (hand-written leases) get one group per length,
-/// searched longest first.
+/// probe of a small hash table, whatever the number of leases. Mixed lengths
+/// (hand-written leases) get one table per length, searched longest first.
 #[derive(Debug, Clone, Default)]
 pub struct RouteSnapshot {
     groups: Vec<Group>,
@@ -46,11 +88,16 @@ impl RouteSnapshot {
                     mask: crate::config::mask(prefix),
                     nets: Vec::new(),
                     peers: Vec::new(),
+                    slots: Vec::new(),
+                    shift: 0,
                 });
             }
             let g = groups.last_mut().expect("pushed above");
             g.nets.push(net);
             g.peers.push(peer);
+        }
+        for g in &mut groups {
+            g.build_index();
         }
         RouteSnapshot { groups, len }
     }
@@ -60,9 +107,8 @@ impl RouteSnapshot {
     pub fn lookup(&self, dst: Ipv4Addr) -> Option<SocketAddrV4> {
         let dst = u32::from(dst);
         for g in &self.groups {
-            let key = dst & g.mask;
-            if let Ok(i) = g.nets.binary_search(&key) {
-                return Some(g.peers[i]);
+            if let Some(peer) = g.get(dst & g.mask) {
+                return Some(peer);
             }
         }
         None

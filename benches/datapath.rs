@@ -56,8 +56,10 @@ fn route_lookup(c: &mut Criterion) {
             })
         });
 
-        let map: DashMap<u32, SocketAddrV4> =
-            routes.iter().map(|(n, p)| (u32::from(n.network()), *p)).collect();
+        let map: DashMap<u32, SocketAddrV4> = routes
+            .iter()
+            .map(|(n, p)| (u32::from(n.network()), *p))
+            .collect();
         g.bench_with_input(BenchmarkId::new("dashmap", n), &dsts, |b, dsts| {
             b.iter(|| {
                 let mut hits = 0usize;

@@ -67,7 +67,10 @@ impl<'a> Fields<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(field_err(name, format!("expected true or false, got {other}"))),
+            Some(other) => Err(field_err(
+                name,
+                format!("expected true or false, got {other}"),
+            )),
         }
     }
 
@@ -163,7 +166,10 @@ impl NetworkConfig {
                 Some(s) => parse_ip(field, s)?,
             };
             if !network.contains(ip) {
-                return Err(field_err(field, format!("{ip} is not inside Network {network}")));
+                return Err(field_err(
+                    field,
+                    format!("{ip} is not inside Network {network}"),
+                ));
             }
             if u32::from(ip) & mask(subnet_len) != u32::from(ip) {
                 return Err(field_err(
@@ -187,8 +193,14 @@ impl NetworkConfig {
             Some(Value::Object(b)) => {
                 let b = Fields(b);
                 let rename = |e: ConfigError| match e {
-                    ConfigError::Field { field: "Type", reason } => field_err("Backend.Type", reason),
-                    ConfigError::Field { field: "Port", reason } => field_err("Backend.Port", reason),
+                    ConfigError::Field {
+                        field: "Type",
+                        reason,
+                    } => field_err("Backend.Type", reason),
+                    ConfigError::Field {
+                        field: "Port",
+                        reason,
+                    } => field_err("Backend.Port", reason),
                     other => other,
                 };
                 let ty = b.string("Type").map_err(rename)?.unwrap_or("udp");
@@ -204,7 +216,10 @@ impl NetworkConfig {
                 }
             }
             Some(other) => {
-                return Err(field_err("Backend", format!("expected an object, got {other}")))
+                return Err(field_err(
+                    "Backend",
+                    format!("expected an object, got {other}"),
+                ))
             }
         };
 
@@ -251,8 +266,8 @@ mod tests {
 
     #[test]
     fn defaults_for_a_slash_16() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#)
-            .unwrap();
+        let c =
+            NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#).unwrap();
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 255, 0));
@@ -304,9 +319,18 @@ mod tests {
         assert_eq!(err_field(r#"{}"#), "Network");
         assert_eq!(err_field(r#"{"Network":"10.5.0.0"}"#), "Network");
         assert_eq!(err_field(r#"{"Network":7}"#), "Network");
-        assert_eq!(err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#), "SubnetLen");
-        assert_eq!(err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#), "SubnetLen");
-        assert_eq!(err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":-1}"#), "SubnetLen");
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#),
+            "SubnetLen"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#),
+            "SubnetLen"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","SubnetLen":-1}"#),
+            "SubnetLen"
+        );
         assert_eq!(
             err_field(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0"}"#),
             "SubnetMin"

@@ -44,7 +44,10 @@ struct Backoff {
 
 impl Backoff {
     fn new(cap: Duration) -> Self {
-        Backoff { next: Duration::from_millis(100), cap }
+        Backoff {
+            next: Duration::from_millis(100),
+            cap,
+        }
     }
     fn step(&mut self) -> Duration {
         let d = self.next;
@@ -110,7 +113,10 @@ async fn acquire<S: LeaseStore>(
             store.delete(sn).await?;
         }
         match plan.action {
-            Acquire::Reuse { subnet, reservation } => {
+            Acquire::Reuse {
+                subnet,
+                reservation,
+            } => {
                 let exp = store
                     .put(subnet, value.clone(), (!reservation).then_some(ttl))
                     .await?;
@@ -140,17 +146,23 @@ impl Peers {
     fn log(changes: &[PeerChange]) {
         for c in changes {
             match c {
-                PeerChange::Added(sn, ip) => tracing::info!(subnet = %sn, public_ip = %ip, "peer added"),
-                PeerChange::Changed(sn, ip) => tracing::info!(subnet = %sn, public_ip = %ip, "peer moved"),
+                PeerChange::Added(sn, ip) => {
+                    tracing::info!(subnet = %sn, public_ip = %ip, "peer added")
+                }
+                PeerChange::Changed(sn, ip) => {
+                    tracing::info!(subnet = %sn, public_ip = %ip, "peer moved")
+                }
                 PeerChange::Removed(sn) => tracing::info!(subnet = %sn, "peer removed"),
             }
         }
     }
 
     fn resync(&mut self, raw: &[RawLease]) {
-        let changes = self
-            .set
-            .resync(decode_all(raw).into_iter().map(|l| (l.subnet, l.attrs.public_ip)));
+        let changes = self.set.resync(
+            decode_all(raw)
+                .into_iter()
+                .map(|l| (l.subnet, l.attrs.public_ip)),
+        );
         Self::log(&changes);
         self.routes.store(self.set.snapshot(self.port));
     }
@@ -181,9 +193,15 @@ impl Peers {
 }
 
 /// Creates and configures the TUN as flannel's udp backend does.
-fn setup_tun(pattern: &str, subnet: Ipv4Network, network: Ipv4Network, mtu: u32) -> anyhow::Result<Tun> {
+fn setup_tun(
+    pattern: &str,
+    subnet: Ipv4Network,
+    network: Ipv4Network,
+    mtu: u32,
+) -> anyhow::Result<Tun> {
     let tun = Tun::create(pattern)?;
-    let index = netlink::if_index(tun.name()).with_context(|| format!("looking up {}", tun.name()))?;
+    let index =
+        netlink::if_index(tun.name()).with_context(|| format!("looking up {}", tun.name()))?;
     let mut nl = Netlink::open().context("opening rtnetlink")?;
     nl.add_address(index, subnet.network(), 32)
         .with_context(|| format!("adding {}/32 to {}", subnet.network(), tun.name()))?;
@@ -217,20 +235,34 @@ pub async fn run<S: LeaseStore>(
     let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
     let (own, expires_in) = acquire(&store, &cfg, public_ip, previous, opts.lease_ttl).await?;
     // When to renew: `margin` before expiry; never for a reservation.
-    let renew_time = |exp: Option<Duration>| exp.map(|d| Instant::now() + lease::renew_delay(d, opts.renew_margin));
+    let renew_time = |exp: Option<Duration>| {
+        exp.map(|d| Instant::now() + lease::renew_delay(d, opts.renew_margin))
+    };
     let mut renew_at = renew_time(expires_in);
 
-    let mtu = ext.mtu.checked_sub(ENCAP_OVERHEAD).context("external MTU too small")?;
+    let mtu = ext
+        .mtu
+        .checked_sub(ENCAP_OVERHEAD)
+        .context("external MTU too small")?;
     let tun = setup_tun(&opts.tun_name, own, cfg.network, mtu)?;
     tracing::info!(tun = tun.name(), address = %own.network(), mtu, "TUN ready");
     let socket = datapath::bind_udp(SocketAddrV4::new(ext.addr, cfg.port))?;
 
-    SubnetEnv { network: cfg.network, subnet: own, mtu, ipmasq: opts.ip_masq }
-        .write(&opts.subnet_file)
-        .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    SubnetEnv {
+        network: cfg.network,
+        subnet: own,
+        mtu,
+        ipmasq: opts.ip_masq,
+    }
+    .write(&opts.subnet_file)
+    .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
 
     let routes = Arc::new(RouteTable::default());
-    let mut peers = Peers { set: PeerSet::new(Some(own)), routes: routes.clone(), port: cfg.port };
+    let mut peers = Peers {
+        set: PeerSet::new(Some(own)),
+        routes: routes.clone(),
+        port: cfg.port,
+    };
     let (raw, rev) = retry("listing leases", || store.list()).await;
     peers.resync(&raw);
 
@@ -311,8 +343,11 @@ pub async fn run<S: LeaseStore>(
     dp.stop();
     let c = counters.snapshot();
     tracing::info!(
-        sent = c.udp_tx_packets, received = c.udp_rx_packets,
-        no_route = c.drop_no_route, malformed = c.drop_malformed, ttl = c.drop_ttl,
+        sent = c.udp_tx_packets,
+        received = c.udp_rx_packets,
+        no_route = c.drop_no_route,
+        malformed = c.drop_malformed,
+        ttl = c.drop_ttl,
         "data path counters"
     );
     result

@@ -198,8 +198,14 @@ mod tests {
         let mut p = udp_packet([10, 5, 1, 0], [10, 5, 2, 7], 1, b"x");
         assert_eq!(egress(&mut p, &routes()), Egress::TimeExceeded);
         let mut v6 = vec![0x60u8; 40];
-        assert_eq!(egress(&mut v6, &routes()), Egress::Drop(DropReason::NotIpv4));
-        assert_eq!(egress(&mut [0x45; 10], &routes()), Egress::Drop(DropReason::Malformed));
+        assert_eq!(
+            egress(&mut v6, &routes()),
+            Egress::Drop(DropReason::NotIpv4)
+        );
+        assert_eq!(
+            egress(&mut [0x45; 10], &routes()),
+            Egress::Drop(DropReason::Malformed)
+        );
     }
 
     #[test]

@@ -62,7 +62,10 @@ pub fn mtu(name: &str) -> io::Result<u32> {
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
     if bytes.len() >= ifr.ifr_name.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
@@ -105,7 +108,9 @@ pub fn find_external(ifaces: &[String]) -> anyhow::Result<ExternalIface> {
     }
     let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
     let Some(name) = default_route_iface(&routes) else {
-        bail!("no default route to find the external interface: pass --iface NAME or --iface ADDRESS");
+        bail!(
+            "no default route to find the external interface: pass --iface NAME or --iface ADDRESS"
+        );
     };
     let Some((_, a)) = addrs.iter().find(|(n, _)| *n == name) else {
         bail!("default route interface {name} has no IPv4 address: pass --iface");
@@ -119,7 +124,8 @@ mod tests {
 
     #[test]
     fn default_route_is_found_in_proc_net_route() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                  eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
         assert_eq!(default_route_iface(t), Some("eth0".into()));

@@ -34,7 +34,10 @@ impl Lease {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquire {
     /// Re-put an existing lease of ours (with a fresh TTL, or none for a reservation).
-    Reuse { subnet: Ipv4Network, reservation: bool },
+    Reuse {
+        subnet: Ipv4Network,
+        reservation: bool,
+    },
     /// Create a new lease, only if the key is absent.
     Create(Ipv4Network),
 }
@@ -49,7 +52,11 @@ pub struct Plan {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
     #[error("out of subnets: every /{len} between {min} and {max} is leased")]
-    OutOfSubnets { len: u8, min: Ipv4Addr, max: Ipv4Addr },
+    OutOfSubnets {
+        len: u8,
+        min: Ipv4Addr,
+        max: Ipv4Addr,
+    },
 }
 
 /// flannel's choice of subnet (local_manager.go `tryAcquireLease`):
@@ -123,7 +130,12 @@ impl Taken {
     fn new(leases: &[Lease]) -> Self {
         let mut v: Vec<(u32, u32)> = leases
             .iter()
-            .map(|l| (u32::from(l.subnet.network()), u32::from(l.subnet.broadcast())))
+            .map(|l| {
+                (
+                    u32::from(l.subnet.network()),
+                    u32::from(l.subnet.broadcast()),
+                )
+            })
             .collect();
         v.sort_unstable();
         // Merge so that ranges are disjoint and a binary search suffices.
@@ -213,7 +225,10 @@ impl PeerSet {
 
     /// Replaces the set with a fresh list (after a compaction or a broken
     /// watch) and returns what changed, removals included.
-    pub fn resync(&mut self, leases: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>) -> Vec<PeerChange> {
+    pub fn resync(
+        &mut self,
+        leases: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>,
+    ) -> Vec<PeerChange> {
         let mut fresh = BTreeMap::new();
         for (sn, ip) in leases {
             if Some(sn) != self.own {
@@ -329,7 +344,8 @@ mod tests {
 
     #[test]
     fn random_choice_is_free_in_range_and_spread() {
-        let c = cfg(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0","SubnetMax":"10.5.250.0"}"#);
+        let c =
+            cfg(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.10.0","SubnetMax":"10.5.250.0"}"#);
         let leases: Vec<Lease> = (10..60)
             .map(|i| lease(&format!("10.5.{i}.0/24"), [192, 168, 1, i as u8], i))
             .collect();
@@ -337,7 +353,9 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..50 {
             let p = plan_acquire(&c, &leases, ME, None, &mut rng).unwrap();
-            let Acquire::Create(sn) = p.action else { panic!() };
+            let Acquire::Create(sn) = p.action else {
+                panic!()
+            };
             assert!(c.fits(sn));
             assert!(!leases.iter().any(|l| l.subnet == sn));
             // Only the first 100 free subnets are candidates.
@@ -444,7 +462,11 @@ mod decode_tests {
             value: v.as_bytes().to_vec(),
             lease_id: 9,
         };
-        let l = decode(&raw("/p/subnets/10.5.3.0-24", r#"{"PublicIP":"1.2.3.4","PublicIPv6":null}"#)).unwrap();
+        let l = decode(&raw(
+            "/p/subnets/10.5.3.0-24",
+            r#"{"PublicIP":"1.2.3.4","PublicIPv6":null}"#,
+        ))
+        .unwrap();
         assert_eq!(l.subnet, "10.5.3.0/24".parse().unwrap());
         assert_eq!(l.lease_id, 9);
         let e = decode(&raw("/p/subnets/10.5.3.0-24", "{oops")).unwrap_err();

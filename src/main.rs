@@ -17,12 +17,20 @@ use std::time::Duration;
 #[command(name = "flanneld", version, about, max_term_width = 100)]
 struct Cli {
     /// Comma-separated etcd endpoints.
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", value_delimiter = ',',
-          default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
     etcd_endpoints: Vec<String>,
 
     /// etcd prefix under which the config and the leases live.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     etcd_prefix: String,
 
     /// SSL key file used to secure etcd communication.
@@ -56,7 +64,11 @@ struct Cli {
     public_ip: Option<Ipv4Addr>,
 
     /// File to write the lease into, for the CNI plugin and Docker.
-    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     subnet_file: PathBuf,
 
     /// Renew the lease this many minutes before it expires (1..1439).
@@ -113,7 +125,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.verbosity);
     if cli.ip_masq {
-        tracing::error!("--ip-masq is not implemented yet; set up masquerading yourself or run without it");
+        tracing::error!(
+            "--ip-masq is not implemented yet; set up masquerading yourself or run without it"
+        );
         return ExitCode::from(2);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -98,9 +98,8 @@ impl Netlink {
         let mut rbuf = [0u8; 8192];
         loop {
             // SAFETY: rbuf is writable for its whole length.
-            let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0)
-            };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), rbuf.as_mut_ptr().cast(), rbuf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -116,7 +115,10 @@ impl Netlink {
                 let kind = u16::from_ne_bytes([h[4], h[5]]);
                 let mseq = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
                 if len < NLMSG_HDRLEN || off + len > n {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink reply"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "short netlink reply",
+                    ));
                 }
                 if kind == libc::NLMSG_ERROR as u16 && mseq == seq && len >= NLMSG_HDRLEN + 4 {
                     let e = i32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
@@ -218,7 +220,10 @@ mod tests {
             .attr(3, &[1])
             .finish();
         assert_eq!(m.len(), 16 + 8 + 8 + 8);
-        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize, m.len());
+        assert_eq!(
+            u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize,
+            m.len()
+        );
         assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), 20);
         assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 7);
         // Attribute header: len then type.

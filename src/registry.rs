@@ -95,13 +95,16 @@ impl EtcdStore {
         if o.cafile.is_some() || o.certfile.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &o.cafile {
-                let pem = std::fs::read(ca).with_context(|| format!("reading --etcd-cafile {}", ca.display()))?;
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading --etcd-cafile {}", ca.display()))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             match (&o.certfile, &o.keyfile) {
                 (Some(c), Some(k)) => {
-                    let cert = std::fs::read(c).with_context(|| format!("reading --etcd-certfile {}", c.display()))?;
-                    let key = std::fs::read(k).with_context(|| format!("reading --etcd-keyfile {}", k.display()))?;
+                    let cert = std::fs::read(c)
+                        .with_context(|| format!("reading --etcd-certfile {}", c.display()))?;
+                    let key = std::fs::read(k)
+                        .with_context(|| format!("reading --etcd-keyfile {}", k.display()))?;
                     tls = tls.identity(Identity::from_pem(cert, key));
                 }
                 (None, None) => {}
@@ -119,7 +122,11 @@ impl EtcdStore {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
-        let r = self.client.clone().lease_grant(ttl.as_secs().max(1) as i64, None).await?;
+        let r = self
+            .client
+            .clone()
+            .lease_grant(ttl.as_secs().max(1) as i64, None)
+            .await?;
         Ok((r.id(), Duration::from_secs(r.ttl().max(0) as u64)))
     }
 }
@@ -139,7 +146,10 @@ impl LeaseStore for EtcdStore {
         let r = self
             .client
             .clone()
-            .get(subnets_prefix(&self.prefix), Some(GetOptions::new().with_prefix()))
+            .get(
+                subnets_prefix(&self.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await?;
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
         let leases = r
@@ -164,7 +174,11 @@ impl LeaseStore for EtcdStore {
         let (id, granted) = self.grant(ttl).await?;
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(id)))]);
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
         let r = self.client.clone().txn(txn).await?;
         if r.succeeded() {
             Ok(Some(granted))
@@ -211,7 +225,11 @@ impl LeaseStore for EtcdStore {
             .clone()
             .watch(
                 subnets_prefix(&self.prefix),
-                Some(WatchOptions::new().with_prefix().with_start_revision(revision)),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision),
+                ),
             )
             .await?;
         Ok(EtcdWatch { stream })

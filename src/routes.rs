@@ -169,14 +169,20 @@ mod tests {
         assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 9, 255)), Some(peer(9)));
         assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 200, 1)), Some(peer(1)));
         assert_eq!(s.lookup(Ipv4Addr::new(10, 6, 0, 1)), None);
-        assert_eq!(RouteSnapshot::default().lookup(Ipv4Addr::new(10, 5, 3, 1)), None);
+        assert_eq!(
+            RouteSnapshot::default().lookup(Ipv4Addr::new(10, 5, 3, 1)),
+            None
+        );
     }
 
     #[test]
     fn table_swaps_snapshots() {
         let t = RouteTable::default();
         let old = t.load();
-        t.store(RouteSnapshot::new([("10.5.3.0/24".parse().unwrap(), peer(3))]));
+        t.store(RouteSnapshot::new([(
+            "10.5.3.0/24".parse().unwrap(),
+            peer(3),
+        )]));
         // A reader holding the old snapshot keeps a consistent view.
         assert!(old.is_empty());
         assert_eq!(t.load().lookup(Ipv4Addr::new(10, 5, 3, 7)), Some(peer(3)));

@@ -19,7 +19,11 @@ pub fn key_suffix(subnet: Ipv4Network) -> String {
 
 /// The full etcd key of a subnet lease under `prefix`.
 pub fn lease_key(prefix: &str, subnet: Ipv4Network) -> String {
-    format!("{}/subnets/{}", prefix.trim_end_matches('/'), key_suffix(subnet))
+    format!(
+        "{}/subnets/{}",
+        prefix.trim_end_matches('/'),
+        key_suffix(subnet)
+    )
 }
 
 /// The etcd key prefix under which all leases live (with trailing slash).
@@ -163,7 +167,10 @@ mod tests {
     #[test]
     fn we_write_exactly_what_go_udp_backend_writes() {
         let a = LeaseAttrs::udp(Ipv4Addr::new(192, 168, 1, 2));
-        assert_eq!(a.to_json(), r#"{"PublicIP":"192.168.1.2","PublicIPv6":null}"#);
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"192.168.1.2","PublicIPv6":null}"#
+        );
         assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
     }
 

@@ -97,7 +97,10 @@ mod tests {
     #[test]
     fn previous_subnet_round_trips() {
         assert_eq!(previous_subnet(&env().render()), Some(env().subnet));
-        assert_eq!(previous_subnet("FLANNEL_SUBNET=\"10.5.9.1/24\"\n"), Some("10.5.9.0/24".parse().unwrap()));
+        assert_eq!(
+            previous_subnet("FLANNEL_SUBNET=\"10.5.9.1/24\"\n"),
+            Some("10.5.9.0/24".parse().unwrap())
+        );
         assert_eq!(previous_subnet("FLANNEL_NETWORK=10.5.0.0/16\n"), None);
         assert_eq!(previous_subnet("FLANNEL_SUBNET=garbage\n"), None);
     }
@@ -109,10 +112,16 @@ mod tests {
         env().write(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), env().render());
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         assert_eq!(read_previous_subnet(&path), Some(env().subnet));
         // No temp files left behind.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -284,19 +284,37 @@ pub(crate) mod tests {
     fn checked_view_rejects_malformed() {
         let good = udp_packet([10, 5, 1, 2], [10, 5, 2, 3], 64, b"hi");
         assert!(Ipv4Packet::new_checked(&good[..]).is_ok());
-        assert_eq!(Ipv4Packet::new_checked(&good[..19]).unwrap_err(), WireError::Truncated);
+        assert_eq!(
+            Ipv4Packet::new_checked(&good[..19]).unwrap_err(),
+            WireError::Truncated
+        );
         let mut v6 = good.clone();
         v6[0] = 0x65;
-        assert_eq!(Ipv4Packet::new_checked(&v6[..]).unwrap_err(), WireError::Version);
+        assert_eq!(
+            Ipv4Packet::new_checked(&v6[..]).unwrap_err(),
+            WireError::Version
+        );
         let mut ihl = good.clone();
         ihl[0] = 0x44;
-        assert_eq!(Ipv4Packet::new_checked(&ihl[..]).unwrap_err(), WireError::HeaderLen);
+        assert_eq!(
+            Ipv4Packet::new_checked(&ihl[..]).unwrap_err(),
+            WireError::HeaderLen
+        );
         ihl[0] = 0x4f;
-        assert_eq!(Ipv4Packet::new_checked(&ihl[..22]).unwrap_err(), WireError::HeaderLen);
+        assert_eq!(
+            Ipv4Packet::new_checked(&ihl[..22]).unwrap_err(),
+            WireError::HeaderLen
+        );
         let mut liar = good.clone();
         liar[3] += 1;
-        assert_eq!(Ipv4Packet::new_checked(&liar[..]).unwrap_err(), WireError::TotalLen);
-        assert_eq!(Ipv4Packet::new_checked(&good[..25]).unwrap_err(), WireError::TotalLen);
+        assert_eq!(
+            Ipv4Packet::new_checked(&liar[..]).unwrap_err(),
+            WireError::TotalLen
+        );
+        assert_eq!(
+            Ipv4Packet::new_checked(&good[..25]).unwrap_err(),
+            WireError::TotalLen
+        );
     }
 
     #[test]
@@ -315,7 +333,14 @@ pub(crate) mod tests {
         let p = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"0123456789abcdef");
         let v = Ipv4Packet::new_checked(&p[..]).unwrap();
         let mut out = [0u8; ICMP_ERROR_MAX];
-        let n = build_icmp_error(&v, ICMP_DEST_UNREACH, ICMP_NET_UNREACH, Ipv4Addr::new(10, 5, 0, 0), &mut out).unwrap();
+        let n = build_icmp_error(
+            &v,
+            ICMP_DEST_UNREACH,
+            ICMP_NET_UNREACH,
+            Ipv4Addr::new(10, 5, 0, 0),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(n, 20 + 8 + 28);
         let r = Ipv4Packet::new_checked(&out[..n]).unwrap();
         assert!(r.header_checksum_ok());
@@ -350,12 +375,39 @@ pub(crate) mod tests {
         assert_eq!(build_icmp_error(&v, 3, 0, src, &mut out), None);
         // Broadcast destination, unspecified source.
         let b = udp_packet([10, 5, 1, 2], [255, 255, 255, 255], 63, b"x");
-        assert_eq!(build_icmp_error(&Ipv4Packet::new_checked(&b[..]).unwrap(), 3, 0, src, &mut out), None);
+        assert_eq!(
+            build_icmp_error(
+                &Ipv4Packet::new_checked(&b[..]).unwrap(),
+                3,
+                0,
+                src,
+                &mut out
+            ),
+            None
+        );
         let z = udp_packet([0, 0, 0, 0], [10, 5, 9, 3], 63, b"x");
-        assert_eq!(build_icmp_error(&Ipv4Packet::new_checked(&z[..]).unwrap(), 3, 0, src, &mut out), None);
+        assert_eq!(
+            build_icmp_error(
+                &Ipv4Packet::new_checked(&z[..]).unwrap(),
+                3,
+                0,
+                src,
+                &mut out
+            ),
+            None
+        );
         // Output too short.
         let ok = udp_packet([10, 5, 1, 2], [10, 5, 9, 3], 63, b"x");
-        assert_eq!(build_icmp_error(&Ipv4Packet::new_checked(&ok[..]).unwrap(), 3, 0, src, &mut out[..20]), None);
+        assert_eq!(
+            build_icmp_error(
+                &Ipv4Packet::new_checked(&ok[..]).unwrap(),
+                3,
+                0,
+                src,
+                &mut out[..20]
+            ),
+            None
+        );
     }
 
     #[test]

@@ -37,8 +37,11 @@ fn tcp_transfer(bed: &Bed, from: usize, to: usize, data: Vec<u8>) -> Vec<u8> {
     });
     let port = rx.recv().unwrap();
     in_ns(&bed.ns(from), move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), Duration::from_secs(10))
-            .expect("TCP connect through the tunnel");
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddrV4::new(dst, port).into(),
+            Duration::from_secs(10),
+        )
+        .expect("TCP connect through the tunnel");
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(&data).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -55,7 +58,13 @@ fn udp_probe_error(bed: &Bed, from: usize, dst: Ipv4Addr) -> Option<i32> {
         let one: libc::c_int = 1;
         // SAFETY: setting an int socket option on a valid socket.
         unsafe {
-            libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVERR, (&one as *const libc::c_int).cast(), 4);
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                (&one as *const libc::c_int).cast(),
+                4,
+            );
         }
         s.connect((dst, 9)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -87,8 +96,15 @@ fn three_hosts_get_distinct_subnets_and_reach_each_other() {
     assert_eq!(leases.len(), 3, "{leases:?}");
     for (i, sn) in subnets.iter().enumerate() {
         let key = format!("{PREFIX}/subnets/{}-24", sn.network());
-        let v = &leases.iter().find(|(k, _)| *k == key).unwrap_or_else(|| panic!("no {key}")).1;
-        assert_eq!(v, &format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, bed.hosts[i].ip));
+        let v = &leases
+            .iter()
+            .find(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("no {key}"))
+            .1;
+        assert_eq!(
+            v,
+            &format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, bed.hosts[i].ip)
+        );
         // subnet.env as flannel writes it; MTU = 1500 - 28.
         let env = std::fs::read_to_string(&bed.hosts[i].subnet_file).unwrap();
         let first = Ipv4Addr::from(u32::from(sn.network()) + 1);
@@ -97,8 +113,20 @@ fn three_hosts_get_distinct_subnets_and_reach_each_other() {
             format!("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
         );
         // TUN: flannel0, /32 of the subnet, MTU 1472, route for the Network.
-        let link = sh(&["ip", "-n", &bed.ns(i), "-o", "addr", "show", "dev", "flannel0"]);
-        assert!(link.contains(&format!("inet {}/32", sn.network())), "{link}");
+        let link = sh(&[
+            "ip",
+            "-n",
+            &bed.ns(i),
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            "flannel0",
+        ]);
+        assert!(
+            link.contains(&format!("inet {}/32", sn.network())),
+            "{link}"
+        );
         let mtu = sh(&["ip", "-n", &bed.ns(i), "link", "show", "flannel0"]);
         assert!(mtu.contains("mtu 1472"), "{mtu}");
     }
@@ -106,9 +134,11 @@ fn three_hosts_get_distinct_subnets_and_reach_each_other() {
         for b in 0..3 {
             if a != b {
                 let dst = bed.tun_addr(b);
-                wait_for(&format!("ping h{a} -> h{b} ({dst})"), Duration::from_secs(10), || {
-                    bed.ping(a, dst).then_some(())
-                });
+                wait_for(
+                    &format!("ping h{a} -> h{b} ({dst})"),
+                    Duration::from_secs(10),
+                    || bed.ping(a, dst).then_some(()),
+                );
                 let data = pattern(8 << 20, (a * 3 + b) as u64 + 1);
                 let got = tcp_transfer(&bed, a, b, data.clone());
                 assert_eq!(got.len(), data.len(), "h{a} -> h{b}: length");
@@ -128,9 +158,11 @@ fn a_late_host_becomes_reachable_without_restarts() {
     bed.start_ready(late);
     let dst = bed.tun_addr(late);
     for i in 0..3 {
-        wait_for(&format!("h{i} to reach the late host"), Duration::from_secs(10), || {
-            bed.ping(i, dst).then_some(())
-        });
+        wait_for(
+            &format!("h{i} to reach the late host"),
+            Duration::from_secs(10),
+            || bed.ping(i, dst).then_some(()),
+        );
         assert!(bed.ping(late, bed.tun_addr(i)));
     }
     for i in 0..3 {
@@ -144,7 +176,9 @@ fn a_deleted_lease_makes_its_host_net_unreachable() {
     bed.start_ready(0);
     let sn1 = bed.start_ready(1);
     let dst = bed.tun_addr(1);
-    wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
     // Never leased: ICMP net unreachable comes back at once (flannel's own
     // reply is dropped as a martian; ours must arrive).
     assert_eq!(
@@ -155,9 +189,11 @@ fn a_deleted_lease_makes_its_host_net_unreachable() {
     // Stop h1's daemon so it cannot re-create its lease, then delete it.
     bed.stop(1, libc::SIGTERM);
     bed.del(&format!("{PREFIX}/subnets/{}-24", sn1.network()));
-    wait_for("h1 to become net unreachable", Duration::from_secs(5), || {
-        (udp_probe_error(&bed, 0, dst) == Some(libc::ENETUNREACH)).then_some(())
-    });
+    wait_for(
+        "h1 to become net unreachable",
+        Duration::from_secs(5),
+        || (udp_probe_error(&bed, 0, dst) == Some(libc::ENETUNREACH)).then_some(()),
+    );
     assert!(!bed.ping(0, dst));
 }
 
@@ -178,7 +214,9 @@ fn a_restarted_daemon_keeps_its_subnet() {
     assert_eq!(bed.start_ready(0), first);
     assert_eq!(bed.leases().len(), 2, "no duplicate lease");
     let dst = bed.tun_addr(0);
-    wait_for("h1 -> restarted h0", Duration::from_secs(10), || bed.ping(1, dst).then_some(()));
+    wait_for("h1 -> restarted h0", Duration::from_secs(10), || {
+        bed.ping(1, dst).then_some(())
+    });
 }
 
 /// A raw UDP socket on port 8285 plays a Go flanneld peer that uses plain
@@ -208,17 +246,37 @@ fn underlay_datagrams_carry_exactly_the_inner_packet_on_port_8285() {
     });
     let src_port = rx.recv().unwrap();
     let mut buf = [0u8; 2048];
-    let (n, from) = wait_for("a datagram at the fake peer", Duration::from_secs(10), || sock.recv_from(&mut buf).ok());
+    let (n, from) = wait_for(
+        "a datagram at the fake peer",
+        Duration::from_secs(10),
+        || sock.recv_from(&mut buf).ok(),
+    );
     let pkt = &buf[..n];
-    assert_eq!(from, std::net::SocketAddr::from((bed.hosts[0].ip, 8285)), "must come from port 8285 of h0's address");
-    assert_eq!(n, 20 + 8 + 13, "payload is the inner packet and nothing else");
+    assert_eq!(
+        from,
+        std::net::SocketAddr::from((bed.hosts[0].ip, 8285)),
+        "must come from port 8285 of h0's address"
+    );
+    assert_eq!(
+        n,
+        20 + 8 + 13,
+        "payload is the inner packet and nothing else"
+    );
     assert_eq!(pkt[0], 0x45);
     assert_eq!(u16::from_be_bytes([pkt[2], pkt[3]]) as usize, n);
     assert_eq!(pkt[9], 17);
-    assert_eq!(&pkt[12..16], &sn0.network().octets(), "inner source: h0's TUN address");
+    assert_eq!(
+        &pkt[12..16],
+        &sn0.network().octets(),
+        "inner source: h0's TUN address"
+    );
     assert_eq!(&pkt[16..20], &[10, 5, 200, 7]);
     assert_eq!(pkt[8], 63, "TTL decremented once on the way out");
-    assert_eq!(flannel::wire::checksum(&pkt[..20]), 0, "valid header checksum");
+    assert_eq!(
+        flannel::wire::checksum(&pkt[..20]),
+        0,
+        "valid header checksum"
+    );
     assert_eq!(u16::from_be_bytes([pkt[20], pkt[21]]), src_port);
     assert_eq!(u16::from_be_bytes([pkt[22], pkt[23]]), 9999);
     assert_eq!(&pkt[28..], b"hello flannel");
@@ -226,7 +284,9 @@ fn underlay_datagrams_carry_exactly_the_inner_packet_on_port_8285() {
 
     // Reverse: the fake peer sends a bare IPv4/UDP packet from 10.5.200.7.
     let listener = in_ns(&bed.ns(0), || UdpSocket::bind("0.0.0.0:7777").unwrap());
-    listener.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut p = pkt.to_vec();
     p[12..16].copy_from_slice(&[10, 5, 200, 7]);
     p[16..20].copy_from_slice(&sn0.network().octets());
@@ -239,9 +299,14 @@ fn underlay_datagrams_carry_exactly_the_inner_packet_on_port_8285() {
     p[26..28].copy_from_slice(&[0, 0]); // UDP checksum 0: none
     sock.send_to(&p, (bed.hosts[0].ip, 8285)).unwrap();
     let mut got = [0u8; 64];
-    let (n, from) = listener.recv_from(&mut got).expect("packet from the Go-style peer delivered");
+    let (n, from) = listener
+        .recv_from(&mut got)
+        .expect("packet from the Go-style peer delivered");
     assert_eq!(&got[..n], b"hello flannel");
-    assert_eq!(from, std::net::SocketAddr::from((Ipv4Addr::new(10, 5, 200, 7), 4444)));
+    assert_eq!(
+        from,
+        std::net::SocketAddr::from((Ipv4Addr::new(10, 5, 200, 7), 4444))
+    );
 }
 
 #[test]
@@ -250,12 +315,22 @@ fn malformed_leases_and_garbage_datagrams_are_survived() {
     bed.start_ready(0);
     // Another writer's garbage: bad JSON and a bad key.
     bed.put(&format!("{PREFIX}/subnets/10.5.201.0-24"), "{not json");
-    bed.put(&format!("{PREFIX}/subnets/garbage"), r#"{"PublicIP":"1.2.3.4"}"#);
+    bed.put(
+        &format!("{PREFIX}/subnets/garbage"),
+        r#"{"PublicIP":"1.2.3.4"}"#,
+    );
     bed.start_ready(1);
     let dst = bed.tun_addr(1);
-    wait_for("h0 -> h1 despite bad leases", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+    wait_for(
+        "h0 -> h1 despite bad leases",
+        Duration::from_secs(10),
+        || bed.ping(0, dst).then_some(()),
+    );
     let log = bed.log(0);
-    assert!(log.contains("10.5.201.0-24") && log.contains("malformed"), "no warning for the bad lease:\n{log}");
+    assert!(
+        log.contains("10.5.201.0-24") && log.contains("malformed"),
+        "no warning for the bad lease:\n{log}"
+    );
 
     // Garbage at the UDP port: short, not IPv4, lying length, bad checksum.
     let target = (bed.hosts[0].ip, 8285);
@@ -273,18 +348,32 @@ fn malformed_leases_and_garbage_datagrams_are_survived() {
         liar[3] = 200;
         let mut v6 = good.clone();
         v6[0] = 0x60;
-        for d in [&b""[..], b"x", &[0x45; 19], &liar, &v6, &good /* checksum 0: wrong */] {
+        for d in [
+            &b""[..],
+            b"x",
+            &[0x45; 19],
+            &liar,
+            &v6,
+            &good, /* checksum 0: wrong */
+        ] {
             for _ in 0..10 {
                 s.send_to(d, target).unwrap();
             }
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    assert!(bed.is_running(0), "flanneld died on garbage:\n{}", bed.log(0));
+    assert!(
+        bed.is_running(0),
+        "flanneld died on garbage:\n{}",
+        bed.log(0)
+    );
     assert!(bed.ping(1, bed.tun_addr(0)), "tunnel broken after garbage");
     assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
     let log = bed.log(0);
-    let counters = log.lines().find(|l| l.contains("data path counters")).expect("counters logged at exit");
+    let counters = log
+        .lines()
+        .find(|l| l.contains("data path counters"))
+        .expect("counters logged at exit");
     // 10 short + 10 + 10 + 10 liar + 10 bad checksum = 50 malformed (v6: not_ipv4).
     assert!(counters.contains("malformed=50"), "{counters}");
 }
@@ -300,10 +389,19 @@ fn bad_or_missing_config_exits_nonzero_naming_the_problem() {
     };
     let err = run(&bed);
     assert!(err.contains("config not found"), "{err}");
-    bed.put(&format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    bed.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    );
     let err = run(&bed);
-    assert!(err.contains("Backend.Type") && err.contains("vxlan"), "{err}");
-    bed.put(&format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16","SubnetLen":12}"#);
+    assert!(
+        err.contains("Backend.Type") && err.contains("vxlan"),
+        "{err}"
+    );
+    bed.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.5.0.0/16","SubnetLen":12}"#,
+    );
     let err = run(&bed);
     assert!(err.contains("SubnetLen"), "{err}");
     bed.put(&format!("{PREFIX}/config"), "not json");
@@ -320,13 +418,17 @@ fn watch_survives_an_etcd_restart_and_routes_new_leases() {
     bed.start_ready(0);
     bed.start_ready(1);
     let dst1 = bed.tun_addr(1);
-    wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst1).then_some(()));
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst1).then_some(())
+    });
     bed.stop_etcd();
     // Known peers keep talking while etcd is away.
     assert!(bed.ping(0, dst1), "traffic stopped while etcd was down");
     bed.start_etcd();
     let sn2 = bed.start_ready(2);
-    wait_for("h0 to route to the host added after the etcd restart", Duration::from_secs(15), || {
-        bed.ping(0, sn2.network()).then_some(())
-    });
+    wait_for(
+        "h0 to route to the host added after the etcd restart",
+        Duration::from_secs(15),
+        || bed.ping(0, sn2.network()).then_some(()),
+    );
 }

@@ -133,7 +133,11 @@ impl Mmsg {
         for i in 0..n {
             let truncated = self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             // A truncated datagram fails the length check downstream.
-            slots.len[i] = if truncated { 0 } else { self.hdrs[i].msg_len as usize };
+            slots.len[i] = if truncated {
+                0
+            } else {
+                self.hdrs[i].msg_len as usize
+            };
             slots.addr[i] = from_sockaddr(&self.names[i]);
         }
         Ok(n)
@@ -181,9 +185,8 @@ impl Mmsg {
         while sent + failed < total {
             let at = sent + failed;
             // SAFETY: hdrs[at..total] were filled above and point at live buffers.
-            let n = unsafe {
-                libc::sendmmsg(fd, self.hdrs[at..].as_mut_ptr(), (total - at) as u32, 0)
-            };
+            let n =
+                unsafe { libc::sendmmsg(fd, self.hdrs[at..].as_mut_ptr(), (total - at) as u32, 0) };
             if n > 0 {
                 sent += n as usize;
                 continue;
@@ -193,7 +196,11 @@ impl Mmsg {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
                     // Socket buffer full: wait until writable, then retry.
-                    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                    let mut pfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
                     // SAFETY: one valid pollfd.
                     unsafe { libc::poll(&mut pfd, 1, 100) };
                     if pfd.revents & libc::POLLOUT == 0 {

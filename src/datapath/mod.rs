@@ -67,8 +67,16 @@ impl StopFd {
 /// Waits until `fd` is readable; false when stop was signalled.
 fn wait_readable(fd: RawFd, stop: &StopFd) -> bool {
     let mut fds = [
-        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: stop.0.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
         // SAFETY: two valid pollfds.
@@ -148,7 +156,10 @@ fn tun_to_udp(s: &Shared, stop: &StopFd) {
             if n == 0 {
                 break;
             }
-            let mut t = Tally { tun_rx_packets: n as u64, ..Tally::default() };
+            let mut t = Tally {
+                tun_rx_packets: n as u64,
+                ..Tally::default()
+            };
             let routes = s.routes.load();
             mmsg.clear();
             for i in 0..n {
@@ -173,7 +184,9 @@ fn tun_to_udp(s: &Shared, stop: &StopFd) {
                     }
                 };
                 let offender = Ipv4Packet::new_unchecked(slots.packet(i));
-                if let Some(len) = wire::build_icmp_error(&offender, answer.0, answer.1, s.icmp_src, &mut icmp) {
+                if let Some(len) =
+                    wire::build_icmp_error(&offender, answer.0, answer.1, s.icmp_src, &mut icmp)
+                {
                     if s.tun.write(&icmp[..len]).is_ok() {
                         t.icmp_sent += 1;
                     }
@@ -211,7 +224,10 @@ fn udp_to_tun(s: &Shared, stop: &StopFd) {
             if n == 0 {
                 break;
             }
-            let mut t = Tally { udp_rx_packets: n as u64, ..Tally::default() };
+            let mut t = Tally {
+                udp_rx_packets: n as u64,
+                ..Tally::default()
+            };
             for i in 0..n {
                 t.udp_rx_bytes += slots.len[i] as u64;
                 match ingress(slots.packet_mut(i)) {

@@ -20,7 +20,12 @@ impl Tun {
     pub fn create(pattern: &str) -> io::Result<Tun> {
         let path = c"/dev/net/tun";
         // SAFETY: path is NUL-terminated; the fd is owned right below.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        };
         if fd < 0 {
             let e = io::Error::last_os_error();
             let hint = match e.raw_os_error() {
@@ -36,7 +41,10 @@ impl Tun {
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         let b = pattern.as_bytes();
         if b.is_empty() || b.len() >= ifr.ifr_name.len() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad TUN name {pattern:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad TUN name {pattern:?}"),
+            ));
         }
         for (d, s) in ifr.ifr_name.iter_mut().zip(b) {
             *d = *s as libc::c_char;
@@ -45,7 +53,10 @@ impl Tun {
         // SAFETY: TUNSETIFF reads and writes the ifreq we own.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut ifr) } < 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("TUNSETIFF {pattern}: {e}")));
+            return Err(io::Error::new(
+                e.kind(),
+                format!("TUNSETIFF {pattern}: {e}"),
+            ));
         }
         // SAFETY: the kernel wrote a NUL-terminated name into ifr_name.
         let name = unsafe { std::ffi::CStr::from_ptr(ifr.ifr_name.as_ptr()) }

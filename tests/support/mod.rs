@@ -86,10 +86,14 @@ fn enter_ns(path: &str) {
 
 /// Deletes namespaces left by test processes that died without cleaning up.
 fn reap_stale() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
         let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
         if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
@@ -147,7 +151,16 @@ impl Bed {
         };
         bed.add_ns(&hub);
         sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &hub, "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+        sh(&[
+            "ip",
+            "-n",
+            &hub,
+            "addr",
+            "add",
+            &format!("{HUB_IP}/24"),
+            "dev",
+            "br0",
+        ]);
         sh(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
         bed.start_etcd();
         bed
@@ -177,7 +190,10 @@ impl Bed {
             .expect("starting etcd (is etcd-server installed? run scripts/deps.sh)");
         self.etcd = Some(child);
         wait_for("etcd to be healthy", Duration::from_secs(20), || {
-            self.etcdctl(&["endpoint", "health"]).status.success().then_some(())
+            self.etcdctl(&["endpoint", "health"])
+                .status
+                .success()
+                .then_some(())
         });
     }
 
@@ -190,7 +206,14 @@ impl Bed {
 
     pub fn etcdctl(&self, args: &[&str]) -> Output {
         Command::new("ip")
-            .args(["netns", "exec", &self.hub, "etcdctl", "--endpoints", &self.endpoint])
+            .args([
+                "netns",
+                "exec",
+                &self.hub,
+                "etcdctl",
+                "--endpoints",
+                &self.endpoint,
+            ])
             .args(args)
             .env("ETCDCTL_API", "3")
             .output()
@@ -233,11 +256,34 @@ impl Bed {
         self.add_ns(&ns);
         let ip = Ipv4Addr::new(192, 168, 100, (i + 1) as u8);
         let veth = format!("v{i}");
-        sh(&["ip", "-n", &self.hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-        sh(&["ip", "-n", &self.hub, "link", "set", &veth, "master", "br0", "up"]);
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        sh(&[
+            "ip", "-n", &self.hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ]);
+        sh(&[
+            "ip", "-n", &self.hub, "link", "set", &veth, "master", "br0", "up",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", &ns, "route", "add", "default", "via", &HUB_IP.to_string()]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &HUB_IP.to_string(),
+        ]);
         self.hosts.push(Host {
             subnet_file: self.dir.join(format!("h{i}/subnet.env")),
             log: self.dir.join(format!("flanneld-h{i}.log")),
@@ -263,7 +309,10 @@ impl Bed {
 
     /// Starts flanneld on host `i` (output appended to its log).
     pub fn start(&mut self, i: usize, extra: &[&str]) {
-        assert!(self.hosts[i].daemon.is_none(), "flanneld already running on h{i}");
+        assert!(
+            self.hosts[i].daemon.is_none(),
+            "flanneld already running on h{i}"
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -287,16 +336,26 @@ impl Bed {
 
     pub fn wait_subnet(&mut self, i: usize) -> ipnetwork::Ipv4Network {
         let file = self.hosts[i].subnet_file.clone();
-        let sn = wait_for(&format!("subnet.env of h{i}"), Duration::from_secs(20), || {
-            if let Some(st) = self.hosts[i].daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("flanneld on h{i} exited with {st}:\n{}", self.log(i));
-            }
-            flannel::subnet_env::read_previous_subnet(&file)
-        });
+        let sn = wait_for(
+            &format!("subnet.env of h{i}"),
+            Duration::from_secs(20),
+            || {
+                if let Some(st) = self.hosts[i]
+                    .daemon
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!("flanneld on h{i} exited with {st}:\n{}", self.log(i));
+                }
+                flannel::subnet_env::read_previous_subnet(&file)
+            },
+        );
         // subnet.env is written before the data path starts; wait for the TUN route too.
         let ns = self.hosts[i].ns.clone();
         wait_for("TUN route", Duration::from_secs(10), || {
-            sh(&["ip", "-n", &ns, "route", "show", "10.5.0.0/16"]).contains("flannel").then_some(())
+            sh(&["ip", "-n", &ns, "route", "show", "10.5.0.0/16"])
+                .contains("flannel")
+                .then_some(())
         });
         sn
     }
@@ -344,7 +403,17 @@ impl Bed {
     /// One ping from host `from` to `to`; true if answered.
     pub fn ping(&self, from: usize, to: Ipv4Addr) -> bool {
         Command::new("ip")
-            .args(["netns", "exec", &self.hosts[from].ns, "ping", "-c", "1", "-W", "2", &to.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &self.hosts[from].ns,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &to.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -366,7 +435,11 @@ impl Drop for Bed {
                 let _ = c.wait();
             }
             if failing {
-                eprintln!("----- flanneld log of h{i} ({}):\n{}", self.hosts[i].ns, self.log(i));
+                eprintln!(
+                    "----- flanneld log of h{i} ({}):\n{}",
+                    self.hosts[i].ns,
+                    self.log(i)
+                );
             }
         }
         self.stop_etcd();

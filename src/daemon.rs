@@ -228,9 +228,6 @@ pub async fn run<S: LeaseStore>(
     };
     let cfg = NetworkConfig::parse(&text).context("invalid network config in etcd")?;
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
-    if opts.renew_margin >= opts.lease_ttl {
-        bail!("--subnet-lease-renew-margin must be shorter than the lease TTL");
-    }
 
     let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
     let (own, expires_in) = acquire(&store, &cfg, public_ip, previous, opts.lease_ttl).await?;

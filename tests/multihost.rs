@@ -52,6 +52,10 @@ fn tcp_transfer(bed: &Bed, from: usize, to: usize, data: Vec<u8>) -> Vec<u8> {
 /// Sends one UDP datagram from host `from` to `dst:9` with IP_RECVERR and
 /// returns the errno an ICMP error produced, if any.
 fn udp_probe_error(bed: &Bed, from: usize, dst: Ipv4Addr) -> Option<i32> {
+    udp_probe_error_ttl(bed, from, dst, 64)
+}
+
+fn udp_probe_error_ttl(bed: &Bed, from: usize, dst: Ipv4Addr, ttl: u32) -> Option<i32> {
     in_ns(&bed.ns(from), move || {
         use std::os::fd::AsRawFd;
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -66,6 +70,7 @@ fn udp_probe_error(bed: &Bed, from: usize, dst: Ipv4Addr) -> Option<i32> {
                 4,
             );
         }
+        s.set_ttl(ttl).unwrap();
         s.connect((dst, 9)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         for _ in 0..3 {
@@ -185,6 +190,11 @@ fn a_deleted_lease_makes_its_host_net_unreachable() {
         udp_probe_error(&bed, 0, Ipv4Addr::new(10, 5, 250, 1)),
         Some(libc::ENETUNREACH),
         "no ICMP net unreachable for an unleased destination"
+    );
+    // TTL 1 expires in the tunnel: ICMP time exceeded (flannel drops silently).
+    assert_eq!(
+        udp_probe_error_ttl(&bed, 0, dst, 1),
+        Some(libc::EHOSTUNREACH)
     );
     // Stop h1's daemon so it cannot re-create its lease, then delete it.
     bed.stop(1, libc::SIGTERM);
@@ -431,4 +441,81 @@ fn watch_survives_an_etcd_restart_and_routes_new_leases() {
         Duration::from_secs(15),
         || bed.ping(0, sn2.network()).then_some(()),
     );
+}
+
+#[test]
+fn leases_are_renewed_and_an_expired_lease_is_unrouted() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    // A 4 s TTL (hidden test flag): renewed half-way, since the margin is longer.
+    let _ = std::fs::remove_file(&bed.hosts[1].subnet_file);
+    bed.start(1, &["--subnet-lease-ttl=4"]);
+    let sn1 = bed.wait_subnet(1);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    // Three TTLs later the lease still exists: it was renewed.
+    std::thread::sleep(Duration::from_secs(12));
+    let key = format!("{PREFIX}/subnets/{}-24", sn1.network());
+    assert!(
+        bed.leases().iter().any(|(k, _)| *k == key),
+        "lease not renewed"
+    );
+    assert!(bed.log(1).contains("lease renewed"));
+    assert!(bed.ping(0, dst));
+    // Killed: nobody renews, etcd expires the key, h0 unroutes it.
+    bed.stop(1, libc::SIGKILL);
+    wait_for("the lease to expire", Duration::from_secs(15), || {
+        (!bed.leases().iter().any(|(k, _)| *k == key)).then_some(())
+    });
+    wait_for(
+        "h0 to drop the expired route",
+        Duration::from_secs(5),
+        || (udp_probe_error(&bed, 0, dst) == Some(libc::ENETUNREACH)).then_some(()),
+    );
+    assert!(bed.log(0).contains("peer removed"), "{}", bed.log(0));
+}
+
+#[test]
+fn traffic_follows_a_peer_whose_public_ip_changes() {
+    let mut bed = Bed::new(3);
+    bed.start_ready(0);
+    let key = format!("{PREFIX}/subnets/10.5.200.0-24");
+    let lease = |ip: Ipv4Addr| format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null}}"#);
+    let socks: Vec<UdpSocket> = (1..3)
+        .map(|i| {
+            let s = in_ns(&bed.ns(i), || UdpSocket::bind("0.0.0.0:8285").unwrap());
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s
+        })
+        .collect();
+    let send = |bed: &Bed| {
+        in_ns(&bed.ns(0), || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(b"where are you", "10.5.200.9:9").unwrap();
+        })
+    };
+    let mut buf = [0u8; 256];
+    for (owner, other) in [(0usize, 1usize), (1, 0)] {
+        bed.put(&key, &lease(bed.hosts[owner + 1].ip));
+        wait_for(
+            &format!("datagrams at h{}", owner + 1),
+            Duration::from_secs(5),
+            || {
+                send(&bed);
+                socks[owner].recv(&mut buf).ok()
+            },
+        );
+        // Drain, then check the old owner gets nothing more.
+        while socks[other].recv(&mut buf).is_ok() {}
+        send(&bed);
+        assert!(socks[owner].recv(&mut buf).is_ok());
+        assert!(
+            socks[other].recv(&mut buf).is_err(),
+            "stale route to the old PublicIP"
+        );
+    }
+    assert!(bed.log(0).contains("peer moved"));
 }

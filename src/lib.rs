@@ -12,6 +12,7 @@ pub mod forward;
 pub mod iface;
 pub mod lease;
 pub mod netlink;
+pub mod offload;
 pub mod registry;
 pub mod routes;
 pub mod subnet;

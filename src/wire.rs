@@ -143,23 +143,48 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
 /// The Internet checksum (RFC 1071) of `data`: 0 when verifying a buffer
 /// that already holds its checksum.
 pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u64 = 0;
-    let mut chunks = data.chunks_exact(4);
+    !fold(sum(data, 0))
+}
+
+/// One's-complement sum of `data` (big-endian 16-bit words, odd byte padded)
+/// added to `initial`, not folded: sums of pieces can be added together.
+#[inline]
+pub fn sum(data: &[u8], initial: u64) -> u64 {
+    let mut acc = initial;
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        sum += u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64;
+        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        // Add the two 32-bit halves; u64 cannot overflow for any IP-sized buffer.
+        acc += (w >> 32) + (w & 0xffff_ffff);
     }
     let mut rest = chunks.remainder();
+    if rest.len() >= 4 {
+        acc += u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as u64;
+        rest = &rest[4..];
+    }
     if rest.len() >= 2 {
-        sum += u16::from_be_bytes([rest[0], rest[1]]) as u64;
+        acc += u16::from_be_bytes([rest[0], rest[1]]) as u64;
         rest = &rest[2..];
     }
     if let Some(&b) = rest.first() {
-        sum += (b as u64) << 8;
+        acc += (b as u64) << 8;
     }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
+    acc
+}
+
+/// Folds a [`sum`] to 16 bits (not complemented).
+#[inline]
+pub fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
     }
-    !(sum as u16)
+    acc as u16
+}
+
+/// The TCP/UDP pseudo-header sum for IPv4 (not folded).
+#[inline]
+pub fn pseudo_header_sum(src: &[u8], dst: &[u8], proto: u8, len: u16) -> u64 {
+    sum(src, 0) + sum(dst, 0) + proto as u64 + len as u64
 }
 
 /// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').

@@ -1,0 +1,575 @@
+//! TUN offloads without I/O: the `virtio_net_hdr` the kernel puts in front
+//! of each packet on an `IFF_VNET_HDR` TUN, splitting TCP/UDP super-packets
+//! (TSO/USO) into MTU-sized IPv4 packets laid out back to back for one UDP
+//! GSO send, and coalescing consecutive in-order TCP segments of one flow
+//! into a super-packet for one TUN write (GRO in userspace).
+//!
+//! Offloads are local to this host: every datagram on the wire is still one
+//! ordinary IPv4 packet with correct checksums.
+
+use crate::wire::{fold, pseudo_header_sum, sum, PROTO_TCP, PROTO_UDP};
+
+pub const VNET_HDR_LEN: usize = 10;
+pub const F_NEEDS_CSUM: u8 = 1;
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
+pub const GSO_UDP_L4: u8 = 5;
+pub const GSO_ECN: u8 = 0x80;
+/// The most segments one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// Largest IPv4 packet.
+pub const MAX_PACKET: usize = 65535;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    #[error("shorter than a virtio_net_hdr")]
+    ShortHeader,
+    #[error("unsupported GSO type {0}")]
+    GsoType(u8),
+    #[error("super-packet headers are inconsistent")]
+    BadPacket,
+    #[error("output buffer too small")]
+    NoRoom,
+}
+
+/// `struct virtio_net_hdr` (legacy layout, host byte order as the TUN uses
+/// it without TUNSETVNETLE/BE).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    pub fn decode(b: &[u8]) -> Result<Self, OffloadError> {
+        if b.len() < VNET_HDR_LEN {
+            return Err(OffloadError::ShortHeader);
+        }
+        let u = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Ok(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
+    }
+
+    pub fn encode(&self, b: &mut [u8]) {
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+    }
+}
+
+/// Completes a CHECKSUM_PARTIAL packet (`F_NEEDS_CSUM`, no GSO): the field
+/// at `csum_start + csum_offset` holds the pseudo-header sum; add the rest.
+pub fn complete_checksum(pkt: &mut [u8], hdr: &VnetHdr) -> Result<(), OffloadError> {
+    let start = hdr.csum_start as usize;
+    let at = start + hdr.csum_offset as usize;
+    if at + 2 > pkt.len() {
+        return Err(OffloadError::BadPacket);
+    }
+    let initial = u16::from_be_bytes([pkt[at], pkt[at + 1]]) as u64;
+    pkt[at] = 0;
+    pkt[at + 1] = 0;
+    let ck = !fold(sum(&pkt[start..], initial));
+    pkt[at..at + 2].copy_from_slice(&ck.to_be_bytes());
+    Ok(())
+}
+
+/// How a super-packet was laid out by [`gso_split`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// Number of packets.
+    pub count: usize,
+    /// Length of every packet but the last (the UDP GSO segment size).
+    pub seg_len: usize,
+    /// Bytes written.
+    pub total: usize,
+}
+
+/// Splits an IPv4 TCP (TSO) or UDP (USO) super-packet, as read from the
+/// TUN after its vnet header, into packets of `hdr_len + gso_size` bytes
+/// written back to back into `out`: IP total length, id and header
+/// checksum, TCP sequence numbers and flags (FIN/PSH only on the last),
+/// UDP lengths, and each packet's transport checksum are set.
+pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, OffloadError> {
+    let bad = OffloadError::BadPacket;
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        return Err(bad);
+    }
+    let iph = ((pkt[0] & 0x0f) as usize) * 4;
+    let proto = pkt[9];
+    let tcp = match hdr.gso_type & !GSO_ECN {
+        GSO_TCPV4 if proto == PROTO_TCP => true,
+        GSO_UDP_L4 if proto == PROTO_UDP => false,
+        t => return Err(OffloadError::GsoType(t)),
+    };
+    if iph < 20 || hdr.csum_start as usize != iph {
+        return Err(bad);
+    }
+    // Do not trust hdr_len (it can cover the whole first packet on the
+    // forwarding path): derive it from the transport header.
+    let th = if tcp {
+        if pkt.len() < iph + 20 {
+            return Err(bad);
+        }
+        let l = ((pkt[iph + 12] >> 4) as usize) * 4;
+        if !(20..=60).contains(&l) {
+            return Err(bad);
+        }
+        l
+    } else {
+        8
+    };
+    let hlen = iph + th;
+    let gso = hdr.gso_size as usize;
+    if gso == 0 || pkt.len() < hlen {
+        return Err(bad);
+    }
+    let payload = pkt.len() - hlen;
+    let count = payload.div_ceil(gso).max(1);
+    let seg_len = hlen + gso;
+    let total = payload + count * hlen;
+    if out.len() < total {
+        return Err(OffloadError::NoRoom);
+    }
+    let id = u16::from_be_bytes([pkt[4], pkt[5]]);
+    let seq = u32::from_be_bytes([pkt[iph + 4], pkt[iph + 5], pkt[iph + 6], pkt[iph + 7]]);
+    let (src, dst) = (&pkt[12..16], &pkt[16..20]);
+    let csum_at = if tcp { 16 } else { 6 };
+    for k in 0..count {
+        let data = &pkt[hlen + k * gso..(hlen + (k + 1) * gso).min(pkt.len())];
+        let len = hlen + data.len();
+        let o = &mut out[k * seg_len..k * seg_len + len];
+        o[..hlen].copy_from_slice(&pkt[..hlen]);
+        o[hlen..].copy_from_slice(data);
+        // IPv4 header.
+        o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        o[4..6].copy_from_slice(&id.wrapping_add(k as u16).to_be_bytes());
+        o[10] = 0;
+        o[11] = 0;
+        let ck = !fold(sum(&o[..iph], 0));
+        o[10..12].copy_from_slice(&ck.to_be_bytes());
+        // Transport header.
+        let t = &mut o[iph..];
+        if tcp {
+            t[4..8].copy_from_slice(&seq.wrapping_add((k * gso) as u32).to_be_bytes());
+            if k + 1 != count {
+                t[13] &= !(TCP_FIN | TCP_PSH);
+            }
+            if k != 0 {
+                t[13] &= !0x80; // CWR only on the first segment
+            }
+        } else {
+            t[4..6].copy_from_slice(&((th + data.len()) as u16).to_be_bytes());
+        }
+        t[csum_at] = 0;
+        t[csum_at + 1] = 0;
+        let ck = !fold(sum(t, pseudo_header_sum(src, dst, proto, t.len() as u16)));
+        // UDP: a computed 0 is sent as 0xffff (0 means "no checksum").
+        let ck = if !tcp && ck == 0 { 0xffff } else { ck };
+        t[csum_at..csum_at + 2].copy_from_slice(&ck.to_be_bytes());
+    }
+    let seg_len = if count == 1 { total } else { seg_len };
+    Ok(Split {
+        count,
+        seg_len,
+        total,
+    })
+}
+
+/// Facts about a TCP segment that GRO compares, or `None` if the packet may
+/// not be coalesced (not IPv4/TCP, options, fragments, flags other than
+/// ACK/PSH, no payload, or a bad checksum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSeg {
+    pub hlen: usize,
+    pub payload: usize,
+    pub seq: u32,
+    pub psh: bool,
+}
+
+pub fn tcp_segment(p: &[u8]) -> Option<TcpSeg> {
+    if p.len() < 40 || p[0] != 0x45 || p[9] != PROTO_TCP {
+        return None;
+    }
+    // No fragments (MF or offset).
+    if u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let th = ((p[20 + 12] >> 4) as usize) * 4;
+    if th < 20 || p.len() <= 20 + th {
+        return None;
+    }
+    let flags = p[20 + 13];
+    if flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_URG | 0xc0) != 0 || flags & TCP_ACK == 0 {
+        return None;
+    }
+    // The data will be handed to the kernel as CHECKSUM_PARTIAL, so check
+    // it here (wireguard-go does the same).
+    let t = &p[20..];
+    if fold(sum(
+        t,
+        pseudo_header_sum(&p[12..16], &p[16..20], PROTO_TCP, t.len() as u16),
+    )) != 0xffff
+    {
+        return None;
+    }
+    Some(TcpSeg {
+        hlen: 20 + th,
+        payload: p.len() - 20 - th,
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        psh: flags & TCP_PSH != 0,
+    })
+}
+
+/// Whether `b` continues the flow of `a` for GRO: same addresses, ports,
+/// ToS, DF, TTL, ack, header length, options, window and flags except PSH.
+fn same_flow(a: &[u8], b: &[u8], hlen: usize) -> bool {
+    a[1] == b[1]
+        && a[6] >> 5 == b[6] >> 5
+        && a[8] == b[8]
+        && a[12..20] == b[12..20]
+        && a[20..24] == b[20..24] // ports
+        && a[28..33] == b[28..33] // ack, data offset
+        && (a[33] & !TCP_PSH) == (b[33] & !TCP_PSH)
+        && a[34..36] == b[34..36] // window
+        && a[40..hlen] == b[40..hlen] // options
+}
+
+/// Length of the run of packets starting at `pkts[0]` that can be coalesced
+/// into one super-packet (1 when it cannot be coalesced with anything).
+/// `pkts` yields each packet's bytes.
+pub fn coalesce_run<'a>(pkts: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    let mut it = pkts.into_iter();
+    let Some(first) = it.next() else { return 0 };
+    let Some(f) = tcp_segment(first) else {
+        return 1;
+    };
+    if f.psh {
+        return 1;
+    }
+    let gso = f.payload;
+    let mut n = 1;
+    let mut total = first.len();
+    let mut next_seq = f.seq.wrapping_add(gso as u32);
+    for p in it {
+        if n == MAX_GSO_SEGMENTS || p.len() < f.hlen || !same_flow(first, p, f.hlen) {
+            break;
+        }
+        let Some(s) = tcp_segment(p) else { break };
+        if s.seq != next_seq || s.payload > gso || total + s.payload > MAX_PACKET {
+            break;
+        }
+        n += 1;
+        total += s.payload;
+        next_seq = next_seq.wrapping_add(s.payload as u32);
+        // A short segment or PSH ends a run.
+        if s.payload < gso || s.psh {
+            break;
+        }
+    }
+    n
+}
+
+/// Builds the super-packet of a run found by [`coalesce_run`] into `out`,
+/// vnet header first (GSO_TCPV4, NEEDS_CSUM with the pseudo-header sum in
+/// the TCP checksum field). Returns the bytes written.
+pub fn coalesce<'a>(run: &[&'a [u8]], out: &mut [u8]) -> Result<usize, OffloadError> {
+    let first = run.first().ok_or(OffloadError::BadPacket)?;
+    let seg = tcp_segment(first).ok_or(OffloadError::BadPacket)?;
+    let h = seg.hlen;
+    let len = h + run.iter().map(|p| p.len() - h).sum::<usize>();
+    if len > MAX_PACKET || out.len() < VNET_HDR_LEN + len {
+        return Err(OffloadError::NoRoom);
+    }
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: h as u16,
+        gso_size: seg.payload as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    }
+    .encode(out);
+    let o = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + len];
+    o[..h].copy_from_slice(&first[..h]);
+    let mut at = h;
+    for p in run {
+        let d = &p[h..];
+        o[at..at + d.len()].copy_from_slice(d);
+        at += d.len();
+    }
+    if run.last().is_some_and(|p| p[33] & TCP_PSH != 0) {
+        o[33] |= TCP_PSH;
+    }
+    o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    o[10] = 0;
+    o[11] = 0;
+    let ck = !fold(sum(&o[..20], 0));
+    o[10..12].copy_from_slice(&ck.to_be_bytes());
+    let ps = fold(pseudo_header_sum(
+        &o[12..16],
+        &o[16..20],
+        PROTO_TCP,
+        (len - 20) as u16,
+    ));
+    o[36..38].copy_from_slice(&ps.to_be_bytes());
+    Ok(VNET_HDR_LEN + len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::checksum;
+
+    /// An IPv4/TCP super-packet as the kernel hands it over with TSO: full
+    /// total length, TCP checksum field = pseudo-header sum.
+    fn tso_packet(payload: &[u8], seq: u32, opts: usize, flags: u8) -> Vec<u8> {
+        let th = 20 + opts;
+        let len = 20 + th + payload.len();
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&0xfff0u16.to_be_bytes());
+        p[6] = 0x40;
+        p[8] = 64;
+        p[9] = PROTO_TCP;
+        p[12..16].copy_from_slice(&[10, 5, 1, 0]);
+        p[16..20].copy_from_slice(&[10, 5, 2, 0]);
+        let ck = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&ck.to_be_bytes());
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&77u32.to_be_bytes());
+        p[32] = ((th / 4) as u8) << 4;
+        p[33] = flags;
+        p[34..36].copy_from_slice(&512u16.to_be_bytes());
+        for (i, b) in p[40..40 + opts].iter_mut().enumerate() {
+            *b = if i < 2 { 1 } else { i as u8 }; // NOPs, then junk
+        }
+        p[20 + th..].copy_from_slice(payload);
+        let ps = fold(pseudo_header_sum(
+            &p[12..16],
+            &p[16..20],
+            PROTO_TCP,
+            (len - 20) as u16,
+        ));
+        p[36..38].copy_from_slice(&ps.to_be_bytes());
+        p
+    }
+
+    fn tso_hdr(p: &[u8], gso: u16) -> VnetHdr {
+        let th = ((p[32] >> 4) as u16) * 4;
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 20 + th,
+            gso_size: gso,
+            csum_start: 20,
+            csum_offset: 16,
+        }
+    }
+
+    fn segments(out: &[u8], s: Split) -> Vec<&[u8]> {
+        (0..s.count)
+            .map(|k| &out[k * s.seg_len..((k + 1) * s.seg_len).min(s.total)])
+            .collect()
+    }
+
+    #[test]
+    fn vnet_header_round_trip() {
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: 1,
+            hdr_len: 52,
+            gso_size: 1420,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut b = [0u8; 10];
+        h.encode(&mut b);
+        assert_eq!(VnetHdr::decode(&b).unwrap(), h);
+        assert_eq!(VnetHdr::decode(&b[..9]), Err(OffloadError::ShortHeader));
+    }
+
+    #[test]
+    fn split_makes_valid_mtu_sized_packets() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let p = tso_packet(&payload, 1000, 12, TCP_ACK | TCP_PSH);
+        let mut out = vec![0u8; 20_000];
+        let s = gso_split(&p, &tso_hdr(&p, 1408), &mut out).unwrap();
+        assert_eq!(s.count, 8);
+        assert_eq!(s.seg_len, 52 + 1408);
+        let segs = segments(&out, s);
+        let mut data = Vec::new();
+        for (k, seg) in segs.iter().enumerate() {
+            let v = crate::wire::Ipv4Packet::new_checked(*seg).expect("valid IPv4");
+            assert!(v.header_checksum_ok());
+            assert!(seg.len() <= 1460);
+            assert_eq!(
+                u16::from_be_bytes([seg[4], seg[5]]),
+                0xfff0u16.wrapping_add(k as u16)
+            );
+            let t = &seg[20..];
+            assert_eq!(
+                fold(sum(
+                    t,
+                    pseudo_header_sum(&seg[12..16], &seg[16..20], 6, t.len() as u16)
+                )),
+                0xffff,
+                "TCP checksum of segment {k}"
+            );
+            assert_eq!(
+                u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+                1000 + (k as u32) * 1408
+            );
+            assert_eq!(t[13] & TCP_PSH != 0, k == 7, "PSH only on the last");
+            data.extend_from_slice(&t[32..]);
+        }
+        assert_eq!(data, payload);
+    }
+
+    #[test]
+    fn split_rejects_inconsistent_headers() {
+        let p = tso_packet(&[1; 3000], 1, 0, TCP_ACK);
+        let mut out = vec![0u8; 8000];
+        let mut h = tso_hdr(&p, 1000);
+        h.gso_size = 0;
+        assert!(gso_split(&p, &h, &mut out).is_err());
+        let mut h = tso_hdr(&p, 1000);
+        h.csum_start = 24;
+        assert!(gso_split(&p, &h, &mut out).is_err());
+        let mut h = tso_hdr(&p, 1000);
+        h.gso_type = GSO_TCPV6;
+        assert_eq!(
+            gso_split(&p, &h, &mut out),
+            Err(OffloadError::GsoType(GSO_TCPV6))
+        );
+        assert_eq!(
+            gso_split(&p, &tso_hdr(&p, 1000), &mut out[..100]),
+            Err(OffloadError::NoRoom)
+        );
+        assert!(gso_split(&p[..30], &tso_hdr(&p, 1000), &mut out).is_err());
+    }
+
+    #[test]
+    fn complete_checksum_fills_in_partial() {
+        let p0 = tso_packet(&[9; 100], 5, 0, TCP_ACK);
+        let mut p = p0.clone();
+        complete_checksum(&mut p, &tso_hdr(&p0, 0)).unwrap();
+        let t = &p[20..];
+        assert_eq!(
+            fold(sum(
+                t,
+                pseudo_header_sum(&p[12..16], &p[16..20], 6, t.len() as u16)
+            )),
+            0xffff
+        );
+    }
+
+    #[test]
+    fn coalesce_stops_at_gaps_other_flows_and_flags() {
+        let payload = vec![3u8; 4000];
+        let p = tso_packet(&payload, 0, 12, TCP_ACK);
+        let mut out = vec![0u8; 8000];
+        let s = gso_split(&p, &tso_hdr(&p, 1000), &mut out).unwrap();
+        let segs = segments(&out, s);
+        assert_eq!(coalesce_run(segs.iter().copied()), 4);
+        // A gap in sequence numbers ends the run.
+        assert_eq!(coalesce_run([segs[0], segs[2]]), 1);
+        // A different flow ends the run.
+        let mut other = segs[1].to_vec();
+        other[22] ^= 1; // dst port
+        assert_eq!(coalesce_run([segs[0], &other[..]]), 1);
+        // A bad checksum is never coalesced.
+        let mut bad = segs[1].to_vec();
+        bad[60] ^= 0xff;
+        assert_eq!(coalesce_run([segs[0], &bad[..]]), 1);
+        // SYN is never coalesced; PSH on the first ends it.
+        let syn = tso_packet(&[1; 10], 0, 0, TCP_SYN | TCP_ACK);
+        assert_eq!(coalesce_run([&syn[..], &syn[..]]), 1);
+        let psh = tso_packet(&[1; 10], 0, 0, TCP_PSH | TCP_ACK);
+        assert_eq!(coalesce_run([&psh[..], segs[0]]), 1);
+        assert_eq!(coalesce_run(std::iter::empty()), 0);
+    }
+
+    proptest::proptest! {
+        /// Splitting a super-packet and coalescing the segments gives back
+        /// the original packet: same headers (but the IP id), same bytes.
+        #[test]
+        fn split_then_coalesce_is_identity(
+            len in 1usize..20_000,
+            gso in 200u16..1500,
+            opts in proptest::sample::select(vec![0usize, 12, 40]),
+            seq in proptest::prelude::any::<u32>(),
+            psh in proptest::prelude::any::<bool>(),
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+            let flags = TCP_ACK | if psh { TCP_PSH } else { 0 };
+            let p = tso_packet(&payload, seq, opts, flags);
+            proptest::prop_assume!(p.len() <= MAX_PACKET);
+            let hdr = tso_hdr(&p, gso);
+            let mut out = vec![0u8; 40_000];
+            let s = gso_split(&p, &hdr, &mut out).unwrap();
+            let segs = segments(&out, s);
+            let mut at = 0;
+            let mut rebuilt = Vec::new();
+            let mut first_hdr = None;
+            while at < segs.len() {
+                let n = coalesce_run(segs[at..].iter().copied());
+                proptest::prop_assert!(n >= 1);
+                if n == 1 {
+                    rebuilt.extend_from_slice(&segs[at][20 + 20 + opts..]);
+                } else {
+                    let mut sp = vec![0u8; 70_000];
+                    let w = coalesce(&segs[at..at + n], &mut sp).unwrap();
+                    let h = VnetHdr::decode(&sp).unwrap();
+                    proptest::prop_assert_eq!(h.gso_type, GSO_TCPV4);
+                    let sp = &sp[VNET_HDR_LEN..w];
+                    proptest::prop_assert!(crate::wire::Ipv4Packet::new_checked(sp).unwrap().header_checksum_ok());
+                    first_hdr.get_or_insert(sp[..40 + opts].to_vec());
+                    rebuilt.extend_from_slice(&sp[40 + opts..]);
+                }
+                at += n;
+            }
+            proptest::prop_assert_eq!(&rebuilt, &payload);
+            // Everything coalesces back into one packet when it fits.
+            if segs.len() <= MAX_GSO_SEGMENTS {
+                let n = coalesce_run(segs.iter().copied());
+                proptest::prop_assert_eq!(n, segs.len());
+                if n > 1 {
+                    let mut sp = vec![0u8; 70_000];
+                    let w = coalesce(&segs, &mut sp).unwrap();
+                    let sp = &sp[VNET_HDR_LEN..w];
+                    proptest::prop_assert_eq!(sp.len(), p.len());
+                    // Identical to the original but for the checksum fields.
+                    proptest::prop_assert_eq!(&sp[..10], &p[..10]);
+                    proptest::prop_assert_eq!(&sp[12..36], &p[12..36]);
+                    proptest::prop_assert_eq!(&sp[38..], &p[38..]);
+                    proptest::prop_assert_eq!(&sp[36..38], &p[36..38], "pseudo-header sum");
+                }
+            }
+            let _ = first_hdr;
+        }
+    }
+}

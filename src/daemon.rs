@@ -3,7 +3,7 @@
 //! sequencing (acquire → TUN → subnet.env → data path → watch + renew).
 
 use crate::config::NetworkConfig;
-use crate::datapath::{self, tun::Tun, Datapath, Shared};
+use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::{self, Acquire, PeerChange, PeerSet};
 use crate::netlink::{self, Netlink};
@@ -34,6 +34,8 @@ pub struct Options {
     pub lease_ttl: Duration,
     pub ip_masq: bool,
     pub tun_name: String,
+    pub workers: usize,
+    pub offload: OffloadMode,
 }
 
 /// Exponential backoff, 100 ms doubling to a cap (flannel's watch backoff).
@@ -192,24 +194,23 @@ impl Peers {
     }
 }
 
-/// Creates and configures the TUN as flannel's udp backend does.
-fn setup_tun(
-    pattern: &str,
+/// Configures the TUN as flannel's udp backend does: the subnet's /32,
+/// the MTU, up, and a route for the whole Network through it.
+fn configure_tun(
+    name: &str,
     subnet: Ipv4Network,
     network: Ipv4Network,
     mtu: u32,
-) -> anyhow::Result<Tun> {
-    let tun = Tun::create(pattern)?;
-    let index =
-        netlink::if_index(tun.name()).with_context(|| format!("looking up {}", tun.name()))?;
+) -> anyhow::Result<()> {
+    let index = netlink::if_index(name).with_context(|| format!("looking up {name}"))?;
     let mut nl = Netlink::open().context("opening rtnetlink")?;
     nl.add_address(index, subnet.network(), 32)
-        .with_context(|| format!("adding {}/32 to {}", subnet.network(), tun.name()))?;
+        .with_context(|| format!("adding {}/32 to {name}", subnet.network()))?;
     nl.set_mtu_up(index, mtu)
-        .with_context(|| format!("setting {} mtu {mtu} up", tun.name()))?;
+        .with_context(|| format!("setting {name} mtu {mtu} up"))?;
     nl.add_route(network.network(), network.prefix(), index)
-        .with_context(|| format!("adding route {network} dev {}", tun.name()))?;
-    Ok(tun)
+        .with_context(|| format!("adding route {network} dev {name}"))?;
+    Ok(())
 }
 
 /// Runs flanneld until `shutdown` resolves.
@@ -241,9 +242,15 @@ pub async fn run<S: LeaseStore>(
         .mtu
         .checked_sub(ENCAP_OVERHEAD)
         .context("external MTU too small")?;
-    let tun = setup_tun(&opts.tun_name, own, cfg.network, mtu)?;
-    tracing::info!(tun = tun.name(), address = %own.network(), mtu, "TUN ready");
-    let socket = datapath::bind_udp(SocketAddrV4::new(ext.addr, cfg.port))?;
+    let bind = SocketAddrV4::new(ext.addr, cfg.port);
+    let devices = datapath::open(&opts.tun_name, opts.workers, opts.offload, bind)?;
+    configure_tun(&devices.tun_name, own, cfg.network, mtu)?;
+    let c = devices.caps;
+    tracing::info!(
+        tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
+        tun_tso = c.tun_offload, tun_uso = c.tun_uso, udp_gso = c.udp_gso, udp_gro = c.udp_gro,
+        "TUN ready"
+    );
 
     SubnetEnv {
         network: cfg.network,
@@ -264,13 +271,14 @@ pub async fn run<S: LeaseStore>(
     peers.resync(&raw);
 
     let counters = Arc::new(Counters::default());
-    let dp = Datapath::start(Shared {
-        tun: Arc::new(tun),
-        socket: Arc::new(socket),
-        routes,
-        counters: counters.clone(),
-        icmp_src: cfg.network.network(),
-    })?;
+    let dp = Datapath::start(
+        devices,
+        Shared {
+            routes,
+            counters: counters.clone(),
+            icmp_src: cfg.network.network(),
+        },
+    )?;
 
     let value = LeaseAttrs::udp(public_ip).to_json();
     let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await);

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use flannel::daemon::{self, Options};
+use flannel::datapath::OffloadMode;
 use flannel::registry::{EtcdOptions, EtcdStore};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -89,6 +90,16 @@ struct Cli {
     #[arg(long, env = "FLANNELD_TUN_NAME", default_value = "flannel%d")]
     tun_name: String,
 
+    /// Data-path workers: TUN queues (IFF_MULTI_QUEUE) and SO_REUSEPORT sockets,
+    /// one thread per direction each. Default: the number of CPUs.
+    #[arg(long, env = "FLANNELD_WORKERS", value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers: Option<u64>,
+
+    /// Kernel offloads: TUN TSO/GRO with virtio headers, UDP GSO/GRO. `auto` uses
+    /// what the kernel supports (logged at start); `off` moves one packet at a time.
+    #[arg(long, env = "FLANNELD_OFFLOAD", value_enum, default_value = "auto")]
+    offload: OffloadMode,
+
     /// Lease TTL in seconds (flannel: 24 h). For tests of renewal.
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value_t = 86400, hide = true,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -158,6 +169,12 @@ fn main() -> ExitCode {
         lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
         ip_masq: cli.ip_masq,
         tun_name: cli.tun_name,
+        workers: cli.workers.map(|w| w as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        offload: cli.offload,
     };
     let result = rt.block_on(async {
         let store = EtcdStore::connect(&etcd).await?;

@@ -293,11 +293,17 @@ pub fn coalesce_run<'a>(pkts: impl IntoIterator<Item = &'a [u8]>) -> usize {
 /// Builds the super-packet of a run found by [`coalesce_run`] into `out`,
 /// vnet header first (GSO_TCPV4, NEEDS_CSUM with the pseudo-header sum in
 /// the TCP checksum field). Returns the bytes written.
-pub fn coalesce<'a>(run: &[&'a [u8]], out: &mut [u8]) -> Result<usize, OffloadError> {
-    let first = run.first().ok_or(OffloadError::BadPacket)?;
+pub fn coalesce<'a, I>(run: I, out: &mut [u8]) -> Result<usize, OffloadError>
+where
+    I: Iterator<Item = &'a [u8]> + Clone,
+{
+    let first = run.clone().next().ok_or(OffloadError::BadPacket)?;
     let seg = tcp_segment(first).ok_or(OffloadError::BadPacket)?;
     let h = seg.hlen;
-    let len = h + run.iter().map(|p| p.len() - h).sum::<usize>();
+    if run.clone().any(|p| p.len() < h) {
+        return Err(OffloadError::BadPacket);
+    }
+    let len = h + run.clone().map(|p| p.len() - h).sum::<usize>();
     if len > MAX_PACKET || out.len() < VNET_HDR_LEN + len {
         return Err(OffloadError::NoRoom);
     }
@@ -313,12 +319,14 @@ pub fn coalesce<'a>(run: &[&'a [u8]], out: &mut [u8]) -> Result<usize, OffloadEr
     let o = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + len];
     o[..h].copy_from_slice(&first[..h]);
     let mut at = h;
+    let mut last_psh = false;
     for p in run {
+        last_psh = p[33] & TCP_PSH != 0;
         let d = &p[h..];
         o[at..at + d.len()].copy_from_slice(d);
         at += d.len();
     }
-    if run.last().is_some_and(|p| p[33] & TCP_PSH != 0) {
+    if last_psh {
         o[33] |= TCP_PSH;
     }
     o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
@@ -542,7 +550,7 @@ mod tests {
                     rebuilt.extend_from_slice(&segs[at][20 + 20 + opts..]);
                 } else {
                     let mut sp = vec![0u8; 70_000];
-                    let w = coalesce(&segs[at..at + n], &mut sp).unwrap();
+                    let w = coalesce(segs[at..at + n].iter().copied(), &mut sp).unwrap();
                     let h = VnetHdr::decode(&sp).unwrap();
                     proptest::prop_assert_eq!(h.gso_type, GSO_TCPV4);
                     let sp = &sp[VNET_HDR_LEN..w];
@@ -559,7 +567,7 @@ mod tests {
                 proptest::prop_assert_eq!(n, segs.len());
                 if n > 1 {
                     let mut sp = vec![0u8; 70_000];
-                    let w = coalesce(&segs, &mut sp).unwrap();
+                    let w = coalesce(segs.iter().copied(), &mut sp).unwrap();
                     let sp = &sp[VNET_HDR_LEN..w];
                     proptest::prop_assert_eq!(sp.len(), p.len());
                     // Identical to the original but for the checksum fields.

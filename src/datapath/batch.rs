@@ -1,55 +1,88 @@
-//! Batched UDP I/O: `recvmmsg`/`sendmmsg` over buffers allocated once per
-//! worker. Nothing here allocates per packet.
+//! Batched UDP I/O: `recvmmsg`/`sendmmsg`, with UDP GSO (`UDP_SEGMENT`) on
+//! send and UDP GRO on receive, over buffers allocated once per worker.
+//! Nothing here allocates per packet or per batch.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 
-/// Packets per batch.
+/// Packets per batch without offloads.
 pub const BATCH: usize = 64;
-/// Bytes per packet slot: the largest IPv4 packet. Untouched pages of a
-/// slot are never faulted in, so resident memory follows the real sizes.
-pub const SLOT: usize = 65536;
+/// Super-packets (up to 64 KB each) per batch with offloads.
+pub const OFFLOAD_BATCH: usize = 16;
+/// Bytes per slot: the largest IPv4 packet plus a vnet header. Untouched
+/// pages of a slot are never faulted in, so resident memory follows the
+/// real packet sizes.
+pub const SLOT: usize = 65536 + 64;
+/// Bytes per slot holding a split super-packet: 64 KB of payload plus up to
+/// 64 repeated IPv4+TCP headers.
+pub const SPLIT_SLOT: usize = 65536 + 64 * 120;
 
-/// `BATCH` packet buffers in one allocation, with their lengths and the
-/// peer address of each.
+pub const SOL_UDP: libc::c_int = 17;
+pub const UDP_SEGMENT: libc::c_int = 103;
+pub const UDP_GRO: libc::c_int = 104;
+
+/// `count` packet buffers in one allocation, with per-slot length, peer
+/// address and (on receive) the GRO segment size.
 pub struct Slots {
     buf: Vec<u8>,
-    pub len: [usize; BATCH],
-    pub addr: [SocketAddrV4; BATCH],
-}
-
-impl Default for Slots {
-    fn default() -> Self {
-        Self::new()
-    }
+    size: usize,
+    pub len: Vec<usize>,
+    pub addr: Vec<SocketAddrV4>,
+    /// Segment size of a GRO-coalesced receive (0: one datagram).
+    pub gso: Vec<usize>,
 }
 
 impl Slots {
-    pub fn new() -> Self {
+    pub fn new(count: usize, size: usize) -> Self {
         Slots {
-            buf: vec![0u8; BATCH * SLOT],
-            len: [0; BATCH],
-            addr: [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); BATCH],
+            buf: vec![0u8; count * size],
+            size,
+            len: vec![0; count],
+            addr: vec![SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); count],
+            gso: vec![0; count],
         }
+    }
+
+    pub fn count(&self) -> usize {
+        self.len.len()
+    }
+
+    /// Offset of slot `i` in [`Slots::bytes`].
+    #[inline]
+    pub fn start(&self, i: usize) -> usize {
+        i * self.size
     }
 
     /// The whole slot `i`, for reading into.
     #[inline]
     pub fn slot_mut(&mut self, i: usize) -> &mut [u8] {
-        &mut self.buf[i * SLOT..(i + 1) * SLOT]
+        let s = i * self.size;
+        &mut self.buf[s..s + self.size]
     }
 
     /// The packet in slot `i`.
     #[inline]
     pub fn packet(&self, i: usize) -> &[u8] {
-        &self.buf[i * SLOT..i * SLOT + self.len[i]]
+        let s = i * self.size;
+        &self.buf[s..s + self.len[i]]
     }
 
     #[inline]
     pub fn packet_mut(&mut self, i: usize) -> &mut [u8] {
-        let len = self.len[i];
-        &mut self.buf[i * SLOT..i * SLOT + len]
+        let s = i * self.size;
+        &mut self.buf[s..s + self.len[i]]
+    }
+
+    /// All slots as one buffer (ranges from [`Slots::start`]).
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    #[inline]
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
     }
 }
 
@@ -71,36 +104,55 @@ fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
     )
 }
 
+/// Room for one cmsg carrying an int (CMSG_SPACE(4) is 16 on 64-bit).
+const CTRL: usize = 32;
+
+#[derive(Clone, Copy)]
+struct Queued {
+    start: usize,
+    len: usize,
+    addr: SocketAddrV4,
+    /// UDP GSO segment size; 0 sends `len` bytes as one datagram.
+    gso: u16,
+}
+
 /// The kernel-facing message headers of one batch. Pointers into `Slots`
 /// are set right before each syscall, so the structs never dangle.
 pub struct Mmsg {
-    hdrs: [libc::mmsghdr; BATCH],
-    iovs: [libc::iovec; BATCH],
-    names: [libc::sockaddr_in; BATCH],
-    /// Slot index of each queued outgoing message.
-    queue: [u8; BATCH],
-    queued: usize,
+    hdrs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    names: Vec<libc::sockaddr_in>,
+    ctrl: Vec<[u8; CTRL]>,
+    queue: Vec<Queued>,
 }
 
 // SAFETY: the raw pointers inside are only meaningful during a syscall made
 // by the owning thread; they are rewritten before every use.
 unsafe impl Send for Mmsg {}
 
-impl Default for Mmsg {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Mmsg {
-    pub fn new() -> Self {
-        // SAFETY: these are plain C structs; all-zero is a valid value.
-        unsafe { std::mem::zeroed() }
+    /// Room for `cap` messages per call.
+    pub fn new(cap: usize) -> Self {
+        // SAFETY: plain C structs; all-zero is a valid value.
+        let zero_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        let zero_iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        Mmsg {
+            hdrs: vec![zero_hdr; cap],
+            iovs: vec![zero_iov; cap],
+            names: vec![to_sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); cap],
+            ctrl: vec![[0u8; CTRL]; cap],
+            queue: Vec::with_capacity(cap),
+        }
     }
 
-    /// Receives up to `BATCH` datagrams without blocking; returns how many.
+    /// Receives up to one datagram (or GRO train) per slot without
+    /// blocking; returns how many slots were filled.
     pub fn recv(&mut self, fd: RawFd, slots: &mut Slots) -> io::Result<usize> {
-        for i in 0..BATCH {
+        let n = slots.count().min(self.hdrs.len());
+        for i in 0..n {
             let s = slots.slot_mut(i);
             self.iovs[i] = libc::iovec {
                 iov_base: s.as_mut_ptr().cast(),
@@ -111,27 +163,28 @@ impl Mmsg {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            h.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_controllen = CTRL;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
-        // SAFETY: hdrs[..BATCH] point at valid buffers owned by self/slots.
-        let n = unsafe {
+        // SAFETY: hdrs[..n] point at live buffers owned by self and slots.
+        let got = unsafe {
             libc::recvmmsg(
                 fd,
                 self.hdrs.as_mut_ptr(),
-                BATCH as u32,
+                n as u32,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
-        if n < 0 {
+        if got < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = n as usize;
-        for i in 0..n {
-            let truncated = self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        let got = got as usize;
+        for i in 0..got {
+            let h = &self.hdrs[i].msg_hdr;
+            let truncated = h.msg_flags & libc::MSG_TRUNC != 0;
             // A truncated datagram fails the length check downstream.
             slots.len[i] = if truncated {
                 0
@@ -139,35 +192,45 @@ impl Mmsg {
                 self.hdrs[i].msg_len as usize
             };
             slots.addr[i] = from_sockaddr(&self.names[i]);
+            slots.gso[i] = gro_size(h);
         }
-        Ok(n)
+        Ok(got)
     }
 
-    /// Forgets queued messages.
     pub fn clear(&mut self) {
-        self.queued = 0;
+        self.queue.clear();
     }
 
     pub fn queued(&self) -> usize {
-        self.queued
+        self.queue.len()
     }
 
-    /// Queues slot `i` to be sent to `slots.addr[i]`.
+    pub fn is_full(&self) -> bool {
+        self.queue.len() == self.hdrs.len()
+    }
+
+    /// Queues `len` bytes at `start` of the slots buffer for `addr`, split
+    /// by the kernel into datagrams of `gso` bytes when `gso` is non-zero.
     #[inline]
-    pub fn queue(&mut self, i: usize) {
-        self.queue[self.queued] = i as u8;
-        self.queued += 1;
+    pub fn queue(&mut self, start: usize, len: usize, addr: SocketAddrV4, gso: u16) {
+        debug_assert!(!self.is_full());
+        self.queue.push(Queued {
+            start,
+            len,
+            addr,
+            gso,
+        });
     }
 
     /// Sends every queued message with as few `sendmmsg` calls as the
-    /// kernel allows. Returns (sent, failed); a message the kernel refuses
-    /// is skipped and counted, the rest still go out.
+    /// kernel allows. Returns (datagrams sent, datagrams failed); a message
+    /// the kernel refuses is skipped and counted, the rest still go out.
     pub fn send(&mut self, fd: RawFd, slots: &mut Slots) -> (usize, usize) {
-        let total = self.queued;
-        for k in 0..total {
-            let i = self.queue[k] as usize;
-            self.names[k] = to_sockaddr(slots.addr[i]);
-            let p = slots.packet_mut(i);
+        let total = self.queue.len();
+        let buf = slots.bytes_mut();
+        for (k, q) in self.queue.iter().enumerate() {
+            self.names[k] = to_sockaddr(q.addr);
+            let p = &mut buf[q.start..q.start + q.len];
             self.iovs[k] = libc::iovec {
                 iov_base: p.as_mut_ptr().cast(),
                 iov_len: p.len(),
@@ -177,18 +240,34 @@ impl Mmsg {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
             h.msg_iov = &mut self.iovs[k];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
             h.msg_flags = 0;
+            if q.gso != 0 {
+                h.msg_control = self.ctrl[k].as_mut_ptr().cast();
+                h.msg_controllen = put_cmsg_u16(&mut self.ctrl[k], SOL_UDP, UDP_SEGMENT, q.gso);
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
         }
-        let (mut sent, mut failed) = (0usize, 0usize);
-        while sent + failed < total {
-            let at = sent + failed;
-            // SAFETY: hdrs[at..total] were filled above and point at live buffers.
-            let n =
-                unsafe { libc::sendmmsg(fd, self.hdrs[at..].as_mut_ptr(), (total - at) as u32, 0) };
+        let datagrams = |q: &Queued| {
+            if q.gso == 0 {
+                1
+            } else {
+                q.len.div_ceil(q.gso as usize)
+            }
+        };
+        let (mut done, mut sent, mut failed) = (0usize, 0usize, 0usize);
+        while done < total {
+            // SAFETY: hdrs[done..total] were filled above and point at live buffers.
+            let n = unsafe {
+                libc::sendmmsg(fd, self.hdrs[done..].as_mut_ptr(), (total - done) as u32, 0)
+            };
             if n > 0 {
-                sent += n as usize;
+                sent += self.queue[done..done + n as usize]
+                    .iter()
+                    .map(datagrams)
+                    .sum::<usize>();
+                done += n as usize;
                 continue;
             }
             let e = io::Error::last_os_error();
@@ -204,14 +283,71 @@ impl Mmsg {
                     // SAFETY: one valid pollfd.
                     unsafe { libc::poll(&mut pfd, 1, 100) };
                     if pfd.revents & libc::POLLOUT == 0 {
-                        failed = total - sent;
+                        failed += self.queue[done..].iter().map(datagrams).sum::<usize>();
+                        break;
                     }
                 }
                 // This message cannot be sent (e.g. unreachable peer): skip it.
-                _ => failed += 1,
+                _ => {
+                    failed += datagrams(&self.queue[done]);
+                    done += 1;
+                }
             }
         }
-        self.queued = 0;
+        self.queue.clear();
         (sent, failed)
+    }
+}
+
+/// Writes one cmsg with a u16 payload; returns the control length to use.
+fn put_cmsg_u16(ctrl: &mut [u8; CTRL], level: libc::c_int, ty: libc::c_int, v: u16) -> usize {
+    ctrl.fill(0);
+    // SAFETY: CMSG_LEN/CMSG_SPACE are pure arithmetic.
+    let (len, space) = unsafe { (libc::CMSG_LEN(2) as usize, libc::CMSG_SPACE(2) as usize) };
+    let hdr = libc::cmsghdr {
+        cmsg_len: len as _,
+        cmsg_level: level,
+        cmsg_type: ty,
+    };
+    // SAFETY: ctrl has room for a cmsghdr (CTRL ≥ CMSG_SPACE(2)); unaligned write.
+    unsafe { std::ptr::write_unaligned(ctrl.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
+    let at = std::mem::size_of::<libc::cmsghdr>();
+    ctrl[at..at + 2].copy_from_slice(&v.to_ne_bytes());
+    space
+}
+
+/// The UDP_GRO segment size in a received message's control data, or 0.
+fn gro_size(h: &libc::msghdr) -> usize {
+    if h.msg_control.is_null() || h.msg_controllen == 0 {
+        return 0;
+    }
+    // SAFETY: the kernel filled msg_control with msg_controllen bytes of
+    // well-formed cmsgs; the CMSG_* helpers stay within them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return v.max(0) as usize;
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    0
+}
+
+/// Sets an int socket option, for UDP_GRO and the UDP_SEGMENT probe.
+pub fn set_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a valid int of the stated size.
+    let rc = unsafe { libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), 4) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }

@@ -1,27 +1,164 @@
-//! The forwarding loops: TUN → UDP and UDP → TUN, one OS thread each, fed
-//! by batches. A [`Worker`] owns its buffers; the route table is read
-//! through a lock-free snapshot once per batch. More workers (one per TUN
-//! queue) can be added without touching the per-packet code.
+//! The forwarding loops: TUN → UDP and UDP → TUN. Each worker owns one TUN
+//! queue, one UDP socket and its buffers, and runs one OS thread per
+//! direction; workers share only the lock-free route table and counters.
+//!
+//! With offloads (`--offload auto`, when the kernel has them) the TUN hands
+//! us TCP super-packets of up to 64 KB (`IFF_VNET_HDR` + TSO), which we
+//! split into MTU-sized packets sent with one UDP GSO call; received GRO
+//! trains are split, and consecutive segments of a TCP flow are coalesced
+//! into one super-packet per TUN write. The wire is unchanged: one ordinary
+//! IPv4 packet per datagram.
 
 pub mod batch;
 pub mod tun;
 
 use crate::forward::{egress, ingress, Counters, DropReason, Egress, Ingress, Tally};
+use crate::offload::{self, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
 use crate::routes::RouteTable;
 use crate::wire::{self, Ipv4Packet};
-use batch::{Mmsg, Slots, BATCH};
+use batch::{Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT, SOL_UDP, SPLIT_SLOT, UDP_GRO, UDP_SEGMENT};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use tun::Tun;
+use tun::{Tun, TunFlags};
 
-/// Everything a worker shares with the control plane.
+/// `--offload`: use kernel offloads when available, or never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OffloadMode {
+    Auto,
+    Off,
+}
+
+/// Most UDP payload bytes one GSO send may carry (the IPv4 64 KB limit,
+/// less headers, with a margin).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// What the kernel let us turn on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    /// TUN with `IFF_VNET_HDR` and TSO: super-packets from the kernel, GRO to it.
+    pub tun_offload: bool,
+    /// UDP/USO super-packets from the TUN too.
+    pub tun_uso: bool,
+    /// `UDP_SEGMENT` sends.
+    pub udp_gso: bool,
+    /// `UDP_GRO` receives.
+    pub udp_gro: bool,
+}
+
+/// The devices of a data path, opened but not yet running.
+pub struct Devices {
+    pub tun_name: String,
+    pub caps: Caps,
+    queues: Vec<(Tun, UdpSocket)>,
+}
+
+/// Opens the TUN (with `workers` queues) and one UDP socket per queue bound
+/// to `bind` (with `SO_REUSEPORT` when there are several), turning on the
+/// offloads `mode` allows and the kernel supports.
+pub fn open(
+    pattern: &str,
+    workers: usize,
+    mode: OffloadMode,
+    bind: SocketAddrV4,
+) -> io::Result<Devices> {
+    let workers = workers.max(1);
+    let multi_queue = workers > 1;
+    let mut caps = Caps::default();
+    let first = match mode {
+        OffloadMode::Off => None,
+        OffloadMode::Auto => {
+            let t = Tun::create(
+                pattern,
+                TunFlags {
+                    vnet_hdr: true,
+                    multi_queue,
+                },
+            )?;
+            let base = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            if t.set_offload(base | libc::TUN_F_USO4 | libc::TUN_F_USO6)
+                .is_ok()
+            {
+                caps.tun_offload = true;
+                caps.tun_uso = true;
+                Some(t)
+            } else if t.set_offload(base).is_ok() {
+                caps.tun_offload = true;
+                Some(t)
+            } else {
+                None // dropped: the device goes away
+            }
+        }
+    };
+    let first = match first {
+        Some(t) => t,
+        None => Tun::create(
+            pattern,
+            TunFlags {
+                vnet_hdr: false,
+                multi_queue,
+            },
+        )?,
+    };
+    let mut tuns = vec![first];
+    for _ in 1..workers {
+        let q = tuns[0].attach()?;
+        if caps.tun_offload {
+            let f = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            let uso = if caps.tun_uso {
+                libc::TUN_F_USO4 | libc::TUN_F_USO6
+            } else {
+                0
+            };
+            q.set_offload(f | uso)?;
+        }
+        tuns.push(q);
+    }
+    let mut queues = Vec::with_capacity(workers);
+    for (k, t) in tuns.into_iter().enumerate() {
+        let s = bind_udp(bind, multi_queue)?;
+        if mode == OffloadMode::Auto {
+            let fd = s.as_raw_fd();
+            let gro = batch::set_int_opt(fd, SOL_UDP, UDP_GRO, 1).is_ok();
+            // Probe UDP_SEGMENT by setting a socket default, then clear it.
+            let gso = batch::set_int_opt(fd, SOL_UDP, UDP_SEGMENT, 1400).is_ok()
+                && batch::set_int_opt(fd, SOL_UDP, UDP_SEGMENT, 0).is_ok();
+            if k == 0 {
+                caps.udp_gro = gro;
+                caps.udp_gso = gso;
+            }
+        }
+        queues.push((t, s));
+    }
+    let tun_name = queues[0].0.name().to_string();
+    Ok(Devices {
+        tun_name,
+        caps,
+        queues,
+    })
+}
+
+/// Binds a backend UDP socket to `addr:port`, non-blocking.
+pub fn bind_udp(addr: SocketAddrV4, reuse_port: bool) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    // Bigger buffers absorb bursts between batches; failure only costs speed.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// What all workers share with the control plane.
 #[derive(Clone)]
 pub struct Shared {
-    pub tun: Arc<Tun>,
-    pub socket: Arc<UdpSocket>,
     pub routes: Arc<RouteTable>,
     pub counters: Arc<Counters>,
     /// Source address of the ICMP errors we generate: an address inside the
@@ -30,17 +167,23 @@ pub struct Shared {
     pub icmp_src: Ipv4Addr,
 }
 
-/// Binds the backend's UDP socket to `addr:port`, non-blocking.
-pub fn bind_udp(addr: SocketAddrV4) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-    // Bigger buffers absorb bursts between batches; failure only costs speed.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
-    s.bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
+struct Worker {
+    tun: Tun,
+    sock: UdpSocket,
+    caps: Caps,
+    shared: Shared,
+}
+
+impl Worker {
+    /// Writes one plain packet to the TUN (behind a zero vnet header if needed).
+    #[inline]
+    fn tun_write(&self, pkt: &[u8]) -> io::Result<usize> {
+        if self.tun.vnet_hdr() {
+            self.tun.write2(&[0u8; VNET_HDR_LEN], pkt)
+        } else {
+            self.tun.write(pkt)
+        }
+    }
 }
 
 /// An eventfd that tells the loops to stop.
@@ -95,21 +238,29 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn start(shared: Shared) -> io::Result<Self> {
+    pub fn start(devices: Devices, shared: Shared) -> io::Result<Self> {
         let stop = Arc::new(StopFd::new()?);
         let mut threads = Vec::new();
-        let (s, st) = (shared.clone(), stop.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("tun-to-udp".into())
-                .spawn(move || tun_to_udp(&s, &st))?,
-        );
-        let (s, st) = (shared, stop.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("udp-to-tun".into())
-                .spawn(move || udp_to_tun(&s, &st))?,
-        );
+        for (k, (tun, sock)) in devices.queues.into_iter().enumerate() {
+            let w = Arc::new(Worker {
+                tun,
+                sock,
+                caps: devices.caps,
+                shared: shared.clone(),
+            });
+            let (w1, st1) = (w.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tun-to-udp-{k}"))
+                    .spawn(move || tun_to_udp(&w1, &st1))?,
+            );
+            let st2 = stop.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("udp-to-tun-{k}"))
+                    .spawn(move || udp_to_tun(&w, &st2))?,
+            );
+        }
         Ok(Datapath { stop, threads })
     }
 
@@ -131,28 +282,79 @@ impl Drop for Datapath {
     }
 }
 
-fn tun_to_udp(s: &Shared, stop: &StopFd) {
-    let mut slots = Slots::new();
-    let mut mmsg = Mmsg::new();
-    let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
-    let sock = s.socket.as_raw_fd();
-    while wait_readable(s.tun.as_raw_fd(), stop) {
-        loop {
-            let mut n = 0;
-            while n < BATCH {
-                match s.tun.read(slots.slot_mut(n)) {
-                    Ok(len) => {
-                        slots.len[n] = len;
-                        n += 1;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the TUN failed");
-                        break;
-                    }
-                }
+/// Reads up to `slots.count()` packets from the TUN without blocking.
+fn read_tun(tun: &Tun, slots: &mut Slots) -> usize {
+    let mut n = 0;
+    while n < slots.count() {
+        match tun.read(slots.slot_mut(n)) {
+            Ok(len) => {
+                slots.len[n] = len;
+                n += 1;
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the TUN failed");
+                break;
+            }
+        }
+    }
+    n
+}
+
+/// Answers a packet we cannot forward with an ICMP error into the TUN.
+fn icmp_reply(
+    w: &Worker,
+    offender: &[u8],
+    answer: (u8, u8),
+    out: &mut [u8; wire::ICMP_ERROR_MAX],
+    t: &mut Tally,
+) {
+    let offender = Ipv4Packet::new_unchecked(offender);
+    if let Some(len) = wire::build_icmp_error(&offender, answer.0, answer.1, w.shared.icmp_src, out)
+    {
+        if w.tun_write(&out[..len]).is_ok() {
+            t.icmp_sent += 1;
+        }
+    }
+}
+
+/// The ICMP answer for an egress verdict that is not a send, counting the drop.
+fn unsent(v: Egress, t: &mut Tally) -> Option<(u8, u8)> {
+    match v {
+        Egress::Send(_) => None,
+        Egress::Drop(r) => {
+            t.drop(r);
+            None
+        }
+        Egress::Unreachable => {
+            t.drop(DropReason::NoRoute);
+            Some((wire::ICMP_DEST_UNREACH, wire::ICMP_NET_UNREACH))
+        }
+        Egress::TimeExceeded => {
+            t.drop(DropReason::Ttl);
+            Some((wire::ICMP_TIME_EXCEEDED, wire::ICMP_EXC_TTL))
+        }
+    }
+}
+
+fn tun_to_udp(w: &Worker, stop: &StopFd) {
+    if w.tun.vnet_hdr() {
+        tun_to_udp_offload(w, stop)
+    } else {
+        tun_to_udp_plain(w, stop)
+    }
+}
+
+/// One read per packet, one `sendmmsg` per batch of up to 64.
+fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
+    let mut slots = Slots::new(BATCH, SLOT);
+    let mut mmsg = Mmsg::new(BATCH);
+    let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
+    let sock = w.sock.as_raw_fd();
+    while wait_readable(w.tun.as_raw_fd(), stop) {
+        loop {
+            let n = read_tun(&w.tun, &mut slots);
             if n == 0 {
                 break;
             }
@@ -160,36 +362,14 @@ fn tun_to_udp(s: &Shared, stop: &StopFd) {
                 tun_rx_packets: n as u64,
                 ..Tally::default()
             };
-            let routes = s.routes.load();
-            mmsg.clear();
+            let routes = w.shared.routes.load();
             for i in 0..n {
-                let answer = match egress(slots.packet_mut(i), &routes) {
-                    Egress::Send(peer) => {
-                        slots.addr[i] = peer;
-                        t.udp_tx_bytes += slots.len[i] as u64;
-                        mmsg.queue(i);
-                        continue;
-                    }
-                    Egress::Drop(r) => {
-                        t.drop(r);
-                        continue;
-                    }
-                    Egress::Unreachable => {
-                        t.drop(DropReason::NoRoute);
-                        (wire::ICMP_DEST_UNREACH, wire::ICMP_NET_UNREACH)
-                    }
-                    Egress::TimeExceeded => {
-                        t.drop(DropReason::Ttl);
-                        (wire::ICMP_TIME_EXCEEDED, wire::ICMP_EXC_TTL)
-                    }
-                };
-                let offender = Ipv4Packet::new_unchecked(slots.packet(i));
-                if let Some(len) =
-                    wire::build_icmp_error(&offender, answer.0, answer.1, s.icmp_src, &mut icmp)
-                {
-                    if s.tun.write(&icmp[..len]).is_ok() {
-                        t.icmp_sent += 1;
-                    }
+                let v = egress(slots.packet_mut(i), &routes);
+                if let Egress::Send(peer) = v {
+                    t.udp_tx_bytes += slots.len[i] as u64;
+                    mmsg.queue(slots.start(i), slots.len[i], peer, 0);
+                } else if let Some(answer) = unsent(v, &mut t) {
+                    icmp_reply(w, slots.packet(i), answer, &mut icmp, &mut t);
                 }
             }
             if mmsg.queued() > 0 {
@@ -197,18 +377,114 @@ fn tun_to_udp(s: &Shared, stop: &StopFd) {
                 t.udp_tx_packets += sent as u64;
                 t.drop_send_error += failed as u64;
             }
-            s.counters.add(&t);
-            if n < BATCH {
+            w.shared.counters.add(&t);
+            if n < slots.count() {
                 break;
             }
         }
     }
 }
 
-fn udp_to_tun(s: &Shared, stop: &StopFd) {
-    let mut slots = Slots::new();
-    let mut mmsg = Mmsg::new();
-    let sock = s.socket.as_raw_fd();
+/// Super-packets from the TUN, split into MTU-sized packets back to back
+/// and sent with one UDP GSO message each (or one message per packet when
+/// the socket has no GSO).
+fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
+    let mut rx = Slots::new(OFFLOAD_BATCH, SLOT);
+    let mut tx = Slots::new(OFFLOAD_BATCH, SPLIT_SLOT);
+    let mut mmsg = Mmsg::new(OFFLOAD_BATCH * MAX_GSO_SEGMENTS);
+    let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
+    let sock = w.sock.as_raw_fd();
+    while wait_readable(w.tun.as_raw_fd(), stop) {
+        loop {
+            let n = read_tun(&w.tun, &mut rx);
+            if n == 0 {
+                break;
+            }
+            let mut t = Tally {
+                tun_rx_packets: n as u64,
+                ..Tally::default()
+            };
+            let routes = w.shared.routes.load();
+            for i in 0..n {
+                let raw = rx.packet_mut(i);
+                let Ok(hdr) = VnetHdr::decode(raw) else {
+                    t.drop(DropReason::Malformed);
+                    continue;
+                };
+                let pkt = &mut raw[VNET_HDR_LEN..];
+                if hdr.gso_type == GSO_NONE
+                    && hdr.flags & offload::F_NEEDS_CSUM != 0
+                    && offload::complete_checksum(pkt, &hdr).is_err()
+                {
+                    t.drop(DropReason::Malformed);
+                    continue;
+                }
+                let v = egress(pkt, &routes);
+                let Egress::Send(peer) = v else {
+                    if let Some(answer) = unsent(v, &mut t) {
+                        icmp_reply(w, pkt, answer, &mut icmp, &mut t);
+                    }
+                    continue;
+                };
+                let start = tx.start(i);
+                if hdr.gso_type == GSO_NONE {
+                    let len = pkt.len();
+                    tx.slot_mut(i)[..len].copy_from_slice(pkt);
+                    t.udp_tx_bytes += len as u64;
+                    mmsg.queue(start, len, peer, 0);
+                    continue;
+                }
+                let split = match offload::gso_split(pkt, &hdr, tx.slot_mut(i)) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        t.drop(DropReason::Malformed);
+                        continue;
+                    }
+                };
+                t.udp_tx_bytes += split.total as u64;
+                if w.caps.udp_gso && split.count > 1 {
+                    // One GSO send carries at most 64 segments and 64 KB.
+                    let per = MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / split.seg_len).max(1);
+                    for c in (0..split.count).step_by(per) {
+                        let off = c * split.seg_len;
+                        let len = (split.total - off).min(per * split.seg_len);
+                        let gso = if len > split.seg_len {
+                            split.seg_len as u16
+                        } else {
+                            0
+                        };
+                        mmsg.queue(start + off, len, peer, gso);
+                    }
+                } else {
+                    for k in 0..split.count {
+                        let off = k * split.seg_len;
+                        mmsg.queue(start + off, (split.total - off).min(split.seg_len), peer, 0);
+                    }
+                }
+            }
+            if mmsg.queued() > 0 {
+                let (sent, failed) = mmsg.send(sock, &mut tx);
+                t.udp_tx_packets += sent as u64;
+                t.drop_send_error += failed as u64;
+            }
+            w.shared.counters.add(&t);
+            if n < rx.count() {
+                break;
+            }
+        }
+    }
+}
+
+/// Datagrams (or GRO trains) in batches; each inner packet validated; with
+/// a vnet TUN, runs of one TCP flow are coalesced into one write.
+fn udp_to_tun(w: &Worker, stop: &StopFd) {
+    let batch = if w.caps.udp_gro { OFFLOAD_BATCH } else { BATCH };
+    let mut slots = Slots::new(batch, SLOT);
+    let mut mmsg = Mmsg::new(batch);
+    // (offset, length) of each deliverable packet in the batch.
+    let mut pkts: Vec<(usize, usize)> = Vec::with_capacity(batch * MAX_GSO_SEGMENTS);
+    let mut gro_out = vec![0u8; VNET_HDR_LEN + offload::MAX_PACKET];
+    let sock = w.sock.as_raw_fd();
     while wait_readable(sock, stop) {
         loop {
             let n = match mmsg.recv(sock, &mut slots) {
@@ -224,24 +500,66 @@ fn udp_to_tun(s: &Shared, stop: &StopFd) {
             if n == 0 {
                 break;
             }
-            let mut t = Tally {
-                udp_rx_packets: n as u64,
-                ..Tally::default()
-            };
+            let mut t = Tally::default();
+            pkts.clear();
             for i in 0..n {
-                t.udp_rx_bytes += slots.len[i] as u64;
-                match ingress(slots.packet_mut(i)) {
-                    Ingress::Deliver => match s.tun.write(slots.packet(i)) {
-                        Ok(_) => t.tun_tx_packets += 1,
-                        Err(_) => t.drop_tun_write_error += 1,
-                    },
-                    Ingress::Drop(r) => t.drop(r),
+                let (start, len) = (slots.start(i), slots.len[i]);
+                let seg = if slots.gso[i] == 0 {
+                    len.max(1)
+                } else {
+                    slots.gso[i]
+                };
+                t.udp_rx_bytes += len as u64;
+                if len == 0 {
+                    t.udp_rx_packets += 1;
+                    t.drop(DropReason::Malformed);
+                    continue;
+                }
+                let buf = slots.bytes_mut();
+                let mut off = 0;
+                while off < len {
+                    let l = seg.min(len - off);
+                    t.udp_rx_packets += 1;
+                    match ingress(&mut buf[start + off..start + off + l]) {
+                        Ingress::Deliver => pkts.push((start + off, l)),
+                        Ingress::Drop(r) => t.drop(r),
+                    }
+                    off += l;
                 }
             }
-            s.counters.add(&t);
-            if n < BATCH {
+            write_tun(w, slots.bytes(), &pkts, &mut gro_out, &mut t);
+            w.shared.counters.add(&t);
+            if n < slots.count() {
                 break;
             }
         }
+    }
+}
+
+/// Writes the batch's packets to the TUN, coalescing TCP runs when the TUN
+/// takes vnet headers.
+fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], gro_out: &mut [u8], t: &mut Tally) {
+    let slice = |&(s, l): &(usize, usize)| &buf[s..s + l];
+    let mut i = 0;
+    while i < pkts.len() {
+        let run = if w.tun.vnet_hdr() {
+            offload::coalesce_run(pkts[i..].iter().map(slice))
+        } else {
+            1
+        };
+        let ok = if run > 1 {
+            match offload::coalesce(pkts[i..i + run].iter().map(slice), gro_out) {
+                Ok(len) => w.tun.write(&gro_out[..len]).is_ok(),
+                Err(_) => false,
+            }
+        } else {
+            w.tun_write(slice(&pkts[i])).is_ok()
+        };
+        if ok {
+            t.tun_tx_packets += run as u64;
+        } else {
+            t.drop_tun_write_error += run as u64;
+        }
+        i += run;
     }
 }

@@ -11,13 +11,23 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 pub struct Tun {
     fd: OwnedFd,
     name: String,
+    vnet_hdr: bool,
+}
+
+/// How to open the TUN.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunFlags {
+    /// `IFF_VNET_HDR`: every packet carries a `virtio_net_hdr` (offloads).
+    pub vnet_hdr: bool,
+    /// `IFF_MULTI_QUEUE`: more queues can be attached with [`Tun::attach`].
+    pub multi_queue: bool,
 }
 
 impl Tun {
     /// Creates a TUN device; `%d` in `pattern` lets the kernel pick the
     /// first free number (`flannel%d` → `flannel0`, `flannel1`, …).
     /// The fd is non-blocking; the device vanishes when it is closed.
-    pub fn create(pattern: &str) -> io::Result<Tun> {
+    pub fn create(pattern: &str, flags: TunFlags) -> io::Result<Tun> {
         let path = c"/dev/net/tun";
         // SAFETY: path is NUL-terminated; the fd is owned right below.
         let fd = unsafe {
@@ -49,7 +59,14 @@ impl Tun {
         for (d, s) in ifr.ifr_name.iter_mut().zip(b) {
             *d = *s as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let mut f = libc::IFF_TUN | libc::IFF_NO_PI;
+        if flags.vnet_hdr {
+            f |= libc::IFF_VNET_HDR;
+        }
+        if flags.multi_queue {
+            f |= libc::IFF_MULTI_QUEUE;
+        }
+        ifr.ifr_ifru.ifru_flags = f as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes the ifreq we own.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut ifr) } < 0 {
             let e = io::Error::last_os_error();
@@ -62,7 +79,64 @@ impl Tun {
         let name = unsafe { std::ffi::CStr::from_ptr(ifr.ifr_name.as_ptr()) }
             .to_string_lossy()
             .into_owned();
-        Ok(Tun { fd, name })
+        Ok(Tun {
+            fd,
+            name,
+            vnet_hdr: flags.vnet_hdr,
+        })
+    }
+
+    /// Opens another queue of this multi-queue TUN.
+    pub fn attach(&self) -> io::Result<Tun> {
+        Tun::create(
+            &self.name,
+            TunFlags {
+                vnet_hdr: self.vnet_hdr,
+                multi_queue: true,
+            },
+        )
+    }
+
+    /// `TUNSETOFFLOAD`: which offloads the kernel may hand us (TUN_F_*).
+    pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                flags as libc::c_ulong,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    /// Writes one packet from two pieces (a vnet header and the packet).
+    #[inline]
+    pub fn write2(&self, a: &[u8], b: &[u8]) -> io::Result<usize> {
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_ptr() as *mut _,
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: both iovecs describe live, readable buffers.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 
     pub fn name(&self) -> &str {

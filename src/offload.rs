@@ -105,12 +105,47 @@ pub struct Split {
     pub total: usize,
 }
 
-/// Splits an IPv4 TCP (TSO) or UDP (USO) super-packet, as read from the
-/// TUN after its vnet header, into packets of `hdr_len + gso_size` bytes
-/// written back to back into `out`: IP total length, id and header
-/// checksum, TCP sequence numbers and flags (FIN/PSH only on the last),
-/// UDP lengths, and each packet's transport checksum are set.
-pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, OffloadError> {
+/// The segments of a super-packet, described without copying its payload:
+/// segment `k` is `headers[k * hlen..(k + 1) * hlen]` followed by
+/// `pkt[hlen + k * gso..]` (at most `gso` bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    pub count: usize,
+    /// IPv4 + transport header length of each segment.
+    pub hlen: usize,
+    /// Payload bytes per segment (the last may have fewer).
+    pub gso: usize,
+    /// Payload bytes of the whole super-packet.
+    pub payload: usize,
+}
+
+impl SplitPlan {
+    /// Payload range of segment `k` within the super-packet.
+    pub fn data(&self, k: usize) -> std::ops::Range<usize> {
+        let s = self.hlen + k * self.gso;
+        s..(s + self.gso).min(self.hlen + self.payload)
+    }
+
+    pub fn seg_len(&self) -> usize {
+        self.hlen + self.gso
+    }
+
+    pub fn total(&self) -> usize {
+        self.payload + self.count * self.hlen
+    }
+}
+
+/// Writes the headers of every segment of an IPv4 TCP (TSO) or UDP (USO)
+/// super-packet, as read from the TUN after its vnet header, into
+/// `headers` (`hlen` bytes each): IP total length, id and header checksum,
+/// TCP sequence numbers and flags (FIN/PSH only on the last, CWR only on the
+/// first), UDP lengths, and each segment's transport checksum over its
+/// payload, which stays where it is in `pkt`.
+pub fn gso_split_headers(
+    pkt: &[u8],
+    hdr: &VnetHdr,
+    headers: &mut [u8],
+) -> Result<SplitPlan, OffloadError> {
     let bad = OffloadError::BadPacket;
     if pkt.len() < 20 || pkt[0] >> 4 != 4 {
         return Err(bad);
@@ -145,22 +180,23 @@ pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, Off
         return Err(bad);
     }
     let payload = pkt.len() - hlen;
-    let count = payload.div_ceil(gso).max(1);
-    let seg_len = hlen + gso;
-    let total = payload + count * hlen;
-    if out.len() < total {
+    let plan = SplitPlan {
+        count: payload.div_ceil(gso).max(1),
+        hlen,
+        gso,
+        payload,
+    };
+    if headers.len() < plan.count * hlen {
         return Err(OffloadError::NoRoom);
     }
     let id = u16::from_be_bytes([pkt[4], pkt[5]]);
     let seq = u32::from_be_bytes([pkt[iph + 4], pkt[iph + 5], pkt[iph + 6], pkt[iph + 7]]);
-    let (src, dst) = (&pkt[12..16], &pkt[16..20]);
     let csum_at = if tcp { 16 } else { 6 };
-    for k in 0..count {
-        let data = &pkt[hlen + k * gso..(hlen + (k + 1) * gso).min(pkt.len())];
+    for k in 0..plan.count {
+        let data = &pkt[plan.data(k)];
         let len = hlen + data.len();
-        let o = &mut out[k * seg_len..k * seg_len + len];
-        o[..hlen].copy_from_slice(&pkt[..hlen]);
-        o[hlen..].copy_from_slice(data);
+        let o = &mut headers[k * hlen..(k + 1) * hlen];
+        o.copy_from_slice(&pkt[..hlen]);
         // IPv4 header.
         o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
         o[4..6].copy_from_slice(&id.wrapping_add(k as u16).to_be_bytes());
@@ -168,33 +204,61 @@ pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, Off
         o[11] = 0;
         let ck = !fold(sum(&o[..iph], 0));
         o[10..12].copy_from_slice(&ck.to_be_bytes());
+        let (ip, t) = o.split_at_mut(iph);
         // Transport header.
-        let t = &mut o[iph..];
         if tcp {
             t[4..8].copy_from_slice(&seq.wrapping_add((k * gso) as u32).to_be_bytes());
-            if k + 1 != count {
+            if k + 1 != plan.count {
                 t[13] &= !(TCP_FIN | TCP_PSH);
             }
             if k != 0 {
-                t[13] &= !0x80; // CWR only on the first segment
+                t[13] &= !0x80;
             }
         } else {
             t[4..6].copy_from_slice(&((th + data.len()) as u16).to_be_bytes());
         }
         t[csum_at] = 0;
         t[csum_at + 1] = 0;
-        let ck = !fold(sum(t, pseudo_header_sum(src, dst, proto, t.len() as u16)));
+        let pseudo = pseudo_header_sum(&ip[12..16], &ip[16..20], proto, (th + data.len()) as u16);
+        let ck = !fold(sum(data, sum(t, pseudo)));
         // UDP: a computed 0 is sent as 0xffff (0 means "no checksum").
         let ck = if !tcp && ck == 0 { 0xffff } else { ck };
         t[csum_at..csum_at + 2].copy_from_slice(&ck.to_be_bytes());
     }
-    let seg_len = if count == 1 { total } else { seg_len };
+    Ok(plan)
+}
+
+/// Like [`gso_split_headers`], but writes whole packets back to back into
+/// `out`. Allocates: for tests and fuzzing, not the packet path (which
+/// sends the pieces with scatter-gather I/O instead of copying).
+pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, OffloadError> {
+    let mut headers = vec![0u8; MAX_GSO_HEADERS];
+    let plan = gso_split_headers(pkt, hdr, &mut headers)?;
+    let total = plan.total();
+    if out.len() < total {
+        return Err(OffloadError::NoRoom);
+    }
+    for k in 0..plan.count {
+        let at = k * plan.seg_len();
+        let data = &pkt[plan.data(k)];
+        out[at..at + plan.hlen].copy_from_slice(&headers[k * plan.hlen..(k + 1) * plan.hlen]);
+        out[at + plan.hlen..at + plan.hlen + data.len()].copy_from_slice(data);
+    }
+    let seg_len = if plan.count == 1 {
+        total
+    } else {
+        plan.seg_len()
+    };
     Ok(Split {
-        count,
+        count: plan.count,
         seg_len,
         total,
     })
 }
+
+/// Room for the headers of every segment of a 64 KB super-packet even with
+/// tiny segments (at most 120 bytes of IPv4 + TCP header each).
+pub const MAX_GSO_HEADERS: usize = 120 * 1024;
 
 /// Facts about a TCP segment that GRO compares, or `None` if the packet may
 /// not be coalesced (not IPv4/TCP, options, fragments, flags other than
@@ -290,21 +354,28 @@ pub fn coalesce_run<'a>(pkts: impl IntoIterator<Item = &'a [u8]>) -> usize {
     n
 }
 
-/// Builds the super-packet of a run found by [`coalesce_run`] into `out`,
-/// vnet header first (GSO_TCPV4, NEEDS_CSUM with the pseudo-header sum in
-/// the TCP checksum field). Returns the bytes written.
-pub fn coalesce<'a, I>(run: I, out: &mut [u8]) -> Result<usize, OffloadError>
+/// Writes the vnet header and the IPv4/TCP headers of the super-packet of
+/// a run found by [`coalesce_run`] into `out` (GSO_TCPV4, NEEDS_CSUM with
+/// the pseudo-header sum in the TCP checksum field). The payloads follow
+/// unchanged, each packet's bytes after `hlen`. Returns (bytes written,
+/// hlen).
+pub fn coalesce_header<'a, I>(run: I, out: &mut [u8]) -> Result<(usize, usize), OffloadError>
 where
     I: Iterator<Item = &'a [u8]> + Clone,
 {
     let first = run.clone().next().ok_or(OffloadError::BadPacket)?;
     let seg = tcp_segment(first).ok_or(OffloadError::BadPacket)?;
     let h = seg.hlen;
-    if run.clone().any(|p| p.len() < h) {
-        return Err(OffloadError::BadPacket);
+    let mut len = h;
+    let mut last_psh = false;
+    for p in run {
+        if p.len() < h {
+            return Err(OffloadError::BadPacket);
+        }
+        len += p.len() - h;
+        last_psh = p[33] & TCP_PSH != 0;
     }
-    let len = h + run.clone().map(|p| p.len() - h).sum::<usize>();
-    if len > MAX_PACKET || out.len() < VNET_HDR_LEN + len {
+    if len > MAX_PACKET || out.len() < VNET_HDR_LEN + h {
         return Err(OffloadError::NoRoom);
     }
     VnetHdr {
@@ -316,16 +387,8 @@ where
         csum_offset: 16,
     }
     .encode(out);
-    let o = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + len];
-    o[..h].copy_from_slice(&first[..h]);
-    let mut at = h;
-    let mut last_psh = false;
-    for p in run {
-        last_psh = p[33] & TCP_PSH != 0;
-        let d = &p[h..];
-        o[at..at + d.len()].copy_from_slice(d);
-        at += d.len();
-    }
+    let o = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + h];
+    o.copy_from_slice(&first[..h]);
     if last_psh {
         o[33] |= TCP_PSH;
     }
@@ -341,7 +404,25 @@ where
         (len - 20) as u16,
     ));
     o[36..38].copy_from_slice(&ps.to_be_bytes());
-    Ok(VNET_HDR_LEN + len)
+    Ok((VNET_HDR_LEN + h, h))
+}
+
+/// Builds the whole super-packet of a run into `out` (one copy), vnet
+/// header first. Returns the bytes written.
+pub fn coalesce<'a, I>(run: I, out: &mut [u8]) -> Result<usize, OffloadError>
+where
+    I: Iterator<Item = &'a [u8]> + Clone,
+{
+    let (mut at, h) = coalesce_header(run.clone(), out)?;
+    for p in run {
+        let d = &p[h..];
+        if out.len() < at + d.len() {
+            return Err(OffloadError::NoRoom);
+        }
+        out[at..at + d.len()].copy_from_slice(d);
+        at += d.len();
+    }
+    Ok(at)
 }
 
 #[cfg(test)]

@@ -14,9 +14,6 @@ pub const OFFLOAD_BATCH: usize = 16;
 /// pages of a slot are never faulted in, so resident memory follows the
 /// real packet sizes.
 pub const SLOT: usize = 65536 + 64;
-/// Bytes per slot holding a split super-packet: 64 KB of payload plus up to
-/// 64 repeated IPv4+TCP headers.
-pub const SPLIT_SLOT: usize = 65536 + 64 * 120;
 
 pub const SOL_UDP: libc::c_int = 17;
 pub const UDP_SEGMENT: libc::c_int = 103;
@@ -107,23 +104,42 @@ fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
 /// Room for one cmsg carrying an int (CMSG_SPACE(4) is 16 on 64-bit).
 const CTRL: usize = 32;
 
+/// Which buffer a piece of an outgoing message lies in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buf {
+    /// The first buffer given to [`Mmsg::send`] (packets).
+    Main,
+    /// The second one (e.g. segment headers built beside the packets).
+    Aux,
+}
+
+#[derive(Clone, Copy)]
+struct Piece {
+    buf: Buf,
+    start: usize,
+    len: usize,
+}
+
 #[derive(Clone, Copy)]
 struct Queued {
-    start: usize,
+    /// Range of `pieces` forming this message.
+    first: usize,
+    count: usize,
     len: usize,
     addr: SocketAddrV4,
     /// UDP GSO segment size; 0 sends `len` bytes as one datagram.
     gso: u16,
 }
 
-/// The kernel-facing message headers of one batch. Pointers into `Slots`
-/// are set right before each syscall, so the structs never dangle.
+/// The kernel-facing message headers of one batch. Pointers into the
+/// caller's buffers are set right before each syscall, so they never dangle.
 pub struct Mmsg {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
     names: Vec<libc::sockaddr_in>,
     ctrl: Vec<[u8; CTRL]>,
     queue: Vec<Queued>,
+    pieces: Vec<Piece>,
 }
 
 // SAFETY: the raw pointers inside are only meaningful during a syscall made
@@ -131,20 +147,22 @@ pub struct Mmsg {
 unsafe impl Send for Mmsg {}
 
 impl Mmsg {
-    /// Room for `cap` messages per call.
-    pub fn new(cap: usize) -> Self {
+    /// Room for `cap` messages and `pieces` gathered pieces per call.
+    pub fn new(cap: usize, pieces: usize) -> Self {
         // SAFETY: plain C structs; all-zero is a valid value.
         let zero_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
         let zero_iov = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         };
+        let pieces = pieces.max(cap);
         Mmsg {
             hdrs: vec![zero_hdr; cap],
-            iovs: vec![zero_iov; cap],
+            iovs: vec![zero_iov; pieces],
             names: vec![to_sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); cap],
             ctrl: vec![[0u8; CTRL]; cap],
             queue: Vec::with_capacity(cap),
+            pieces: Vec::with_capacity(pieces),
         }
     }
 
@@ -199,23 +217,43 @@ impl Mmsg {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.pieces.clear();
     }
 
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
 
-    pub fn is_full(&self) -> bool {
-        self.queue.len() == self.hdrs.len()
+    /// Whether another message of `pieces` pieces fits.
+    pub fn has_room(&self, pieces: usize) -> bool {
+        self.queue.len() < self.hdrs.len() && self.pieces.len() + pieces <= self.iovs.len()
     }
 
-    /// Queues `len` bytes at `start` of the slots buffer for `addr`, split
-    /// by the kernel into datagrams of `gso` bytes when `gso` is non-zero.
+    /// Queues `len` bytes at `start` of the main buffer for `addr`.
     #[inline]
-    pub fn queue(&mut self, start: usize, len: usize, addr: SocketAddrV4, gso: u16) {
-        debug_assert!(!self.is_full());
+    pub fn queue(&mut self, start: usize, len: usize, addr: SocketAddrV4) {
+        self.queue_gather([(Buf::Main, start, len)], addr, 0);
+    }
+
+    /// Queues one message gathered from pieces, split by the kernel into
+    /// datagrams of `gso` bytes when `gso` is non-zero (UDP GSO).
+    #[inline]
+    pub fn queue_gather(
+        &mut self,
+        pieces: impl IntoIterator<Item = (Buf, usize, usize)>,
+        addr: SocketAddrV4,
+        gso: u16,
+    ) {
+        let first = self.pieces.len();
+        let mut len = 0;
+        for (buf, start, l) in pieces {
+            self.pieces.push(Piece { buf, start, len: l });
+            len += l;
+        }
+        let count = self.pieces.len() - first;
         self.queue.push(Queued {
-            start,
+            first,
+            count,
             len,
             addr,
             gso,
@@ -225,21 +263,25 @@ impl Mmsg {
     /// Sends every queued message with as few `sendmmsg` calls as the
     /// kernel allows. Returns (datagrams sent, datagrams failed); a message
     /// the kernel refuses is skipped and counted, the rest still go out.
-    pub fn send(&mut self, fd: RawFd, slots: &mut Slots) -> (usize, usize) {
+    pub fn send(&mut self, fd: RawFd, main: &mut [u8], aux: &mut [u8]) -> (usize, usize) {
         let total = self.queue.len();
-        let buf = slots.bytes_mut();
+        for (i, p) in self.pieces.iter().enumerate() {
+            let b: &mut [u8] = match p.buf {
+                Buf::Main => &mut main[p.start..p.start + p.len],
+                Buf::Aux => &mut aux[p.start..p.start + p.len],
+            };
+            self.iovs[i] = libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            };
+        }
         for (k, q) in self.queue.iter().enumerate() {
             self.names[k] = to_sockaddr(q.addr);
-            let p = &mut buf[q.start..q.start + q.len];
-            self.iovs[k] = libc::iovec {
-                iov_base: p.as_mut_ptr().cast(),
-                iov_len: p.len(),
-            };
             let h = &mut self.hdrs[k].msg_hdr;
             h.msg_name = (&mut self.names[k] as *mut libc::sockaddr_in).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-            h.msg_iov = &mut self.iovs[k];
-            h.msg_iovlen = 1;
+            h.msg_iov = &mut self.iovs[q.first];
+            h.msg_iovlen = q.count;
             h.msg_flags = 0;
             if q.gso != 0 {
                 h.msg_control = self.ctrl[k].as_mut_ptr().cast();
@@ -294,7 +336,7 @@ impl Mmsg {
                 }
             }
         }
-        self.queue.clear();
+        self.clear();
         (sent, failed)
     }
 }

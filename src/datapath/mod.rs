@@ -16,7 +16,7 @@ use crate::forward::{egress, ingress, Counters, DropReason, Egress, Ingress, Tal
 use crate::offload::{self, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
 use crate::routes::RouteTable;
 use crate::wire::{self, Ipv4Packet};
-use batch::{Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT, SOL_UDP, SPLIT_SLOT, UDP_GRO, UDP_SEGMENT};
+use batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT, SOL_UDP, UDP_GRO, UDP_SEGMENT};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -349,7 +349,7 @@ fn tun_to_udp(w: &Worker, stop: &StopFd) {
 /// One read per packet, one `sendmmsg` per batch of up to 64.
 fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
     let mut slots = Slots::new(BATCH, SLOT);
-    let mut mmsg = Mmsg::new(BATCH);
+    let mut mmsg = Mmsg::new(BATCH, BATCH);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
     let sock = w.sock.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
@@ -367,13 +367,13 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
                 let v = egress(slots.packet_mut(i), &routes);
                 if let Egress::Send(peer) = v {
                     t.udp_tx_bytes += slots.len[i] as u64;
-                    mmsg.queue(slots.start(i), slots.len[i], peer, 0);
+                    mmsg.queue(slots.start(i), slots.len[i], peer);
                 } else if let Some(answer) = unsent(v, &mut t) {
                     icmp_reply(w, slots.packet(i), answer, &mut icmp, &mut t);
                 }
             }
             if mmsg.queued() > 0 {
-                let (sent, failed) = mmsg.send(sock, &mut slots);
+                let (sent, failed) = mmsg.send(sock, slots.bytes_mut(), &mut []);
                 t.udp_tx_packets += sent as u64;
                 t.drop_send_error += failed as u64;
             }
@@ -385,13 +385,18 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
     }
 }
 
-/// Super-packets from the TUN, split into MTU-sized packets back to back
-/// and sent with one UDP GSO message each (or one message per packet when
-/// the socket has no GSO).
+/// Segment headers room per super-packet: up to 128 segments of up to
+/// 120 header bytes (IPv4 + TCP with options).
+const HEADER_AREA: usize = 128 * 120;
+
+/// Super-packets from the TUN, cut into MTU-sized packets without copying
+/// the payload: each segment is gathered from its freshly built header and
+/// its slice of the super-packet, and a run of segments to one peer goes
+/// out as one UDP GSO message (or one message per segment without GSO).
 fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
     let mut rx = Slots::new(OFFLOAD_BATCH, SLOT);
-    let mut tx = Slots::new(OFFLOAD_BATCH, SPLIT_SLOT);
-    let mut mmsg = Mmsg::new(OFFLOAD_BATCH * MAX_GSO_SEGMENTS);
+    let mut headers = vec![0u8; OFFLOAD_BATCH * HEADER_AREA];
+    let mut mmsg = Mmsg::new(OFFLOAD_BATCH * 128, OFFLOAD_BATCH * 256);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
     let sock = w.sock.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
@@ -406,6 +411,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
             };
             let routes = w.shared.routes.load();
             for i in 0..n {
+                let start = rx.start(i) + VNET_HDR_LEN;
                 let raw = rx.packet_mut(i);
                 let Ok(hdr) = VnetHdr::decode(raw) else {
                     t.drop(DropReason::Malformed);
@@ -426,47 +432,52 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                     }
                     continue;
                 };
-                let start = tx.start(i);
                 if hdr.gso_type == GSO_NONE {
                     let len = pkt.len();
-                    tx.slot_mut(i)[..len].copy_from_slice(pkt);
+                    if !mmsg.has_room(1) {
+                        flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                    }
                     t.udp_tx_bytes += len as u64;
-                    mmsg.queue(start, len, peer, 0);
+                    mmsg.queue(start, len, peer);
                     continue;
                 }
-                let split = match offload::gso_split(pkt, &hdr, tx.slot_mut(i)) {
-                    Ok(s) => s,
+                let area = &mut headers[i * HEADER_AREA..(i + 1) * HEADER_AREA];
+                let plan = match offload::gso_split_headers(pkt, &hdr, area) {
+                    Ok(p) => p,
                     Err(_) => {
                         t.drop(DropReason::Malformed);
                         continue;
                     }
                 };
-                t.udp_tx_bytes += split.total as u64;
-                if w.caps.udp_gso && split.count > 1 {
-                    // One GSO send carries at most 64 segments and 64 KB.
-                    let per = MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / split.seg_len).max(1);
-                    for c in (0..split.count).step_by(per) {
-                        let off = c * split.seg_len;
-                        let len = (split.total - off).min(per * split.seg_len);
-                        let gso = if len > split.seg_len {
-                            split.seg_len as u16
-                        } else {
-                            0
-                        };
-                        mmsg.queue(start + off, len, peer, gso);
-                    }
+                t.udp_tx_bytes += plan.total() as u64;
+                // One GSO send carries at most 64 segments and 64 KB.
+                let per = if w.caps.udp_gso && plan.count > 1 {
+                    MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / plan.seg_len()).max(1)
                 } else {
-                    for k in 0..split.count {
-                        let off = k * split.seg_len;
-                        mmsg.queue(start + off, (split.total - off).min(split.seg_len), peer, 0);
-                    }
+                    1
+                };
+                if !mmsg.has_room(2 * plan.count) {
+                    flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                }
+                for c in (0..plan.count).step_by(per) {
+                    let segs = c..(c + per).min(plan.count);
+                    let gso = if segs.len() > 1 {
+                        plan.seg_len() as u16
+                    } else {
+                        0
+                    };
+                    let hbase = i * HEADER_AREA;
+                    let pieces = segs.flat_map(|k| {
+                        let d = plan.data(k);
+                        [
+                            (Buf::Aux, hbase + k * plan.hlen, plan.hlen),
+                            (Buf::Main, start + d.start, d.len()),
+                        ]
+                    });
+                    mmsg.queue_gather(pieces, peer, gso);
                 }
             }
-            if mmsg.queued() > 0 {
-                let (sent, failed) = mmsg.send(sock, &mut tx);
-                t.udp_tx_packets += sent as u64;
-                t.drop_send_error += failed as u64;
-            }
+            flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
             w.shared.counters.add(&t);
             if n < rx.count() {
                 break;
@@ -475,15 +486,24 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
     }
 }
 
+/// Sends what is queued, counting datagrams sent and failed.
+fn flush(mmsg: &mut Mmsg, sock: RawFd, main: &mut [u8], aux: &mut [u8], t: &mut Tally) {
+    if mmsg.queued() > 0 {
+        let (sent, failed) = mmsg.send(sock, main, aux);
+        t.udp_tx_packets += sent as u64;
+        t.drop_send_error += failed as u64;
+    }
+}
+
 /// Datagrams (or GRO trains) in batches; each inner packet validated; with
 /// a vnet TUN, runs of one TCP flow are coalesced into one write.
 fn udp_to_tun(w: &Worker, stop: &StopFd) {
     let batch = if w.caps.udp_gro { OFFLOAD_BATCH } else { BATCH };
     let mut slots = Slots::new(batch, SLOT);
-    let mut mmsg = Mmsg::new(batch);
+    let mut mmsg = Mmsg::new(batch, batch);
     // (offset, length) of each deliverable packet in the batch.
     let mut pkts: Vec<(usize, usize)> = Vec::with_capacity(batch * MAX_GSO_SEGMENTS);
-    let mut gro_out = vec![0u8; VNET_HDR_LEN + offload::MAX_PACKET];
+    let mut gro_head = [0u8; VNET_HDR_LEN + 120];
     let sock = w.sock.as_raw_fd();
     while wait_readable(sock, stop) {
         loop {
@@ -527,7 +547,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
                     off += l;
                 }
             }
-            write_tun(w, slots.bytes(), &pkts, &mut gro_out, &mut t);
+            write_tun(w, slots.bytes(), &pkts, &mut gro_head, &mut t);
             w.shared.counters.add(&t);
             if n < slots.count() {
                 break;
@@ -537,8 +557,9 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
 }
 
 /// Writes the batch's packets to the TUN, coalescing TCP runs when the TUN
-/// takes vnet headers.
-fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], gro_out: &mut [u8], t: &mut Tally) {
+/// takes vnet headers: one header built in `head`, the payloads gathered
+/// from where they were received (no copy).
+fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], head: &mut [u8], t: &mut Tally) {
     let slice = |&(s, l): &(usize, usize)| &buf[s..s + l];
     let mut i = 0;
     while i < pkts.len() {
@@ -548,8 +569,12 @@ fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], gro_out: &mut [u8]
             1
         };
         let ok = if run > 1 {
-            match offload::coalesce(pkts[i..i + run].iter().map(slice), gro_out) {
-                Ok(len) => w.tun.write(&gro_out[..len]).is_ok(),
+            let run_pkts = pkts[i..i + run].iter().map(slice);
+            match offload::coalesce_header(run_pkts.clone(), head) {
+                Ok((hl, h)) => w
+                    .tun
+                    .write_gather(&head[..hl], run_pkts.map(|p| &p[h..]))
+                    .is_ok(),
                 Err(_) => false,
             }
         } else {

@@ -117,6 +117,44 @@ impl Tun {
         self.vnet_hdr
     }
 
+    /// Writes one packet gathered from `head` and up to 64 `pieces`.
+    pub fn write_gather<'a>(
+        &self,
+        head: &[u8],
+        pieces: impl Iterator<Item = &'a [u8]>,
+    ) -> io::Result<usize> {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut iov = [empty; 65];
+        iov[0] = libc::iovec {
+            iov_base: head.as_ptr() as *mut _,
+            iov_len: head.len(),
+        };
+        let mut n = 1;
+        for p in pieces {
+            if n == iov.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "too many pieces",
+                ));
+            }
+            iov[n] = libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
+            };
+            n += 1;
+        }
+        // SAFETY: iov[..n] describe live, readable buffers borrowed for this call.
+        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
     /// Writes one packet from two pieces (a vnet header and the packet).
     #[inline]
     pub fn write2(&self, a: &[u8], b: &[u8]) -> io::Result<usize> {

@@ -3,88 +3,9 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
 use support::*;
-
-/// Deterministic pseudo-random bytes (xorshift), so corruption is visible.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Sends `len` bytes over TCP from host `from` to host `to`'s overlay address
-/// and returns what arrived.
-fn tcp_transfer(bed: &Bed, from: usize, to: usize, data: Vec<u8>) -> Vec<u8> {
-    let dst = bed.tun_addr(to);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = spawn_in_ns(&bed.ns(to), move || {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        tx.send(l.local_addr().unwrap().port()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).unwrap();
-        got
-    });
-    let port = rx.recv().unwrap();
-    in_ns(&bed.ns(from), move || {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddrV4::new(dst, port).into(),
-            Duration::from_secs(10),
-        )
-        .expect("TCP connect through the tunnel");
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(&data).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    server.join().unwrap()
-}
-
-/// Sends one UDP datagram from host `from` to `dst:9` with IP_RECVERR and
-/// returns the errno an ICMP error produced, if any.
-fn udp_probe_error(bed: &Bed, from: usize, dst: Ipv4Addr) -> Option<i32> {
-    udp_probe_error_ttl(bed, from, dst, 64)
-}
-
-fn udp_probe_error_ttl(bed: &Bed, from: usize, dst: Ipv4Addr, ttl: u32) -> Option<i32> {
-    in_ns(&bed.ns(from), move || {
-        use std::os::fd::AsRawFd;
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        let one: libc::c_int = 1;
-        // SAFETY: setting an int socket option on a valid socket.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_RECVERR,
-                (&one as *const libc::c_int).cast(),
-                4,
-            );
-        }
-        s.set_ttl(ttl).unwrap();
-        s.connect((dst, 9)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        for _ in 0..3 {
-            let _ = s.send(b"probe");
-            let mut b = [0u8; 64];
-            match s.recv(&mut b) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return e.raw_os_error(),
-                Ok(_) => return None,
-            }
-        }
-        None
-    })
-}
 
 #[test]
 fn three_hosts_get_distinct_subnets_and_reach_each_other() {

@@ -1,0 +1,280 @@
+//! The fast path with offloads on and off: data intact, the wire unchanged
+//! (one ordinary, checksum-correct IPv4 packet of at most the MTU per
+//! datagram), and peers with different modes interoperate.
+
+mod support;
+
+use flannel::wire::{fold, pseudo_header_sum, sum, Ipv4Packet};
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+
+const MODES: [&str; 2] = ["--offload=auto", "--offload=off"];
+
+/// Sends `n` datagrams of `size` bytes (sequence number + pattern) from
+/// host `from` to `dst:port`, with UDP GSO (`UDP_SEGMENT`) when `gso`, so
+/// the kernel hands the TUN UDP super-packets, pausing 2 ms every `pace`
+/// datagrams. Returns how many arrived (each checked intact).
+fn udp_flood(
+    bed: &Bed,
+    from: usize,
+    to: usize,
+    n: usize,
+    size: usize,
+    gso: bool,
+    pace: usize,
+) -> usize {
+    let dst = bed.tun_addr(to);
+    let rx = in_ns(&bed.ns(to), || UdpSocket::bind("0.0.0.0:6000").unwrap());
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let _ = flannel::datapath::batch::set_int_opt(
+        rx.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        8 << 20,
+    );
+    let receiver = std::thread::spawn(move || {
+        let mut seen = vec![false; n];
+        let mut buf = [0u8; 65536];
+        while let Ok(len) = rx.recv(&mut buf) {
+            assert_eq!(len, size, "datagram size changed in the tunnel");
+            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+            assert!(seq < n);
+            assert!(
+                buf[4..len]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == (seq + i) as u8),
+                "datagram {seq} corrupted"
+            );
+            seen[seq] = true;
+        }
+        seen.iter().filter(|&&s| s).count()
+    });
+    in_ns(&bed.ns(from), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect((dst, 6000)).unwrap();
+        let per = if gso { 16 } else { 1 };
+        if gso {
+            flannel::datapath::batch::set_int_opt(s.as_raw_fd(), libc::SOL_UDP, 103, size as i32)
+                .unwrap();
+        }
+        let mut buf = vec![0u8; size * per];
+        let mut seq = 0;
+        while seq < n {
+            let k = per.min(n - seq);
+            for j in 0..k {
+                let d = &mut buf[j * size..(j + 1) * size];
+                d[..4].copy_from_slice(&((seq + j) as u32).to_be_bytes());
+                for (i, b) in d[4..].iter_mut().enumerate() {
+                    *b = (seq + j + i) as u8;
+                }
+            }
+            let _ = s.send(&buf[..k * size]);
+            seq += k;
+            if seq % pace < per {
+                std::thread::sleep(Duration::from_millis(2)); // pace: a flood, not a drop test
+            }
+        }
+    });
+    receiver.join().unwrap()
+}
+
+#[test]
+fn tcp_and_udp_arrive_intact_with_offloads_on_and_off() {
+    for mode in MODES {
+        let mut bed = Bed::new(2);
+        bed.start_ready_with(0, &[mode]);
+        bed.start_ready_with(1, &[mode]);
+        let dst = bed.tun_addr(1);
+        wait_for("h0 -> h1", Duration::from_secs(10), || {
+            bed.ping(0, dst).then_some(())
+        });
+        for (a, b) in [(0, 1), (1, 0)] {
+            let data = pattern(16 << 20, 7 + a as u64);
+            let got = tcp_transfer(&bed, a, b, data.clone());
+            assert!(
+                got == data,
+                "{mode}: 16 MB TCP h{a} -> h{b} corrupted or short ({} bytes)",
+                got.len()
+            );
+        }
+        for gso in [false, true] {
+            let n = 4000;
+            let got = udp_flood(&bed, 0, 1, n, 1200, gso, 256);
+            // UDP may lose a few under load; what arrives must be intact.
+            assert!(
+                got >= n * 9 / 10,
+                "{mode} gso={gso}: only {got} of {n} datagrams arrived"
+            );
+        }
+        for i in 0..2 {
+            assert!(bed.stop(i, libc::SIGTERM).unwrap().success());
+            let log = bed.log(i);
+            let c = log
+                .lines()
+                .find(|l| l.contains("data path counters"))
+                .unwrap();
+            assert!(
+                c.contains("malformed=0") && c.contains("send_errors=0"),
+                "{mode}: {c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn peers_with_offloads_on_and_off_interoperate() {
+    let mut bed = Bed::new(2);
+    bed.start_ready_with(0, &["--offload=auto"]);
+    bed.start_ready_with(1, &["--offload=off", "--workers=1"]);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    for (a, b) in [(0, 1), (1, 0)] {
+        let data = pattern(12 << 20, 3 + a as u64);
+        assert!(
+            tcp_transfer(&bed, a, b, data.clone()) == data,
+            "h{a} -> h{b}"
+        );
+    }
+}
+
+/// Checks one underlay datagram the way a Go flanneld (plain recvfrom) would
+/// need it: one IPv4 packet, ≤ MTU, valid IP and TCP/UDP checksums.
+fn check_wire_packet(p: &[u8], mtu: usize) -> Result<(), String> {
+    let v = Ipv4Packet::new_checked(p).map_err(|e| format!("not one IPv4 packet: {e}"))?;
+    if p.len() > mtu {
+        return Err(format!("{} bytes > MTU {mtu}", p.len()));
+    }
+    if !v.header_checksum_ok() {
+        return Err("bad IPv4 header checksum".into());
+    }
+    let t = v.payload();
+    let proto = v.protocol();
+    if proto == 6 || (proto == 17 && t.len() >= 8 && t[6..8] != [0, 0]) {
+        let s = sum(
+            t,
+            pseudo_header_sum(&p[12..16], &p[16..20], proto, t.len() as u16),
+        );
+        if fold(s) != 0xffff {
+            return Err(format!("bad transport checksum (proto {proto})"));
+        }
+    }
+    Ok(())
+}
+
+/// h1 announces a relay's address as its PublicIP: h0 (offloads on) sends
+/// to a plain UDP socket, which checks every datagram and forwards it to h1.
+#[test]
+fn a_plain_udp_peer_sees_only_ordinary_checksummed_packets_within_mtu() {
+    let mut bed = Bed::new(3);
+    bed.start_ready_with(0, &["--offload=auto"]);
+    let relay_ip = bed.hosts[2].ip;
+    bed.start_ready_with(1, &["--offload=auto", &format!("--public-ip={relay_ip}")]);
+    let h1_ip = bed.hosts[1].ip;
+    let relay = in_ns(&bed.ns(2), || UdpSocket::bind("0.0.0.0:8285").unwrap());
+    relay
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (checked, bad) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let worker = {
+        let (stop, checked, bad) = (stop.clone(), checked.clone(), bad.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = relay.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Err(e) = check_wire_packet(&buf[..n], 1472) {
+                    bad.lock().unwrap().push(format!("from {from}: {e}"));
+                }
+                checked.fetch_add(1, Ordering::Relaxed);
+                relay.send_to(&buf[..n], (h1_ip, 8285)).unwrap();
+            }
+        })
+    };
+    let dst = bed.tun_addr(1);
+    wait_for(
+        "h0 -> h1 through the relay",
+        Duration::from_secs(10),
+        || bed.ping(0, dst).then_some(()),
+    );
+    let data = pattern(16 << 20, 11);
+    let got = tcp_transfer(&bed, 0, 1, data.clone());
+    let got_udp = udp_flood(&bed, 0, 1, 2000, 1300, true, 32);
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    let bad = bad.lock().unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} bad datagrams, first: {:?}",
+        bad.len(),
+        bad.first()
+    );
+    assert!(
+        checked.load(Ordering::Relaxed) > 10_000,
+        "too few datagrams checked"
+    );
+    assert!(got == data, "16 MB through the relay corrupted");
+    assert!(
+        got_udp >= 1800,
+        "UDP GSO flood through the relay: {got_udp} of 2000"
+    );
+}
+
+/// TCP, UDP and ICMP at once, so batches carry mixed flows.
+#[test]
+fn mixed_tcp_udp_and_icmp_flows_share_batches() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    let ns0 = bed.ns(0);
+    let pinger = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns0,
+                "ping",
+                "-q",
+                "-c",
+                "300",
+                "-i",
+                "0.005",
+                "-s",
+                "1000",
+                &dst.to_string(),
+            ])
+            .output()
+            .unwrap()
+    });
+    let data = pattern(16 << 20, 5);
+    let got = std::thread::scope(|s| {
+        let t = s.spawn(|| tcp_transfer(&bed, 0, 1, data.clone()));
+        let u = udp_flood(&bed, 1, 0, 3000, 700, false, 256);
+        assert!(u >= 2700, "UDP beside TCP: {u} of 3000");
+        t.join().unwrap()
+    });
+    assert!(got == data, "TCP beside UDP and ICMP corrupted");
+    let out = pinger.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ping failed: {text}");
+    assert!(
+        text.contains(" 0% packet loss") || text.contains("300 received"),
+        "{text}"
+    );
+}

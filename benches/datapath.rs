@@ -127,5 +127,57 @@ fn per_packet(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_lookup, per_packet);
+/// A 64 KB IPv4/TCP super-packet as the TUN hands it over with TSO.
+fn tso_packet() -> (Vec<u8>, flannel::offload::VnetHdr) {
+    let payload = 65535 - 52;
+    let mut p = packet(52 + payload, 64);
+    p[9] = 6;
+    p[32] = 8 << 4; // 32-byte TCP header (timestamps)
+    p[33] = 0x10;
+    let ck = {
+        p[10] = 0;
+        p[11] = 0;
+        flannel::wire::checksum(&p[..20])
+    };
+    p[10..12].copy_from_slice(&ck.to_be_bytes());
+    let hdr = flannel::offload::VnetHdr {
+        flags: flannel::offload::F_NEEDS_CSUM,
+        gso_type: flannel::offload::GSO_TCPV4,
+        hdr_len: 52,
+        gso_size: 1420,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    (p, hdr)
+}
+
+/// Per 64 KB super-packet: building the 47 segment headers with their TCP
+/// checksums (the zero-copy split the data path does), and checking +
+/// coalescing those 47 segments back into one super-packet header.
+fn offload(c: &mut Criterion) {
+    use flannel::offload::{coalesce_header, coalesce_run, gso_split, gso_split_headers};
+    let mut g = c.benchmark_group("offload_64k");
+    let (p, hdr) = tso_packet();
+    g.throughput(Throughput::Bytes(p.len() as u64));
+    let mut headers = vec![0u8; 128 * 120];
+    g.bench_function("split_headers", |b| {
+        b.iter(|| gso_split_headers(black_box(&p), &hdr, &mut headers).unwrap())
+    });
+    let mut out = vec![0u8; 80_000];
+    let split = gso_split(&p, &hdr, &mut out).unwrap();
+    let segs: Vec<&[u8]> = (0..split.count)
+        .map(|k| &out[k * split.seg_len..((k + 1) * split.seg_len).min(split.total)])
+        .collect();
+    let mut head = [0u8; 200];
+    g.bench_function("coalesce", |b| {
+        b.iter(|| {
+            let n = coalesce_run(segs.iter().copied());
+            assert_eq!(n, segs.len());
+            coalesce_header(segs.iter().copied(), &mut head).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_lookup, per_packet, offload);
 criterion_main!(benches);

@@ -5,7 +5,7 @@
 mod support;
 
 use flannel::wire::{fold, pseudo_header_sum, sum, Ipv4Packet};
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -372,11 +372,7 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
                     icmp_reply(w, slots.packet(i), answer, &mut icmp, &mut t);
                 }
             }
-            if mmsg.queued() > 0 {
-                let (sent, failed) = mmsg.send(sock, slots.bytes_mut(), &mut []);
-                t.udp_tx_packets += sent as u64;
-                t.drop_send_error += failed as u64;
-            }
+            flush(&mut mmsg, sock, slots.bytes_mut(), &mut [], &mut t);
             w.shared.counters.add(&t);
             if n < slots.count() {
                 break;

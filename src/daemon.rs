@@ -36,6 +36,7 @@ pub struct Options {
     pub tun_name: String,
     pub workers: usize,
     pub offload: OffloadMode,
+    pub pin_workers: bool,
 }
 
 /// Exponential backoff, 100 ms doubling to a cap (flannel's watch backoff).
@@ -277,6 +278,7 @@ pub async fn run<S: LeaseStore>(
             routes,
             counters: counters.clone(),
             icmp_src: cfg.network.network(),
+            pin: opts.pin_workers,
         },
     )?;
 

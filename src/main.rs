@@ -100,6 +100,10 @@ struct Cli {
     #[arg(long, env = "FLANNELD_OFFLOAD", value_enum, default_value = "auto")]
     offload: OffloadMode,
 
+    /// Pin worker k's two threads to CPU k.
+    #[arg(long, env = "FLANNELD_PIN_WORKERS")]
+    pin_workers: bool,
+
     /// Lease TTL in seconds (flannel: 24 h). For tests of renewal.
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value_t = 86400, hide = true,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
                 .unwrap_or(1)
         }),
         offload: cli.offload,
+        pin_workers: cli.pin_workers,
     };
     let result = rt.block_on(async {
         let store = EtcdStore::connect(&etcd).await?;

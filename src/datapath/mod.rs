@@ -165,6 +165,21 @@ pub struct Shared {
     /// Network that no host owns, so the kernel does not drop the reply as
     /// a martian (flannel uses the TUN's own address and its replies are lost).
     pub icmp_src: Ipv4Addr,
+    /// Pin worker k's threads to CPU k (mod the CPU count).
+    pub pin: bool,
+}
+
+/// Restricts the calling thread to one CPU; failure is logged, not fatal.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it; sched_setaffinity(0)
+    // affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, error = %io::Error::last_os_error(), "pinning a worker failed");
+        }
+    }
 }
 
 struct Worker {
@@ -241,7 +256,11 @@ impl Datapath {
     pub fn start(devices: Devices, shared: Shared) -> io::Result<Self> {
         let stop = Arc::new(StopFd::new()?);
         let mut threads = Vec::new();
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         for (k, (tun, sock)) in devices.queues.into_iter().enumerate() {
+            let cpu = shared.pin.then_some(k % cpus);
             let w = Arc::new(Worker {
                 tun,
                 sock,
@@ -252,13 +271,19 @@ impl Datapath {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tun-to-udp-{k}"))
-                    .spawn(move || tun_to_udp(&w1, &st1))?,
+                    .spawn(move || {
+                        cpu.map(pin_to_cpu);
+                        tun_to_udp(&w1, &st1)
+                    })?,
             );
             let st2 = stop.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("udp-to-tun-{k}"))
-                    .spawn(move || udp_to_tun(&w, &st2))?,
+                    .spawn(move || {
+                        cpu.map(pin_to_cpu);
+                        udp_to_tun(&w, &st2)
+                    })?,
             );
         }
         Ok(Datapath { stop, threads })

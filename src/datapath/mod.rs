@@ -272,7 +272,9 @@ impl Datapath {
                 std::thread::Builder::new()
                     .name(format!("tun-to-udp-{k}"))
                     .spawn(move || {
-                        cpu.map(pin_to_cpu);
+                        if let Some(c) = cpu {
+                            pin_to_cpu(c);
+                        }
                         tun_to_udp(&w1, &st1)
                     })?,
             );
@@ -281,7 +283,9 @@ impl Datapath {
                 std::thread::Builder::new()
                     .name(format!("udp-to-tun-{k}"))
                     .spawn(move || {
-                        cpu.map(pin_to_cpu);
+                        if let Some(c) = cpu {
+                            pin_to_cpu(c);
+                        }
                         udp_to_tun(&w, &st2)
                     })?,
             );

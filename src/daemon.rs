@@ -7,7 +7,7 @@ use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::{self, Acquire, PeerChange, PeerSet};
 use crate::netlink::{self, Netlink};
-use crate::registry::{LeaseStore, LeaseWatch, RawLease, WatchEvent, WatchItem};
+use crate::registry::{LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem};
 use crate::routes::RouteTable;
 use crate::subnet::LeaseAttrs;
 use crate::subnet_env::{self, SubnetEnv};
@@ -170,12 +170,14 @@ impl Peers {
         self.routes.store(self.set.snapshot(self.port));
     }
 
-    /// Applies watch events; returns true when our own lease was deleted.
+    /// Applies lease events; returns true when our own lease was deleted.
+    /// Config events are the caller's.
     fn apply(&mut self, events: &[WatchEvent], own: Ipv4Network) -> bool {
         let mut changes = Vec::new();
         let mut own_deleted = false;
         for ev in events {
             match ev {
+                WatchEvent::Config(_) => {}
                 WatchEvent::Put(raw) => match lease::decode(raw) {
                     Ok(l) => changes.extend(self.set.upsert(l.subnet, l.attrs.public_ip)),
                     Err(e) => tracing::warn!("skipping lease: {e}"),
@@ -214,6 +216,171 @@ fn configure_tun(
     Ok(())
 }
 
+/// The control plane's state after start-up, and what it does on events.
+struct Control<'a, S> {
+    store: &'a S,
+    opts: &'a Options,
+    cfg: NetworkConfig,
+    cfg_text: String,
+    value: String,
+    public_ip: Ipv4Addr,
+    own: Ipv4Network,
+    renew_at: Option<Instant>,
+    peers: Peers,
+    tun_index: u32,
+    mtu: u32,
+}
+
+impl<S: LeaseStore> Control<'_, S> {
+    fn renew_time(&self, exp: Option<Duration>) -> Option<Instant> {
+        exp.map(|d| Instant::now() + lease::renew_delay(d, self.opts.renew_margin))
+    }
+
+    /// Re-puts our lease with a fresh TTL (flannel: a new 24 h etcd lease).
+    async fn renew(&mut self) {
+        match self
+            .store
+            .put(self.own, self.value.clone(), Some(self.opts.lease_ttl))
+            .await
+        {
+            Ok(exp) => {
+                self.renew_at = self.renew_time(exp);
+                tracing::info!(subnet = %self.own, ttl = ?exp, "lease renewed");
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "renewing lease {} failed, retrying in a minute: {e:#}",
+                    self.own
+                );
+                self.renew_at =
+                    Some(Instant::now() + Duration::from_secs(60).min(self.opts.lease_ttl / 4));
+            }
+        }
+    }
+
+    async fn on_events(&mut self, evs: &[WatchEvent]) -> anyhow::Result<()> {
+        for ev in evs {
+            if let WatchEvent::Config(text) = ev {
+                self.config_changed(text.as_deref());
+            }
+        }
+        if self.peers.apply(evs, self.own) {
+            tracing::warn!(subnet = %self.own, "our lease was deleted from etcd (Go flanneld would exit here); taking it back");
+            self.reacquire().await?;
+        }
+        Ok(())
+    }
+
+    /// flannel applies a new config only on restart; we do the same but say
+    /// so loudly, and never silently keep routing into a Network that changed.
+    fn config_changed(&mut self, text: Option<&str>) {
+        let Some(text) = text else {
+            tracing::error!("the network config was deleted from etcd; keeping the running config {} until restart", self.cfg.network);
+            return;
+        };
+        if text == self.cfg_text {
+            return;
+        }
+        match NetworkConfig::parse(text) {
+            Ok(new) if new == self.cfg => {
+                tracing::info!("network config rewritten with the same meaning")
+            }
+            Ok(new) => tracing::error!(
+                running = %self.cfg.network, new = %new.network,
+                "the network config changed in etcd; flanneld keeps the running config and must be restarted to apply it"
+            ),
+            Err(e) => tracing::error!(
+                "the network config in etcd is now invalid ({e}); keeping the running config"
+            ),
+        }
+        self.cfg_text = text.to_string();
+    }
+
+    /// Our lease vanished (deleted, or expired while etcd was away): take
+    /// the same subnet back if it is free, else a new one, moving the TUN
+    /// address and subnet.env with it.
+    async fn reacquire(&mut self) -> anyhow::Result<()> {
+        match self
+            .store
+            .create(self.own, self.value.clone(), self.opts.lease_ttl)
+            .await
+        {
+            Ok(Some(exp)) => {
+                self.renew_at = self.renew_time(Some(exp));
+                tracing::info!(subnet = %self.own, "lease re-created");
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // etcd went away meanwhile: the re-list after reconnecting retries.
+                tracing::warn!("re-creating lease {} failed: {e:#}", self.own);
+                return Ok(());
+            }
+        }
+        let (new, exp) = acquire(
+            self.store,
+            &self.cfg,
+            self.public_ip,
+            Some(self.own),
+            self.opts.lease_ttl,
+        )
+        .await?;
+        self.renew_at = self.renew_time(exp);
+        if new != self.own {
+            self.move_to(new)?;
+        }
+        Ok(())
+    }
+
+    /// Re-addresses the TUN and rewrites subnet.env for a new subnet.
+    fn move_to(&mut self, new: Ipv4Network) -> anyhow::Result<()> {
+        let old = self.own;
+        tracing::error!(
+            %old, %new,
+            "our subnet was taken by another host; moved to a new subnet: workloads addressed from the old one must be restarted"
+        );
+        let mut nl = Netlink::open().context("opening rtnetlink")?;
+        nl.add_address(self.tun_index, new.network(), 32)
+            .context("adding the new TUN address")?;
+        nl.del_address(self.tun_index, old.network(), 32)
+            .context("removing the old TUN address")?;
+        SubnetEnv {
+            network: self.cfg.network,
+            subnet: new,
+            mtu: self.mtu,
+            ipmasq: self.opts.ip_masq,
+        }
+        .write(&self.opts.subnet_file)
+        .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
+        self.own = new;
+        if let Some(change) = self.peers.set.set_own(new) {
+            Peers::log(&[change]);
+        }
+        self.peers
+            .routes
+            .store(self.peers.set.snapshot(self.peers.port));
+        Ok(())
+    }
+
+    /// Re-lists after a broken or compacted watch: diff the peers (removals
+    /// included) and take our lease back if it is gone. Returns the revision.
+    async fn resync(&mut self) -> anyhow::Result<Result<i64, StoreError>> {
+        let (raw, rev) = match self.store.list().await {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.peers.resync(&raw);
+        if !raw
+            .iter()
+            .any(|r| crate::subnet::parse_key(&r.key) == Ok(self.own))
+        {
+            tracing::warn!(subnet = %self.own, "our lease is missing after the re-list; taking it back");
+            self.reacquire().await?;
+        }
+        Ok(Ok(rev))
+    }
+}
+
 /// Runs flanneld until `shutdown` resolves.
 pub async fn run<S: LeaseStore>(
     store: S,
@@ -237,7 +404,7 @@ pub async fn run<S: LeaseStore>(
     let renew_time = |exp: Option<Duration>| {
         exp.map(|d| Instant::now() + lease::renew_delay(d, opts.renew_margin))
     };
-    let mut renew_at = renew_time(expires_in);
+    let renew_at = renew_time(expires_in);
 
     let mtu = ext
         .mtu
@@ -245,7 +412,8 @@ pub async fn run<S: LeaseStore>(
         .context("external MTU too small")?;
     let bind = SocketAddrV4::new(ext.addr, cfg.port);
     let devices = datapath::open(&opts.tun_name, opts.workers, opts.offload, bind)?;
-    configure_tun(&devices.tun_name, own, cfg.network, mtu)?;
+    let tun_name = devices.tun_name.clone();
+    configure_tun(&tun_name, own, cfg.network, mtu)?;
     let c = devices.caps;
     tracing::info!(
         tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
@@ -269,7 +437,12 @@ pub async fn run<S: LeaseStore>(
         port: cfg.port,
     };
     let (raw, rev) = retry("listing leases", || store.list()).await;
+    let built = std::time::Instant::now();
     peers.resync(&raw);
+    tracing::info!(
+        leases = raw.len(), peers = peers.set.len(), build = ?built.elapsed(),
+        "route table built from the initial lease list"
+    );
 
     let counters = Arc::new(Counters::default());
     let dp = Datapath::start(
@@ -282,65 +455,76 @@ pub async fn run<S: LeaseStore>(
         },
     )?;
 
-    let value = LeaseAttrs::udp(public_ip).to_json();
+    let mut ctl = Control {
+        store: &store,
+        opts: &opts,
+        cfg,
+        cfg_text: text,
+        value: LeaseAttrs::udp(public_ip).to_json(),
+        public_ip,
+        own,
+        renew_at,
+        peers,
+        tun_index: netlink::if_index(&tun_name)?,
+        mtu,
+    };
     let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await);
     let mut backoff = Backoff::new(Duration::from_secs(5));
+    let mut resync_at: Option<Instant> = None;
+    let mut outage_since: Option<Instant> = None;
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            _ = sleep_until(renew_at) => {
-                match store.put(own, value.clone(), Some(opts.lease_ttl)).await {
-                    Ok(exp) => {
-                        renew_at = renew_time(exp);
-                        tracing::info!(subnet = %own, ttl = ?exp, "lease renewed");
+            _ = sleep_until(ctl.renew_at) => ctl.renew().await,
+            _ = sleep_until(resync_at) => {
+                // One attempt per tick, so shutdown is never blocked by an outage.
+                let rev = match ctl.resync().await {
+                    Ok(Ok(rev)) => rev,
+                    Ok(Err(e)) => {
+                        tracing::debug!("re-listing failed: {e:#}");
+                        resync_at = Some(Instant::now() + backoff.step());
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                };
+                match store.watch(rev + 1).await {
+                    Ok(w) => {
+                        if let Some(since) = outage_since.take() {
+                            tracing::info!(
+                                peers = ctl.peers.set.len(), down_for = ?since.elapsed(),
+                                "etcd is back: re-listed leases and resumed the watch"
+                            );
+                        }
+                        watch = Some(w);
+                        resync_at = None;
+                        backoff = Backoff::new(Duration::from_secs(5));
                     }
                     Err(e) => {
-                        tracing::warn!("renewing lease {own} failed, retrying in a minute: {e:#}");
-                        renew_at = Some(Instant::now() + Duration::from_secs(60));
+                        tracing::debug!("restarting the watch failed: {e:#}");
+                        resync_at = Some(Instant::now() + backoff.step());
                     }
                 }
             }
-            item = next_item(&mut watch) => {
-                let resync = match item {
+            item = next_item(&mut watch), if watch.is_some() => {
+                match item {
                     Ok(WatchItem::Events(evs)) => {
                         backoff = Backoff::new(Duration::from_secs(5));
-                        if peers.apply(&evs, own) {
-                            tracing::warn!(subnet = %own, "our lease was deleted from etcd; re-creating it");
-                            match store.create(own, value.clone(), opts.lease_ttl).await {
-                                Ok(Some(exp)) => {
-                                    renew_at = renew_time(Some(exp));
-                                    tracing::info!(subnet = %own, "lease re-created");
-                                }
-                                Ok(None) => break Err(anyhow::anyhow!("lease {own} was revoked and another host took the subnet")),
-                                Err(e) => tracing::warn!("re-creating lease {own} failed: {e:#}"),
-                            }
+                        if let Err(e) = ctl.on_events(&evs).await {
+                            break Err(e);
                         }
-                        false
                     }
                     Ok(WatchItem::Compacted) => {
                         tracing::warn!("watch revision was compacted; re-listing leases");
-                        true
+                        watch = None;
+                        resync_at = Some(Instant::now());
                     }
                     Err(e) => {
-                        tracing::warn!("lease watch broke: {e:#}; re-listing");
-                        tokio::time::sleep(backoff.step()).await;
-                        true
-                    }
-                };
-                if resync {
-                    watch = None;
-                    let (raw, rev) = retry("re-listing leases", || store.list()).await;
-                    peers.resync(&raw);
-                    if !raw.iter().any(|r| crate::subnet::parse_key(&r.key) == Ok(own)) {
-                        tracing::warn!(subnet = %own, "our lease is missing after re-list; re-creating it");
-                        if let Ok(Some(exp)) = store.create(own, value.clone(), opts.lease_ttl).await {
-                            renew_at = renew_time(Some(exp));
-                        }
-                    }
-                    match store.watch(rev + 1).await {
-                        Ok(w) => watch = Some(w),
-                        Err(e) => tracing::warn!("restarting the watch failed: {e:#}"),
+                        // Logged once per outage; retries are quiet until etcd is back.
+                        tracing::warn!("lease watch broke ({e:#}); the data path keeps forwarding to known peers; retrying with backoff");
+                        outage_since = Some(Instant::now());
+                        watch = None;
+                        resync_at = Some(Instant::now() + backoff.step());
                     }
                 }
             }

@@ -150,6 +150,26 @@ impl Netlink {
         ok_if_exists(self.request(msg))
     }
 
+    /// `ip addr del ADDR/PREFIX dev INDEX`; a missing address is fine.
+    pub fn del_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut body = [0u8; 8]; // ifaddrmsg
+        body[0] = libc::AF_INET as u8;
+        body[1] = prefix;
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        let msg = Msg::new(
+            libc::RTM_DELADDR,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            self.seq,
+            &body,
+        )
+        .attr(libc::IFA_LOCAL, &addr.octets())
+        .attr(libc::IFA_ADDRESS, &addr.octets());
+        match self.request(msg) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            other => other,
+        }
+    }
+
     /// `ip link set dev INDEX mtu MTU up`.
     pub fn set_mtu_up(&mut self, index: u32, mtu: u32) -> io::Result<()> {
         let mut body = [0u8; 16]; // ifinfomsg

@@ -24,6 +24,8 @@ pub struct RawLease {
 pub enum WatchEvent {
     Put(RawLease),
     Delete(String),
+    /// `<prefix>/config` was written (its new text) or deleted (`None`).
+    Config(Option<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +59,7 @@ pub trait LeaseStore: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<Option<Duration>, StoreError>> + Send;
     fn delete(&self, subnet: Ipv4Network) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Watches all leases from `revision` on (inclusive).
+    /// Watches all leases and the network config from `revision` on (inclusive).
     fn watch(&self, revision: i64) -> impl Future<Output = Result<Self::Watch, StoreError>> + Send;
 }
 
@@ -220,24 +222,27 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn watch(&self, revision: i64) -> Result<EtcdWatch, StoreError> {
+        // The whole prefix: leases and the config key in one stream.
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
         let stream = self
             .client
             .clone()
-            .watch(
-                subnets_prefix(&self.prefix),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision),
-                ),
-            )
+            .watch(format!("{}/", self.prefix), Some(opts))
             .await?;
-        Ok(EtcdWatch { stream })
+        Ok(EtcdWatch {
+            stream,
+            config_key: format!("{}/config", self.prefix),
+            subnets: subnets_prefix(&self.prefix),
+        })
     }
 }
 
 pub struct EtcdWatch {
     stream: etcd_client::WatchStream,
+    config_key: String,
+    subnets: String,
 }
 
 impl LeaseWatch for EtcdWatch {
@@ -261,6 +266,17 @@ impl LeaseWatch for EtcdWatch {
                 .filter_map(|ev| {
                     let kv = ev.kv()?;
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    if key == self.config_key {
+                        return Some(WatchEvent::Config(match ev.event_type() {
+                            EventType::Put => {
+                                Some(String::from_utf8_lossy(kv.value()).into_owned())
+                            }
+                            EventType::Delete => None,
+                        }));
+                    }
+                    if !key.starts_with(&self.subnets) {
+                        return None; // other keys under the prefix are not ours
+                    }
                     Some(match ev.event_type() {
                         EventType::Put => WatchEvent::Put(RawLease {
                             key,

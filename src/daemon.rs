@@ -141,6 +141,7 @@ async fn acquire<S: LeaseStore>(
 /// The route table and the peer set behind it.
 struct Peers {
     set: PeerSet,
+    public_ip: Ipv4Addr,
     routes: Arc<RouteTable>,
     port: u16,
 }
@@ -170,20 +171,27 @@ impl Peers {
         self.routes.store(self.set.snapshot(self.port));
     }
 
-    /// Applies lease events; returns true when our own lease was deleted.
+    /// Applies lease events; returns true when our own lease was deleted or
+    /// rewritten for another host.
     /// Config events are the caller's.
     fn apply(&mut self, events: &[WatchEvent], own: Ipv4Network) -> bool {
         let mut changes = Vec::new();
-        let mut own_deleted = false;
+        let mut own_lost = false;
         for ev in events {
             match ev {
                 WatchEvent::Config(_) => {}
                 WatchEvent::Put(raw) => match lease::decode(raw) {
+                    Ok(l) if l.subnet == own => {
+                        // Someone rewrote our key for another host: we lost it.
+                        if l.attrs.public_ip != self.public_ip {
+                            own_lost = true;
+                        }
+                    }
                     Ok(l) => changes.extend(self.set.upsert(l.subnet, l.attrs.public_ip)),
                     Err(e) => tracing::warn!("skipping lease: {e}"),
                 },
                 WatchEvent::Delete(key) => match crate::subnet::parse_key(key) {
-                    Ok(sn) if sn == own => own_deleted = true,
+                    Ok(sn) if sn == own => own_lost = true,
                     Ok(sn) => changes.extend(self.set.remove(sn)),
                     Err(e) => tracing::warn!("skipping deleted key: {e}"),
                 },
@@ -193,7 +201,7 @@ impl Peers {
             Self::log(&changes);
             self.routes.store(self.set.snapshot(self.port));
         }
-        own_deleted
+        own_lost
     }
 }
 
@@ -265,7 +273,7 @@ impl<S: LeaseStore> Control<'_, S> {
             }
         }
         if self.peers.apply(evs, self.own) {
-            tracing::warn!(subnet = %self.own, "our lease was deleted from etcd (Go flanneld would exit here); taking it back");
+            tracing::warn!(subnet = %self.own, "our lease was deleted or taken over in etcd (Go flanneld would exit here); taking it back");
             self.reacquire().await?;
         }
         Ok(())
@@ -433,6 +441,7 @@ pub async fn run<S: LeaseStore>(
     let routes = Arc::new(RouteTable::default());
     let mut peers = Peers {
         set: PeerSet::new(Some(own)),
+        public_ip,
         routes: routes.clone(),
         port: cfg.port,
     };

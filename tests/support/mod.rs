@@ -532,3 +532,37 @@ pub fn udp_probe_error_ttl(bed: &Bed, from: usize, dst: Ipv4Addr, ttl: u32) -> O
         None
     })
 }
+
+/// The etcd key of a subnet's lease under the default prefix.
+pub fn key_of(sn: ipnetwork::Ipv4Network) -> String {
+    format!("{PREFIX}/subnets/{}-{}", sn.network(), sn.prefix())
+}
+
+impl Bed {
+    /// The etcd lease id attached to `key` (0: none, a reservation), or None if absent.
+    pub fn lease_id(&self, key: &str) -> Option<i64> {
+        let out = self.etcdctl_ok(&["get", key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+        let kv = v.get("kvs")?.get(0)?;
+        Some(kv.get("lease").and_then(|l| l.as_i64()).unwrap_or(0))
+    }
+
+    /// The current store revision.
+    pub fn revision(&self) -> i64 {
+        let out = self.etcdctl_ok(&["get", "/", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+        v["header"]["revision"].as_i64().expect("revision")
+    }
+
+    /// The etcd server's pid (`ip netns exec` execs it, so the child is etcd).
+    pub fn etcd_pid(&self) -> i32 {
+        self.etcd.as_ref().expect("etcd running").id() as i32
+    }
+
+    /// Sends a signal to host `i`'s daemon without waiting.
+    pub fn signal(&self, i: usize, sig: i32) {
+        let c = self.hosts[i].daemon.as_ref().expect("daemon running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+}

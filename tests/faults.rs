@@ -1,0 +1,335 @@
+//! Riding through control-plane faults with a real etcd: outages, lost and
+//! stolen leases, compaction, races, exhaustion, reservations, config
+//! changes. Each test prints the figure it measured (heal time, loss).
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn lease_value(ip: Ipv4Addr) -> String {
+    format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null}}"#)
+}
+
+#[test]
+fn an_etcd_outage_does_not_stop_traffic_and_heals_on_return() {
+    let mut bed = Bed::new(3);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    // A 256 MB transfer, with etcd killed while it runs.
+    let data = pattern(256 << 20, 99);
+    let etcd = bed.etcd_pid();
+    let (got, outage) = std::thread::scope(|s| {
+        let t = s.spawn(|| tcp_transfer(&bed, 0, 1, data.clone()));
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: killing the etcd child this bed started.
+        unsafe { libc::kill(etcd, libc::SIGKILL) };
+        let outage = Instant::now();
+        let got = t.join().unwrap();
+        (got, outage)
+    });
+    let transfer_done = outage.elapsed();
+    bed.stop_etcd(); // reap
+    let got2 = tcp_transfer(&bed, 0, 1, data.clone());
+    let lost_pings = (0..20).filter(|_| !bed.ping(0, dst)).count();
+    assert!(
+        got == data && got2 == data,
+        "transfer corrupted during the outage"
+    );
+    assert_eq!(
+        lost_pings, 0,
+        "pings lost to a known peer while etcd was down"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    bed.start_etcd();
+    let back = Instant::now();
+    println!(
+        "etcd killed mid-transfer: the transfer finished {transfer_done:?} later, intact; \
+         down for {:?}: another 256 MB intact, 0 of 20 pings lost",
+        back - outage
+    );
+    // A lease added after the return is routed within a few seconds.
+    let sn2 = bed.start_ready(2);
+    let routed = wait_for(
+        "h0 to route the host added after etcd returned",
+        Duration::from_secs(15),
+        || bed.ping(0, sn2.network()).then_some(back.elapsed()),
+    );
+    println!("new host routed {routed:?} after etcd returned");
+    let log = bed.log(0);
+    assert_eq!(
+        log.matches("lease watch broke").count(),
+        1,
+        "the outage must be logged once:\n{log}"
+    );
+    assert!(log.contains("etcd is back"), "{log}");
+}
+
+#[test]
+fn a_deleted_own_lease_is_taken_back_without_restart() {
+    let mut bed = Bed::new(2);
+    let sn = bed.start_ready(0);
+    bed.start_ready(1);
+    let key = key_of(sn);
+    let t = Instant::now();
+    bed.del(&key);
+    let healed = wait_for(
+        "the lease to be re-created",
+        Duration::from_secs(10),
+        || {
+            bed.leases()
+                .iter()
+                .any(|(k, _)| *k == key)
+                .then_some(t.elapsed())
+        },
+    );
+    println!("own lease deleted: re-created in {healed:?}, same subnet {sn}");
+    assert!(bed.lease_id(&key).unwrap() != 0, "re-created with a TTL");
+    assert!(bed.is_running(0));
+    let dst = bed.tun_addr(0);
+    wait_for(
+        "h1 -> h0 after the re-create",
+        Duration::from_secs(10),
+        || bed.ping(1, dst).then_some(()),
+    );
+}
+
+#[test]
+fn a_stolen_subnet_moves_the_host_to_a_new_one() {
+    let mut bed = Bed::new(2);
+    let sn = bed.start_ready(0);
+    bed.start_ready(1);
+    // Another writer takes our key for a host of its own.
+    let t = Instant::now();
+    bed.put(&key_of(sn), &lease_value(Ipv4Addr::new(192, 168, 100, 77)));
+    let file = bed.hosts[0].subnet_file.clone();
+    let new = wait_for(
+        "subnet.env to name a new subnet",
+        Duration::from_secs(10),
+        || flannel::subnet_env::read_previous_subnet(&file).filter(|n| *n != sn),
+    );
+    println!("subnet {sn} stolen: moved to {new} in {:?}", t.elapsed());
+    let addrs = sh(&[
+        "ip",
+        "-n",
+        &bed.ns(0),
+        "-o",
+        "addr",
+        "show",
+        "dev",
+        "flannel0",
+    ]);
+    assert!(addrs.contains(&format!("{}/32", new.network())), "{addrs}");
+    assert!(
+        !addrs.contains(&format!("{}/32", sn.network())),
+        "old address kept: {addrs}"
+    );
+    assert!(bed
+        .leases()
+        .iter()
+        .any(|(k, v)| *k == key_of(new) && v.contains("192.168.100.1\"")));
+    assert!(bed.log(0).contains("moved to a new subnet"));
+    wait_for(
+        "h1 -> h0 at its new address",
+        Duration::from_secs(10),
+        || bed.ping(1, new.network()).then_some(()),
+    );
+}
+
+#[test]
+fn compaction_and_missed_events_leave_no_stale_route() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    let sn1 = bed.start_ready(1);
+    let dst1 = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst1).then_some(())
+    });
+    bed.stop(1, libc::SIGTERM);
+    // Freeze h0, change the world behind its back, compact past its watch.
+    bed.signal(0, libc::SIGSTOP);
+    bed.del(&key_of(sn1));
+    bed.put(
+        &format!("{PREFIX}/subnets/10.5.201.0-24"),
+        &lease_value(bed.hosts[1].ip),
+    );
+    for i in 0..50 {
+        bed.put(&format!("{PREFIX}/unrelated/{i}"), "x");
+    }
+    let rev = bed.revision();
+    let out = bed.etcdctl(&["compaction", &rev.to_string()]);
+    assert!(out.status.success());
+    let t = Instant::now();
+    bed.signal(0, libc::SIGCONT);
+    wait_for(
+        "h0 to drop the deleted lease's route",
+        Duration::from_secs(10),
+        || (udp_probe_error(&bed, 0, dst1) == Some(libc::ENETUNREACH)).then_some(()),
+    );
+    let healed = t.elapsed();
+    let log = bed.log(0);
+    let path = if log.contains("compacted") {
+        "by a re-list after ErrCompacted"
+    } else {
+        "from buffered watch events"
+    };
+    println!("after compaction to rev {rev}: stale route gone {healed:?} after resume, {path}");
+    assert!(log.contains("peer removed"), "{log}");
+    assert!(log.contains("10.5.201.0/24"), "new lease not seen:\n{log}");
+}
+
+#[test]
+fn twenty_daemons_started_at_once_get_distinct_subnets() {
+    let mut bed = Bed::new(20);
+    for i in 0..20 {
+        let _ = std::fs::remove_file(&bed.hosts[i].subnet_file);
+        bed.start(i, &["--workers=1"]);
+    }
+    let subnets: Vec<_> = (0..20).map(|i| bed.wait_subnet(i)).collect();
+    let mut uniq = subnets.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 20, "duplicate subnets: {subnets:?}");
+    let leases = bed.leases();
+    assert_eq!(leases.len(), 20, "{leases:?}");
+    for (i, sn) in subnets.iter().enumerate() {
+        let v = &leases
+            .iter()
+            .find(|(k, _)| *k == key_of(*sn))
+            .expect("lease in etcd")
+            .1;
+        assert!(v.contains(&format!("\"{}\"", bed.hosts[i].ip)));
+    }
+    // Every route table holds the 19 others.
+    for i in 0..20 {
+        let log = wait_for(
+            &format!("h{i} to know 19 peers"),
+            Duration::from_secs(10),
+            || {
+                let log = bed.log(i);
+                let peers: std::collections::HashSet<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("peer added"))
+                    .filter_map(|l| l.split("subnet=").nth(1)?.split_whitespace().next())
+                    .collect();
+                (peers.len() == 19).then_some(log)
+            },
+        );
+        assert!(!log.contains(&format!("peer added subnet={}", subnets[i])));
+    }
+    let dst = bed.tun_addr(19);
+    wait_for("h0 -> h19", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+}
+
+#[test]
+fn running_out_of_subnets_fails_cleanly() {
+    let mut bed = Bed::empty();
+    bed.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0"}"#,
+    );
+    for _ in 0..4 {
+        bed.add_host();
+    }
+    for i in 0..3 {
+        bed.start_ready(i);
+    }
+    let out = bed.flanneld_cmd(3, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("out of subnets"), "{err}");
+    assert_eq!(bed.leases().len(), 3);
+    assert!(!bed
+        .leases()
+        .iter()
+        .any(|(_, v)| v.contains("192.168.100.4\"")));
+    assert!(
+        !sh(&["ip", "-n", &bed.ns(3), "link"]).contains("flannel"),
+        "TUN left behind"
+    );
+    assert!(
+        !sh(&["ip", "-n", &bed.ns(3), "route"]).contains("10.5."),
+        "route left behind"
+    );
+    assert!(!bed.hosts[3].subnet_file.exists());
+}
+
+#[test]
+fn reservations_are_kept_permanent_and_never_taken_by_others() {
+    let mut bed = Bed::empty();
+    bed.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0"}"#,
+    );
+    bed.add_host();
+    bed.add_host();
+    // h0's reservation (no etcd lease), and one for a host that is not here.
+    bed.put(
+        &format!("{PREFIX}/subnets/10.5.2.0-24"),
+        &lease_value(bed.hosts[0].ip),
+    );
+    bed.put(
+        &format!("{PREFIX}/subnets/10.5.3.0-24"),
+        &lease_value(Ipv4Addr::new(192, 168, 100, 99)),
+    );
+    assert_eq!(bed.start_ready(0).to_string(), "10.5.2.0/24");
+    assert_eq!(
+        bed.lease_id(&format!("{PREFIX}/subnets/10.5.2.0-24")),
+        Some(0),
+        "reservation got a TTL"
+    );
+    // h1 may only take the one free subnet, never the other host's reservation.
+    assert_eq!(bed.start_ready(1).to_string(), "10.5.1.0/24");
+    assert!(bed
+        .leases()
+        .iter()
+        .any(|(k, v)| k.ends_with("10.5.3.0-24") && v.contains("192.168.100.99")));
+    // A restart keeps the reservation permanent.
+    bed.stop(0, libc::SIGTERM);
+    assert_eq!(bed.start_ready(0).to_string(), "10.5.2.0/24");
+    assert_eq!(
+        bed.lease_id(&format!("{PREFIX}/subnets/10.5.2.0-24")),
+        Some(0)
+    );
+}
+
+#[test]
+fn the_previous_subnet_is_reused_after_a_public_ip_change() {
+    let mut bed = Bed::new(1);
+    let first = bed.start_ready(0);
+    bed.stop(0, libc::SIGTERM);
+    bed.del(&key_of(first)); // as if it had expired
+    let _ = bed.lease_id(&key_of(first));
+    // Same subnet.env, a different PublicIP: the old subnet is free, so reused.
+    bed.start(0, &["--public-ip=192.168.100.123"]);
+    let again = bed.wait_subnet(0);
+    assert_eq!(again, first);
+    let v = &bed.leases()[0].1;
+    assert!(v.contains("192.168.100.123"), "{v}");
+}
+
+#[test]
+fn a_config_change_is_reported_and_the_running_network_kept() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    bed.put(&format!("{PREFIX}/config"), r#"{"Network":"10.6.0.0/16"}"#);
+    wait_for(
+        "the config change to be logged",
+        Duration::from_secs(10),
+        || bed.log(0).contains("network config changed").then_some(()),
+    );
+    assert!(bed.log(0).contains("must be restarted"));
+    let dst = bed.tun_addr(1);
+    assert!(
+        bed.ping(0, dst),
+        "running network broken by a config change"
+    );
+}

@@ -7,7 +7,9 @@ use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::{self, Acquire, PeerChange, PeerSet};
 use crate::netlink::{self, Netlink};
-use crate::registry::{LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem};
+use crate::registry::{
+    is_permanent, LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem,
+};
 use crate::routes::RouteTable;
 use crate::subnet::LeaseAttrs;
 use crate::subnet_env::{self, SubnetEnv};
@@ -59,8 +61,11 @@ impl Backoff {
     }
 }
 
-/// Retries a store call while etcd is unreachable, logging once per outage.
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+/// Retries a store call while etcd is unreachable, logging once per
+/// outage. Errors retrying cannot fix (TLS trust, certificates,
+/// authentication) are returned at once, so a misconfiguration is an error
+/// and not a hang.
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
@@ -73,8 +78,9 @@ where
                 if logged {
                     tracing::info!("etcd is reachable again ({what})");
                 }
-                return v;
+                return Ok(v);
             }
+            Err(e) if is_permanent(&e) => return Err(e.context(format!("{what}: etcd refused us"))),
             Err(e) => {
                 if !logged {
                     tracing::warn!("{what} failed, retrying: {e:#}");
@@ -108,25 +114,30 @@ async fn acquire<S: LeaseStore>(
 ) -> anyhow::Result<(Ipv4Network, Option<Duration>)> {
     let value = LeaseAttrs::udp(public_ip).to_json();
     for _ in 0..ACQUIRE_TRIES {
-        let (raw, _) = retry("listing leases", || store.list()).await;
+        let (raw, _) = retry("listing leases", || store.list()).await?;
         let leases = decode_all(&raw);
         let plan = lease::plan_acquire(cfg, &leases, public_ip, previous, &mut rand::thread_rng())?;
         for sn in plan.delete {
             tracing::info!(subnet = %sn, "deleting our stale lease that no longer fits the config");
-            store.delete(sn).await?;
+            retry("deleting a stale lease", || store.delete(sn)).await?;
         }
         match plan.action {
             Acquire::Reuse {
                 subnet,
                 reservation,
             } => {
-                let exp = store
-                    .put(subnet, value.clone(), (!reservation).then_some(ttl))
-                    .await?;
+                let exp = retry("writing our lease", || {
+                    store.put(subnet, value.clone(), (!reservation).then_some(ttl))
+                })
+                .await?;
                 tracing::info!(subnet = %subnet, reservation, "reusing our lease");
                 return Ok((subnet, exp));
             }
-            Acquire::Create(subnet) => match store.create(subnet, value.clone(), ttl).await? {
+            Acquire::Create(subnet) => match retry("creating our lease", || {
+                store.create(subnet, value.clone(), ttl)
+            })
+            .await?
+            {
                 Some(exp) => {
                     tracing::info!(subnet = %subnet, "acquired a new lease");
                     return Ok((subnet, Some(exp)));
@@ -399,7 +410,7 @@ pub async fn run<S: LeaseStore>(
     let public_ip = opts.public_ip.unwrap_or(ext.addr);
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 
-    let text = retry("reading the network config", || store.get_config()).await;
+    let text = retry("reading the network config", || store.get_config()).await?;
     let Some(text) = text else {
         bail!("flannel config not found in etcd store: write the network config JSON to <prefix>/config");
     };
@@ -445,7 +456,7 @@ pub async fn run<S: LeaseStore>(
         routes: routes.clone(),
         port: cfg.port,
     };
-    let (raw, rev) = retry("listing leases", || store.list()).await;
+    let (raw, rev) = retry("listing leases", || store.list()).await?;
     let built = std::time::Instant::now();
     peers.resync(&raw);
     tracing::info!(
@@ -477,7 +488,7 @@ pub async fn run<S: LeaseStore>(
         tun_index: netlink::if_index(&tun_name)?,
         mtu,
     };
-    let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await);
+    let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await?);
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut resync_at: Option<Instant> = None;
     let mut outage_since: Option<Instant> = None;
@@ -491,7 +502,11 @@ pub async fn run<S: LeaseStore>(
                 let rev = match ctl.resync().await {
                     Ok(Ok(rev)) => rev,
                     Ok(Err(e)) => {
-                        tracing::debug!("re-listing failed: {e:#}");
+                        if is_permanent(&e) {
+                            tracing::error!("etcd refuses us ({e:#}); fix the credentials, retrying");
+                        } else {
+                            tracing::debug!("re-listing failed: {e:#}");
+                        }
                         resync_at = Some(Instant::now() + backoff.step());
                         continue;
                     }

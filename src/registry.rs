@@ -79,6 +79,57 @@ pub struct EtcdOptions {
     pub password: Option<String>,
 }
 
+/// Fails when the (first) certificate in a PEM file is expired or not yet
+/// valid: etcd would just drop the TLS connection, which looks like an
+/// outage from here, so say it before connecting.
+fn check_certificate_dates(pem: &[u8], path: &std::path::Path) -> anyhow::Result<()> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| {
+        anyhow::anyhow!(
+            "--etcd-certfile {} is not a PEM certificate: {e}",
+            path.display()
+        )
+    })?;
+    let cert = pem.parse_x509().map_err(|e| {
+        anyhow::anyhow!(
+            "--etcd-certfile {} is not an X.509 certificate: {e}",
+            path.display()
+        )
+    })?;
+    let v = cert.validity();
+    if !v.is_valid() {
+        anyhow::bail!(
+            "client certificate --etcd-certfile {} is not valid now: valid from {} to {}",
+            path.display(),
+            v.not_before,
+            v.not_after
+        );
+    }
+    Ok(())
+}
+
+/// Whether an etcd error is one that retrying cannot fix: TLS trust,
+/// certificates, authentication, permissions.
+pub fn is_permanent(e: &StoreError) -> bool {
+    if let Some(etcd_client::Error::GRpcStatus(st)) = e.downcast_ref::<etcd_client::Error>() {
+        use tonic::Code;
+        if matches!(st.code(), Code::Unauthenticated | Code::PermissionDenied) {
+            return true;
+        }
+    }
+    let text = format!("{e:#}").to_lowercase();
+    [
+        "invalid peer certificate",
+        "certificate verify",
+        "unknownissuer",
+        "authentication failed",
+        "permission denied",
+        "user name is empty",
+        "invalid auth token",
+    ]
+    .iter()
+    .any(|k| text.contains(k))
+}
+
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
@@ -105,6 +156,7 @@ impl EtcdStore {
                 (Some(c), Some(k)) => {
                     let cert = std::fs::read(c)
                         .with_context(|| format!("reading --etcd-certfile {}", c.display()))?;
+                    check_certificate_dates(&cert, c)?;
                     let key = std::fs::read(k)
                         .with_context(|| format!("reading --etcd-keyfile {}", k.display()))?;
                     tls = tls.identity(Identity::from_pem(cert, key));

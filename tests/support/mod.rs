@@ -109,15 +109,104 @@ pub struct Host {
     daemon: Option<Child>,
 }
 
+/// How to run etcd: members (ports 2379, 22379, … on the hub address) and
+/// optional TLS with client certificates.
+#[derive(Clone, Default)]
+pub struct EtcdSpec {
+    pub members: usize,
+    /// A directory with ca.pem, server.pem/key, client.pem/key (see [`make_certs`]).
+    pub tls: Option<PathBuf>,
+    /// Extra flags for etcdctl (e.g. --user).
+    pub ctl_args: Vec<String>,
+}
+
 /// One test's little world: a hub namespace with a bridge and etcd, and hosts.
 pub struct Bed {
     pub name: String,
     pub hub: String,
+    /// Comma-separated client URLs of all members.
     pub endpoint: String,
     pub dir: PathBuf,
     pub hosts: Vec<Host>,
-    etcd: Option<Child>,
+    pub spec: EtcdSpec,
+    etcd: Vec<Option<Child>>,
     namespaces: Vec<String>,
+}
+
+/// Makes a CA, an etcd server certificate for the hub address and a client
+/// certificate (expired if `expired_client`) with openssl, into `dir`.
+pub fn make_certs(dir: &Path, expired_client: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let ssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl (apt install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &d("ca.key"),
+        "-out",
+        &d("ca.pem"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=flannel-test-ca",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        format!(
+            "subjectAltName=IP:{HUB_IP},IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, days) in [
+        ("server", "2"),
+        ("client", if expired_client { "-1" } else { "2" }),
+    ] {
+        ssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &d(&format!("{name}.key")),
+            "-out",
+            &d(&format!("{name}.csr")),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &d(&format!("{name}.csr")),
+            "-CA",
+            &d("ca.pem"),
+            "-CAkey",
+            &d("ca.key"),
+            "-set_serial",
+            if name == "server" { "2" } else { "3" },
+            "-days",
+            days,
+            "-extfile",
+            &d(&format!("{name}.ext")),
+            "-out",
+            &d(&format!("{name}.pem")),
+        ]);
+    }
 }
 
 impl Bed {
@@ -133,6 +222,14 @@ impl Bed {
 
     /// Hub and etcd only: no config, no hosts.
     pub fn empty() -> Bed {
+        Bed::with_etcd(EtcdSpec {
+            members: 1,
+            ..EtcdSpec::default()
+        })
+    }
+
+    /// Hub and the etcd described by `spec`: no config, no hosts.
+    pub fn with_etcd(spec: EtcdSpec) -> Bed {
         reap_stale();
         let id = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{NS_PREFIX}{}x{id}", std::process::id());
@@ -140,13 +237,19 @@ impl Bed {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let hub = format!("{name}-hub");
+        let scheme = if spec.tls.is_some() { "https" } else { "http" };
+        let endpoint = (0..spec.members.max(1))
+            .map(|m| format!("{scheme}://{HUB_IP}:{}", Bed::client_port(m)))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut bed = Bed {
-            endpoint: format!("http://{HUB_IP}:2379"),
+            endpoint,
             name,
             hub: hub.clone(),
             dir,
             hosts: Vec::new(),
-            etcd: None,
+            etcd: (0..spec.members.max(1)).map(|_| None).collect(),
+            spec,
             namespaces: Vec::new(),
         };
         bed.add_ns(&hub);
@@ -172,24 +275,16 @@ impl Bed {
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
     }
 
+    fn client_port(member: usize) -> u16 {
+        2379 + 10000 * member as u16
+    }
+
+    /// Starts every etcd member and waits until the cluster answers.
     pub fn start_etcd(&mut self) {
-        assert!(self.etcd.is_none(), "etcd already running");
-        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let ep = &self.endpoint;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.hub, "etcd", "--name", "test"])
-            .arg("--data-dir")
-            .arg(self.dir.join("etcd-data"))
-            .args(["--listen-client-urls", ep, "--advertise-client-urls", ep])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "test=http://127.0.0.1:2380"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting etcd (is etcd-server installed? run scripts/deps.sh)");
-        self.etcd = Some(child);
-        wait_for("etcd to be healthy", Duration::from_secs(20), || {
+        for m in 0..self.etcd.len() {
+            self.start_member(m);
+        }
+        wait_for("etcd to be healthy", Duration::from_secs(30), || {
             self.etcdctl(&["endpoint", "health"])
                 .status
                 .success()
@@ -197,10 +292,97 @@ impl Bed {
         });
     }
 
-    pub fn stop_etcd(&mut self) {
-        if let Some(mut c) = self.etcd.take() {
+    /// Starts etcd member `m` (its data survives restarts).
+    pub fn start_member(&mut self, m: usize) {
+        assert!(self.etcd[m].is_none(), "etcd member {m} already running");
+        let n = self.etcd.len();
+        let peer = |i: usize| format!("http://127.0.0.1:{}", 2380 + 10000 * i);
+        let cluster = (0..n)
+            .map(|i| format!("m{i}={}", peer(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let client = self.endpoint.split(',').nth(m).unwrap().to_string();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("etcd-{m}.log")))
+            .unwrap();
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.hub,
+            "etcd",
+            "--name",
+            &format!("m{m}"),
+        ])
+        .arg("--data-dir")
+        .arg(self.dir.join(format!("etcd-data-{m}")))
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer(m),
+            "--initial-advertise-peer-urls",
+            &peer(m),
+        ])
+        .args([
+            "--initial-cluster",
+            &cluster,
+            "--initial-cluster-token",
+            &self.name,
+        ]);
+        if let Some(t) = &self.spec.tls {
+            c.arg("--cert-file").arg(t.join("server.pem"));
+            c.arg("--key-file").arg(t.join("server.key"));
+            c.arg("--trusted-ca-file").arg(t.join("ca.pem"));
+            c.arg("--client-cert-auth");
+        }
+        let child = c
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd (is etcd-server installed? run scripts/deps.sh)");
+        self.etcd[m] = Some(child);
+    }
+
+    /// Kills etcd member `m` (SIGKILL) and reaps it.
+    pub fn kill_member(&mut self, m: usize) {
+        if let Some(mut c) = self.etcd[m].take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    pub fn stop_etcd(&mut self) {
+        for m in 0..self.etcd.len() {
+            self.kill_member(m);
+        }
+    }
+
+    /// etcdctl/flanneld flags for the TLS client certificate, if any.
+    pub fn tls_flags(&self, style_flanneld: bool) -> Vec<String> {
+        let Some(t) = &self.spec.tls else {
+            return Vec::new();
+        };
+        let f = |n: &str| t.join(n).to_string_lossy().into_owned();
+        if style_flanneld {
+            vec![
+                format!("--etcd-cafile={}", f("ca.pem")),
+                format!("--etcd-certfile={}", f("client.pem")),
+                format!("--etcd-keyfile={}", f("client.key")),
+            ]
+        } else {
+            // etcdctl uses the server cert as its client cert (never expired).
+            vec![
+                format!("--cacert={}", f("ca.pem")),
+                format!("--cert={}", f("server.pem")),
+                format!("--key={}", f("server.key")),
+            ]
         }
     }
 
@@ -214,6 +396,8 @@ impl Bed {
                 "--endpoints",
                 &self.endpoint,
             ])
+            .args(self.tls_flags(false))
+            .args(&self.spec.ctl_args)
             .args(args)
             .env("ETCDCTL_API", "3")
             .output()
@@ -301,6 +485,7 @@ impl Bed {
         c.args(["netns", "exec", &h.ns])
             .arg(flanneld_bin())
             .arg(format!("--etcd-endpoints={}", self.endpoint))
+            .args(self.tls_flags(true))
             .arg(format!("--subnet-file={}", h.subnet_file.display()))
             .args(extra)
             .env("RUST_LOG", "debug");
@@ -556,7 +741,7 @@ impl Bed {
 
     /// The etcd server's pid (`ip netns exec` execs it, so the child is etcd).
     pub fn etcd_pid(&self) -> i32 {
-        self.etcd.as_ref().expect("etcd running").id() as i32
+        self.etcd[0].as_ref().expect("etcd running").id() as i32
     }
 
     /// Sends a signal to host `i`'s daemon without waiting.

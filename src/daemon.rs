@@ -158,16 +158,36 @@ struct Peers {
 }
 
 impl Peers {
+    /// One line per change; a big batch (a start-up list, a re-list) gets a
+    /// summary line at info and the details at debug.
     fn log(changes: &[PeerChange]) {
+        let summary = changes.len() > 16;
+        if summary {
+            let added = changes
+                .iter()
+                .filter(|c| matches!(c, PeerChange::Added(..)))
+                .count();
+            let removed = changes
+                .iter()
+                .filter(|c| matches!(c, PeerChange::Removed(..)))
+                .count();
+            tracing::info!(
+                added,
+                removed,
+                moved = changes.len() - added - removed,
+                "peers changed"
+            );
+        }
         for c in changes {
+            macro_rules! ev {
+                ($($t:tt)*) => {
+                    if summary { tracing::debug!($($t)*) } else { tracing::info!($($t)*) }
+                };
+            }
             match c {
-                PeerChange::Added(sn, ip) => {
-                    tracing::info!(subnet = %sn, public_ip = %ip, "peer added")
-                }
-                PeerChange::Changed(sn, ip) => {
-                    tracing::info!(subnet = %sn, public_ip = %ip, "peer moved")
-                }
-                PeerChange::Removed(sn) => tracing::info!(subnet = %sn, "peer removed"),
+                PeerChange::Added(sn, ip) => ev!(subnet = %sn, public_ip = %ip, "peer added"),
+                PeerChange::Changed(sn, ip) => ev!(subnet = %sn, public_ip = %ip, "peer moved"),
+                PeerChange::Removed(sn) => ev!(subnet = %sn, "peer removed"),
             }
         }
     }

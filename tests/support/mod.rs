@@ -488,7 +488,10 @@ impl Bed {
             .args(self.tls_flags(true))
             .arg(format!("--subnet-file={}", h.subnet_file.display()))
             .args(extra)
-            .env("RUST_LOG", "debug");
+            .env(
+                "RUST_LOG",
+                std::env::var("FLANNEL_TEST_LOG").unwrap_or_else(|_| "debug".into()),
+            );
         c
     }
 
@@ -543,7 +546,7 @@ impl Bed {
         // subnet.env is written before the data path starts; wait for the TUN route too.
         let ns = self.hosts[i].ns.clone();
         wait_for("TUN route", Duration::from_secs(10), || {
-            sh(&["ip", "-n", &ns, "route", "show", "10.5.0.0/16"])
+            sh(&["ip", "-n", &ns, "route", "show"])
                 .contains("flannel")
                 .then_some(())
         });
@@ -749,5 +752,71 @@ impl Bed {
         let c = self.hosts[i].daemon.as_ref().expect("daemon running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(c.id() as i32, sig) };
+    }
+}
+
+/// Runs `f` with an etcd client connected from inside the hub namespace.
+pub fn with_etcd_client<R: Send + 'static>(
+    bed: &Bed,
+    f: impl FnOnce(
+            etcd_client::Client,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send>>
+        + Send
+        + 'static,
+) -> R {
+    let ep = bed.endpoint.split(',').next().unwrap().to_string();
+    in_ns(&bed.hub, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let c = etcd_client::Client::connect([ep], None)
+                .await
+                .expect("etcd client");
+            f(c).await
+        })
+    })
+}
+
+/// Writes `n` /24 leases out of 10.0.0.0/8 (from 10.0.1.0), PublicIP from
+/// `ip_of(i)`, in transactions of 100 puts.
+pub fn bulk_leases(bed: &Bed, n: usize, ip_of: fn(usize) -> Ipv4Addr) {
+    with_etcd_client(bed, move |mut c| {
+        Box::pin(async move {
+            let mut i = 0;
+            while i < n {
+                let ops: Vec<etcd_client::TxnOp> = (i..(i + 100).min(n))
+                    .map(|k| {
+                        let net = Ipv4Addr::from(0x0a00_0000u32 + ((k as u32 + 1) << 8));
+                        etcd_client::TxnOp::put(
+                            format!("{PREFIX}/subnets/{net}-24"),
+                            format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, ip_of(k)),
+                            None,
+                        )
+                    })
+                    .collect();
+                c.txn(etcd_client::Txn::new().and_then(ops))
+                    .await
+                    .expect("bulk txn");
+                i += 100;
+            }
+        })
+    })
+}
+
+/// Peak resident memory (VmHWM) of a process, in MB.
+pub fn peak_rss_mb(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+impl Bed {
+    pub fn daemon_pid(&self, i: usize) -> u32 {
+        self.hosts[i].daemon.as_ref().expect("daemon running").id()
     }
 }

@@ -99,8 +99,9 @@ fn packet(len: usize, ttl: u8) -> Vec<u8> {
 }
 
 /// Per-packet work of each direction on a 1472-byte packet (TUN MTU):
-/// validate, route, TTL + incremental checksum (encapsulation is the packet
-/// itself, so nothing is copied). TTL is reset so every iteration forwards.
+/// validate, route (and on receive the sender check), TTL + incremental
+/// checksum (encapsulation is the packet itself, so nothing is copied).
+/// TTL is reset so every iteration forwards.
 fn per_packet(c: &mut Criterion) {
     let mut g = c.benchmark_group("per_packet");
     let snap = RouteSnapshot::new(leases(1_000));
@@ -113,6 +114,9 @@ fn per_packet(c: &mut Criterion) {
         })
     });
     let mut p = packet(1472, 64);
+    // Inner 10.0.1.2 -> 10.0.7.9: the sender owns 10.0.1.0/24, we own 10.0.7.0/24.
+    let from = Ipv4Addr::from(0xc0a8_0000u32);
+    let local = RouteSnapshot::new(leases(1_000)).with_local("10.0.7.0/24".parse().unwrap());
     g.bench_function("ingress_udp_to_tun", |b| {
         b.iter(|| {
             // Restore TTL and checksum so the header stays valid.
@@ -121,7 +125,9 @@ fn per_packet(c: &mut Criterion) {
             p[11] = 0;
             let ck = flannel::wire::checksum(&p[..20]);
             p[10..12].copy_from_slice(&ck.to_be_bytes());
-            ingress(black_box(&mut p))
+            let v = ingress(black_box(&mut p), from, &local, false);
+            debug_assert_eq!(v, flannel::forward::Ingress::Deliver);
+            v
         })
     });
     g.finish();

@@ -39,6 +39,7 @@ pub struct Options {
     pub workers: usize,
     pub offload: OffloadMode,
     pub pin_workers: bool,
+    pub accept_unknown_peers: bool,
 }
 
 /// Exponential backoff, 100 ms doubling to a cap (flannel's watch backoff).
@@ -492,6 +493,7 @@ pub async fn run<S: LeaseStore>(
             counters: counters.clone(),
             icmp_src: cfg.network.network(),
             pin: opts.pin_workers,
+            accept_unknown_peers: opts.accept_unknown_peers,
         },
     )?;
 
@@ -584,6 +586,8 @@ pub async fn run<S: LeaseStore>(
         tun_written = c.tun_tx_packets,
         icmp = c.icmp_sent,
         no_route = c.drop_no_route,
+        spoofed = c.drop_spoofed,
+        not_local = c.drop_not_local,
         malformed = c.drop_malformed,
         not_ipv4 = c.drop_not_ipv4,
         ttl = c.drop_ttl,

@@ -3,7 +3,7 @@
 
 use crate::routes::RouteSnapshot;
 use crate::wire::{Ipv4Packet, WireError};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a packet was not forwarded.
@@ -17,6 +17,11 @@ pub enum DropReason {
     Ttl,
     /// No lease covers the destination.
     NoRoute,
+    /// Received from an address that is not the PublicIP of the peer whose
+    /// lease covers the inner source (or from no peer at all).
+    Spoofed,
+    /// Received for a destination outside our own subnet (no reflection).
+    NotLocal,
 }
 
 /// What to do with a packet read from the TUN.
@@ -64,16 +69,25 @@ pub fn egress(pkt: &mut [u8], routes: &RouteSnapshot) -> Egress {
     Egress::Send(peer)
 }
 
-/// UDP → TUN: validate and decrement TTL, as flannel's `udp_to_tun`.
+/// UDP → TUN: validate, check the sender, decrement TTL, as flannel's
+/// `udp_to_tun` plus what flannel lacks: the datagram must come from the
+/// PublicIP of the peer whose lease covers the inner source (unless
+/// `accept_unknown`), and the inner destination must be in our own subnet.
 /// Flannel drops at TTL 1→0 but lets TTL 0 wrap to 255; we drop both.
 #[inline]
-pub fn ingress(pkt: &mut [u8]) -> Ingress {
+pub fn ingress(pkt: &mut [u8], from: Ipv4Addr, routes: &RouteSnapshot, accept_unknown: bool) -> Ingress {
     let mut p = match Ipv4Packet::new_checked(pkt) {
         Ok(p) => p,
         Err(e) => return Ingress::Drop(wire_reason(e)),
     };
     if !p.header_checksum_ok() {
         return Ingress::Drop(DropReason::Malformed);
+    }
+    if !routes.is_local(p.dst()) {
+        return Ingress::Drop(DropReason::NotLocal);
+    }
+    if !accept_unknown && routes.lookup(p.src()).is_none_or(|peer| *peer.ip() != from) {
+        return Ingress::Drop(DropReason::Spoofed);
     }
     if p.ttl() <= 1 {
         return Ingress::Drop(DropReason::Ttl);
@@ -97,6 +111,8 @@ pub struct Counters {
     pub drop_malformed: AtomicU64,
     pub drop_ttl: AtomicU64,
     pub drop_no_route: AtomicU64,
+    pub drop_spoofed: AtomicU64,
+    pub drop_not_local: AtomicU64,
     pub drop_send_error: AtomicU64,
     pub drop_tun_write_error: AtomicU64,
 }
@@ -115,6 +131,8 @@ pub struct Tally {
     pub drop_malformed: u64,
     pub drop_ttl: u64,
     pub drop_no_route: u64,
+    pub drop_spoofed: u64,
+    pub drop_not_local: u64,
     pub drop_send_error: u64,
     pub drop_tun_write_error: u64,
 }
@@ -126,6 +144,8 @@ impl Tally {
             DropReason::Malformed => self.drop_malformed += 1,
             DropReason::Ttl => self.drop_ttl += 1,
             DropReason::NoRoute => self.drop_no_route += 1,
+            DropReason::Spoofed => self.drop_spoofed += 1,
+            DropReason::NotLocal => self.drop_not_local += 1,
         }
     }
 }
@@ -144,6 +164,8 @@ macro_rules! counter_fields {
             drop_malformed,
             drop_ttl,
             drop_no_route,
+            drop_spoofed,
+            drop_not_local,
             drop_send_error,
             drop_tun_write_error
         )
@@ -208,18 +230,50 @@ mod tests {
         );
     }
 
+    /// Our subnet 10.5.1.0/24; peer 192.168.0.2 owns 10.5.2.0/24.
+    fn ingress_routes() -> RouteSnapshot {
+        routes().with_local("10.5.1.0/24".parse().unwrap())
+    }
+
+    const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+
     #[test]
     fn ingress_checks_checksum_and_ttl() {
+        let r = ingress_routes();
         let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
-        assert_eq!(ingress(&mut p), Ingress::Deliver);
+        assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Deliver);
         assert_eq!(Ipv4Packet::new_checked(&p[..]).unwrap().ttl(), 62);
         for ttl in [0, 1] {
             let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], ttl, b"x");
-            assert_eq!(ingress(&mut p), Ingress::Drop(DropReason::Ttl));
+            assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Drop(DropReason::Ttl));
         }
         let mut bad = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
         bad[10] ^= 0xff;
-        assert_eq!(ingress(&mut bad), Ingress::Drop(DropReason::Malformed));
+        assert_eq!(ingress(&mut bad, PEER, &r, false), Ingress::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn ingress_rejects_spoofed_senders_and_reflection() {
+        let r = ingress_routes();
+        let other = Ipv4Addr::new(192, 168, 0, 66);
+        // Right inner source, wrong outer sender.
+        let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
+        assert_eq!(ingress(&mut p, other, &r, false), Ingress::Drop(DropReason::Spoofed));
+        // Inner source that no peer owns, or our own subnet.
+        for src in [[10, 5, 9, 7], [10, 5, 1, 9], [8, 8, 8, 8]] {
+            let mut p = udp_packet(src, [10, 5, 1, 0], 63, b"x");
+            assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Drop(DropReason::Spoofed));
+        }
+        // Destination outside our subnet: never reflected onward.
+        for dst in [[10, 5, 2, 9], [10, 5, 3, 1], [1, 1, 1, 1]] {
+            let mut p = udp_packet([10, 5, 2, 7], dst, 63, b"x");
+            assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Drop(DropReason::NotLocal));
+        }
+        // The NAT escape hatch skips only the sender check.
+        let mut p = udp_packet([10, 5, 9, 7], [10, 5, 1, 0], 63, b"x");
+        assert_eq!(ingress(&mut p, other, &r, true), Ingress::Deliver);
+        let mut p = udp_packet([10, 5, 9, 7], [10, 5, 3, 0], 63, b"x");
+        assert_eq!(ingress(&mut p, other, &r, true), Ingress::Drop(DropReason::NotLocal));
     }
 
     #[test]

@@ -259,11 +259,15 @@ impl PeerSet {
 
     /// Builds the immutable route snapshot the data path reads.
     pub fn snapshot(&self, port: u16) -> RouteSnapshot {
-        RouteSnapshot::new(
+        let s = RouteSnapshot::new(
             self.peers
                 .iter()
                 .map(|(sn, ip)| (*sn, std::net::SocketAddrV4::new(*ip, port))),
-        )
+        );
+        match self.own {
+            Some(own) => s.with_local(own),
+            None => s,
+        }
     }
 }
 

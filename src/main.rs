@@ -100,6 +100,13 @@ struct Cli {
     #[arg(long, env = "FLANNELD_OFFLOAD", value_enum, default_value = "auto")]
     offload: OffloadMode,
 
+    /// Accept datagrams from any sender whose inner packet is for us, not only from
+    /// the PublicIP of the peer that leases the inner source. For peers behind NAT,
+    /// whose packets arrive from another address; it lets anyone who can reach the
+    /// UDP port inject packets into this host's subnet.
+    #[arg(long, env = "FLANNELD_ACCEPT_UNKNOWN_PEERS")]
+    accept_unknown_peers: bool,
+
     /// Pin worker k's two threads to CPU k.
     #[arg(long, env = "FLANNELD_PIN_WORKERS")]
     pin_workers: bool,
@@ -180,6 +187,7 @@ fn main() -> ExitCode {
         }),
         offload: cli.offload,
         pin_workers: cli.pin_workers,
+        accept_unknown_peers: cli.accept_unknown_peers,
     };
     let result = rt.block_on(async {
         let store = EtcdStore::connect(&etcd).await?;

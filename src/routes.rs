@@ -68,6 +68,8 @@ impl Group {
 pub struct RouteSnapshot {
     groups: Vec<Group>,
     len: usize,
+    /// This host's own subnet: where received packets may go.
+    local: Option<Ipv4Network>,
 }
 
 impl RouteSnapshot {
@@ -99,7 +101,23 @@ impl RouteSnapshot {
         for g in &mut groups {
             g.build_index();
         }
-        RouteSnapshot { groups, len }
+        RouteSnapshot {
+            groups,
+            len,
+            local: None,
+        }
+    }
+
+    /// Sets this host's own subnet (see [`RouteSnapshot::is_local`]).
+    pub fn with_local(mut self, local: Ipv4Network) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Whether `dst` lies in this host's own subnet.
+    #[inline]
+    pub fn is_local(&self, dst: Ipv4Addr) -> bool {
+        self.local.is_some_and(|l| l.contains(dst))
     }
 
     /// The peer owning the longest prefix that contains `dst`.

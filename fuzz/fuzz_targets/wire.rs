@@ -17,7 +17,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(Ipv4Packet::new_checked(&a[..]).is_ok());
     }
     let mut b = data.to_vec();
-    if ingress(&mut b) == Ingress::Deliver {
+    let local = routes.clone().with_local("10.5.1.0/24".parse().unwrap());
+    if ingress(&mut b, Ipv4Addr::new(192, 168, 0, 2), &local, false) == Ingress::Deliver {
         let p = Ipv4Packet::new_checked(&b[..]).unwrap();
         assert!(p.header_checksum_ok());
     }

@@ -167,6 +167,8 @@ pub struct Shared {
     pub icmp_src: Ipv4Addr,
     /// Pin worker k's threads to CPU k (mod the CPU count).
     pub pin: bool,
+    /// Skip the sender check on received datagrams (peers behind NAT).
+    pub accept_unknown_peers: bool,
 }
 
 /// Restricts the calling thread to one CPU; failure is logged, not fatal.
@@ -547,7 +549,10 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
             }
             let mut t = Tally::default();
             pkts.clear();
+            let routes = w.shared.routes.load();
+            let accept = w.shared.accept_unknown_peers;
             for i in 0..n {
+                let from = *slots.addr[i].ip();
                 let (start, len) = (slots.start(i), slots.len[i]);
                 let seg = if slots.gso[i] == 0 {
                     len.max(1)
@@ -565,7 +570,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
                 while off < len {
                     let l = seg.min(len - off);
                     t.udp_rx_packets += 1;
-                    match ingress(&mut buf[start + off..start + off + l]) {
+                    match ingress(&mut buf[start + off..start + off + l], from, &routes, accept) {
                         Ingress::Deliver => pkts.push((start + off, l)),
                         Ingress::Drop(r) => t.drop(r),
                     }

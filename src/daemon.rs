@@ -7,6 +7,7 @@ use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::{self, Acquire, PeerChange, PeerSet};
 use crate::netlink::{self, Netlink};
+use crate::ops::{self, Stats};
 use crate::registry::{
     is_permanent, LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem,
 };
@@ -40,6 +41,10 @@ pub struct Options {
     pub offload: OffloadMode,
     pub pin_workers: bool,
     pub accept_unknown_peers: bool,
+    /// Use the TUN as it was configured by someone else (address, MTU, routes).
+    pub no_netlink_config: bool,
+    /// Where to serve /healthz and /metrics (port 0: off).
+    pub healthz: Option<std::net::SocketAddr>,
 }
 
 /// Exponential backoff, 100 ms doubling to a cap (flannel's watch backoff).
@@ -153,6 +158,7 @@ async fn acquire<S: LeaseStore>(
 /// The route table and the peer set behind it.
 struct Peers {
     set: PeerSet,
+    stats: Arc<Stats>,
     public_ip: Ipv4Addr,
     routes: Arc<RouteTable>,
     port: u16,
@@ -193,6 +199,14 @@ impl Peers {
         }
     }
 
+    /// Swaps in a new route snapshot for the data path.
+    fn publish(&self) {
+        self.routes.store(self.set.snapshot(self.port));
+        self.stats
+            .peers
+            .store(self.set.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn resync(&mut self, raw: &[RawLease]) {
         let changes = self.set.resync(
             decode_all(raw)
@@ -200,7 +214,7 @@ impl Peers {
                 .map(|l| (l.subnet, l.attrs.public_ip)),
         );
         Self::log(&changes);
-        self.routes.store(self.set.snapshot(self.port));
+        self.publish();
     }
 
     /// Applies lease events; returns true when our own lease was deleted or
@@ -231,7 +245,7 @@ impl Peers {
         }
         if !changes.is_empty() {
             Self::log(&changes);
-            self.routes.store(self.set.snapshot(self.port));
+            self.publish();
         }
         own_lost
     }
@@ -285,6 +299,7 @@ impl<S: LeaseStore> Control<'_, S> {
         {
             Ok(exp) => {
                 self.renew_at = self.renew_time(exp);
+                Stats::inc(&self.peers.stats.lease_renewals);
                 tracing::info!(subnet = %self.own, ttl = ?exp, "lease renewed");
             }
             Err(e) => {
@@ -379,11 +394,19 @@ impl<S: LeaseStore> Control<'_, S> {
             %old, %new,
             "our subnet was taken by another host; moved to a new subnet: workloads addressed from the old one must be restarted"
         );
-        let mut nl = Netlink::open().context("opening rtnetlink")?;
-        nl.add_address(self.tun_index, new.network(), 32)
-            .context("adding the new TUN address")?;
-        nl.del_address(self.tun_index, old.network(), 32)
-            .context("removing the old TUN address")?;
+        if self.opts.no_netlink_config {
+            tracing::error!(
+                "--no-netlink-config: give the TUN {}/32 in place of {}/32",
+                new.network(),
+                old.network()
+            );
+        } else {
+            let mut nl = Netlink::open().context("opening rtnetlink")?;
+            nl.add_address(self.tun_index, new.network(), 32)
+                .context("adding the new TUN address")?;
+            nl.del_address(self.tun_index, old.network(), 32)
+                .context("removing the old TUN address")?;
+        }
         SubnetEnv {
             network: self.cfg.network,
             subnet: new,
@@ -427,6 +450,16 @@ pub async fn run<S: LeaseStore>(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Metrics and health first: /healthz says 503 while we wait for etcd.
+    let counters = Arc::new(Counters::default());
+    let stats = Arc::new(Stats::default());
+    if let Some(addr) = opts.healthz {
+        let registry = Arc::new(ops::registry(counters.clone(), stats.clone()));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --healthz-ip/--healthz-port {addr}"))?;
+        tokio::spawn(ops::serve(listener, registry, stats.clone()));
+    }
     let ext = crate::iface::find_external(&opts.ifaces)?;
     let public_ip = opts.public_ip.unwrap_or(ext.addr);
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
@@ -453,7 +486,22 @@ pub async fn run<S: LeaseStore>(
     let bind = SocketAddrV4::new(ext.addr, cfg.port);
     let devices = datapath::open(&opts.tun_name, opts.workers, opts.offload, bind)?;
     let tun_name = devices.tun_name.clone();
-    configure_tun(&tun_name, own, cfg.network, mtu)?;
+    let mtu = if opts.no_netlink_config {
+        let have = crate::iface::mtu(&tun_name)
+            .with_context(|| format!("reading the MTU of {tun_name}"))?;
+        tracing::info!(
+            tun = %tun_name, mtu = have,
+            "--no-netlink-config: leaving the TUN's address, MTU and routes to the administrator (it needs {}/32 and a route for {})",
+            own.network(), cfg.network
+        );
+        if have > mtu {
+            tracing::warn!("{tun_name} MTU {have} is above the external MTU minus 28 ({mtu}): large packets will not fit one datagram");
+        }
+        have
+    } else {
+        configure_tun(&tun_name, own, cfg.network, mtu)?;
+        mtu
+    };
     let c = devices.caps;
     tracing::info!(
         tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
@@ -473,6 +521,7 @@ pub async fn run<S: LeaseStore>(
     let routes = Arc::new(RouteTable::default());
     let mut peers = Peers {
         set: PeerSet::new(Some(own)),
+        stats: stats.clone(),
         public_ip,
         routes: routes.clone(),
         port: cfg.port,
@@ -485,7 +534,6 @@ pub async fn run<S: LeaseStore>(
         "route table built from the initial lease list"
     );
 
-    let counters = Arc::new(Counters::default());
     let dp = Datapath::start(
         devices,
         Shared {
@@ -497,6 +545,10 @@ pub async fn run<S: LeaseStore>(
         },
     )?;
 
+    stats
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
     let mut ctl = Control {
         store: &store,
         opts: &opts,
@@ -537,6 +589,7 @@ pub async fn run<S: LeaseStore>(
                 match store.watch(rev + 1).await {
                     Ok(w) => {
                         if let Some(since) = outage_since.take() {
+                            Stats::inc(&ctl.peers.stats.etcd_reconnects);
                             tracing::info!(
                                 peers = ctl.peers.set.len(), down_for = ?since.elapsed(),
                                 "etcd is back: re-listed leases and resumed the watch"
@@ -576,6 +629,10 @@ pub async fn run<S: LeaseStore>(
             }
         }
     };
+    stats
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    ops::sd_notify("STOPPING=1");
     tracing::info!("shutting down; the lease stays in etcd");
     dp.stop();
     let c = counters.snapshot();

@@ -75,7 +75,12 @@ pub fn egress(pkt: &mut [u8], routes: &RouteSnapshot) -> Egress {
 /// `accept_unknown`), and the inner destination must be in our own subnet.
 /// Flannel drops at TTL 1→0 but lets TTL 0 wrap to 255; we drop both.
 #[inline]
-pub fn ingress(pkt: &mut [u8], from: Ipv4Addr, routes: &RouteSnapshot, accept_unknown: bool) -> Ingress {
+pub fn ingress(
+    pkt: &mut [u8],
+    from: Ipv4Addr,
+    routes: &RouteSnapshot,
+    accept_unknown: bool,
+) -> Ingress {
     let mut p = match Ipv4Packet::new_checked(pkt) {
         Ok(p) => p,
         Err(e) => return Ingress::Drop(wire_reason(e)),
@@ -115,6 +120,21 @@ pub struct Counters {
     pub drop_not_local: AtomicU64,
     pub drop_send_error: AtomicU64,
     pub drop_tun_write_error: AtomicU64,
+    /// Batch sizes (packets per TUN-read batch / per receive batch), in
+    /// buckets of ≤ 1, 2, 4, 8, 16, 32, 64 and more.
+    pub tx_batches: [AtomicU64; BATCH_BUCKETS],
+    pub rx_batches: [AtomicU64; BATCH_BUCKETS],
+}
+
+/// Upper bounds of the batch-size histogram buckets (the last is +Inf).
+pub const BATCH_BOUNDS: [f64; BATCH_BUCKETS - 1] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+pub const BATCH_BUCKETS: usize = 8;
+
+fn bucket(n: usize) -> usize {
+    BATCH_BOUNDS
+        .iter()
+        .position(|&b| n as f64 <= b)
+        .unwrap_or(BATCH_BUCKETS - 1)
 }
 
 /// A worker's per-batch tally, flushed into [`Counters`].
@@ -173,6 +193,16 @@ macro_rules! counter_fields {
 }
 
 impl Counters {
+    /// Records one batch of `n` packets read from the TUN.
+    pub fn tx_batch(&self, n: usize) {
+        self.tx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one batch of `n` datagrams received.
+    pub fn rx_batch(&self, n: usize) {
+        self.rx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn add(&self, t: &Tally) {
         macro_rules! add {
             ($($f:ident),*) => { $( if t.$f != 0 { self.$f.fetch_add(t.$f, Ordering::Relaxed); } )* };
@@ -245,11 +275,17 @@ mod tests {
         assert_eq!(Ipv4Packet::new_checked(&p[..]).unwrap().ttl(), 62);
         for ttl in [0, 1] {
             let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], ttl, b"x");
-            assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Drop(DropReason::Ttl));
+            assert_eq!(
+                ingress(&mut p, PEER, &r, false),
+                Ingress::Drop(DropReason::Ttl)
+            );
         }
         let mut bad = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
         bad[10] ^= 0xff;
-        assert_eq!(ingress(&mut bad, PEER, &r, false), Ingress::Drop(DropReason::Malformed));
+        assert_eq!(
+            ingress(&mut bad, PEER, &r, false),
+            Ingress::Drop(DropReason::Malformed)
+        );
     }
 
     #[test]
@@ -258,22 +294,34 @@ mod tests {
         let other = Ipv4Addr::new(192, 168, 0, 66);
         // Right inner source, wrong outer sender.
         let mut p = udp_packet([10, 5, 2, 7], [10, 5, 1, 0], 63, b"x");
-        assert_eq!(ingress(&mut p, other, &r, false), Ingress::Drop(DropReason::Spoofed));
+        assert_eq!(
+            ingress(&mut p, other, &r, false),
+            Ingress::Drop(DropReason::Spoofed)
+        );
         // Inner source that no peer owns, or our own subnet.
         for src in [[10, 5, 9, 7], [10, 5, 1, 9], [8, 8, 8, 8]] {
             let mut p = udp_packet(src, [10, 5, 1, 0], 63, b"x");
-            assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Drop(DropReason::Spoofed));
+            assert_eq!(
+                ingress(&mut p, PEER, &r, false),
+                Ingress::Drop(DropReason::Spoofed)
+            );
         }
         // Destination outside our subnet: never reflected onward.
         for dst in [[10, 5, 2, 9], [10, 5, 3, 1], [1, 1, 1, 1]] {
             let mut p = udp_packet([10, 5, 2, 7], dst, 63, b"x");
-            assert_eq!(ingress(&mut p, PEER, &r, false), Ingress::Drop(DropReason::NotLocal));
+            assert_eq!(
+                ingress(&mut p, PEER, &r, false),
+                Ingress::Drop(DropReason::NotLocal)
+            );
         }
         // The NAT escape hatch skips only the sender check.
         let mut p = udp_packet([10, 5, 9, 7], [10, 5, 1, 0], 63, b"x");
         assert_eq!(ingress(&mut p, other, &r, true), Ingress::Deliver);
         let mut p = udp_packet([10, 5, 9, 7], [10, 5, 3, 0], 63, b"x");
-        assert_eq!(ingress(&mut p, other, &r, true), Ingress::Drop(DropReason::NotLocal));
+        assert_eq!(
+            ingress(&mut p, other, &r, true),
+            Ingress::Drop(DropReason::NotLocal)
+        );
     }
 
     #[test]

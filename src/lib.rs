@@ -13,6 +13,7 @@ pub mod iface;
 pub mod lease;
 pub mod netlink;
 pub mod offload;
+pub mod ops;
 pub mod registry;
 pub mod routes;
 pub mod subnet;

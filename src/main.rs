@@ -82,6 +82,24 @@ struct Cli {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     ip_masq: bool,
 
+    /// Do not configure the TUN (address, MTU, up, route): use one an administrator
+    /// created and configured beforehand (`ip tuntap add name flannel0 mode tun user …`,
+    /// with --tun-name). flanneld then needs no capability at run time.
+    #[arg(long, env = "FLANNELD_NO_NETLINK_CONFIG")]
+    no_netlink_config: bool,
+
+    /// Address to serve /healthz and /metrics on.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    healthz_ip: std::net::IpAddr,
+
+    /// Port to serve /healthz and /metrics on (0 disables).
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    healthz_port: u16,
+
+    /// Log format.
+    #[arg(long, env = "FLANNELD_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+
     /// Log verbosity as in Go flanneld: 0 info, 1-3 debug, 4+ trace (RUST_LOG overrides).
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     verbosity: u8,
@@ -117,7 +135,13 @@ struct Cli {
     subnet_lease_ttl: u64,
 }
 
-fn init_logs(v: u8) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logs(v: u8, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let level = match v {
         0 => "info",
@@ -125,12 +149,16 @@ fn init_logs(v: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => b
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => b.json().init(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -145,7 +173,7 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.verbosity);
+    init_logs(cli.verbosity, cli.log_format);
     if cli.ip_masq {
         tracing::error!(
             "--ip-masq is not implemented yet; set up masquerading yourself or run without it"
@@ -188,6 +216,8 @@ fn main() -> ExitCode {
         offload: cli.offload,
         pin_workers: cli.pin_workers,
         accept_unknown_peers: cli.accept_unknown_peers,
+        no_netlink_config: cli.no_netlink_config,
+        healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),
     };
     let result = rt.block_on(async {
         let store = EtcdStore::connect(&etcd).await?;

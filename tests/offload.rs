@@ -178,7 +178,14 @@ fn a_plain_udp_peer_sees_only_ordinary_checksummed_packets_within_mtu() {
     // exactly the NAT case the escape hatch is for.
     bed.start_ready_with(0, &["--offload=auto", "--accept-unknown-peers"]);
     let relay_ip = bed.hosts[2].ip;
-    bed.start_ready_with(1, &["--offload=auto", "--accept-unknown-peers", &format!("--public-ip={relay_ip}")]);
+    bed.start_ready_with(
+        1,
+        &[
+            "--offload=auto",
+            "--accept-unknown-peers",
+            &format!("--public-ip={relay_ip}"),
+        ],
+    );
     let h1_ip = bed.hosts[1].ip;
     let relay = in_ns(&bed.ns(2), || UdpSocket::bind("0.0.0.0:8285").unwrap());
     relay

@@ -67,6 +67,23 @@ pub fn open(
     let workers = workers.max(1);
     let multi_queue = workers > 1;
     let mut caps = Caps::default();
+    // A pre-created single-queue device (a fixed name, no %d) refuses
+    // IFF_MULTI_QUEUE: use one queue.
+    let multi_queue = multi_queue
+        && (pattern.contains('%') || {
+            let probe = TunFlags {
+                vnet_hdr: false,
+                multi_queue: true,
+            };
+            match Tun::create(pattern, probe) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!("{pattern} is a single-queue TUN: using one worker");
+                    false
+                }
+                _ => true, // the probe closes again (or the error repeats below)
+            }
+        });
+    let workers = if multi_queue { workers } else { 1 };
     let first = match mode {
         OffloadMode::Off => None,
         OffloadMode::Auto => {
@@ -405,6 +422,7 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
             }
             flush(&mut mmsg, sock, slots.bytes_mut(), &mut [], &mut t);
             w.shared.counters.add(&t);
+            w.shared.counters.tx_batch(n);
             if n < slots.count() {
                 break;
             }
@@ -506,6 +524,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
             }
             flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
             w.shared.counters.add(&t);
+            w.shared.counters.tx_batch(n);
             if n < rx.count() {
                 break;
             }
@@ -570,7 +589,12 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
                 while off < len {
                     let l = seg.min(len - off);
                     t.udp_rx_packets += 1;
-                    match ingress(&mut buf[start + off..start + off + l], from, &routes, accept) {
+                    match ingress(
+                        &mut buf[start + off..start + off + l],
+                        from,
+                        &routes,
+                        accept,
+                    ) {
                         Ingress::Deliver => pkts.push((start + off, l)),
                         Ingress::Drop(r) => t.drop(r),
                     }
@@ -579,6 +603,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
             }
             write_tun(w, slots.bytes(), &pkts, &mut gro_head, &mut t);
             w.shared.counters.add(&t);
+            w.shared.counters.rx_batch(t.udp_rx_packets as usize);
             if n < slots.count() {
                 break;
             }

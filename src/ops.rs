@@ -1,0 +1,313 @@
+//! Operating the daemon: `/healthz` and Prometheus `/metrics` over a tiny
+//! HTTP/1.1 responder, systemd readiness (`sd_notify`), and the control
+//! plane's counters. Exposition uses `prometheus-client`; the data path's
+//! own atomics are read at scrape time, so the packet loops never touch a
+//! metrics library.
+
+use crate::forward::{Counters, BATCH_BOUNDS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Control-plane state and counters, shared with the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// The lease is held and the TUN is up.
+    pub ready: AtomicBool,
+    pub peers: AtomicU64,
+    pub etcd_reconnects: AtomicU64,
+    pub lease_renewals: AtomicU64,
+    pub watch_resyncs: AtomicU64,
+}
+
+impl Stats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct FlannelCollector {
+    data: Arc<Counters>,
+    stats: Arc<Stats>,
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for FlannelCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let d = self.data.snapshot();
+        let s = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_packets",
+                "Packets by direction and stage.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (dir, stage, v) in [
+                ("egress", "tun_read", d.tun_rx_packets),
+                ("egress", "udp_sent", d.udp_tx_packets),
+                ("ingress", "udp_received", d.udp_rx_packets),
+                ("ingress", "tun_written", d.tun_tx_packets),
+            ] {
+                ConstCounter::new(v)
+                    .encode(m.encode_family(&[("direction", dir), ("stage", stage)])?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_bytes",
+                "UDP payload bytes by direction.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (dir, v) in [("egress", d.udp_tx_bytes), ("ingress", d.udp_rx_bytes)] {
+                ConstCounter::new(v).encode(m.encode_family(&[("direction", dir)])?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_dropped_packets",
+                "Packets dropped, by reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, v) in [
+                ("no_route", d.drop_no_route),
+                ("ttl", d.drop_ttl),
+                ("malformed", d.drop_malformed),
+                ("not_ipv4", d.drop_not_ipv4),
+                ("spoofed", d.drop_spoofed),
+                ("not_local", d.drop_not_local),
+                ("send_error", d.drop_send_error),
+                ("tun_write_error", d.drop_tun_write_error),
+            ] {
+                ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+            }
+        }
+        counter(
+            &mut e,
+            "flannel_icmp_sent",
+            "ICMP errors sent back into the TUN.",
+            d.icmp_sent,
+        )?;
+        gauge(
+            &mut e,
+            "flannel_peers",
+            "Peers (other hosts' leases) in the route table.",
+            get(&s.peers) as i64,
+        )?;
+        gauge(
+            &mut e,
+            "flannel_lease_held",
+            "1 while this host holds its lease and the TUN is up.",
+            s.ready.load(Ordering::Relaxed) as i64,
+        )?;
+        counter(
+            &mut e,
+            "flannel_etcd_reconnects",
+            "Times etcd came back after an outage.",
+            get(&s.etcd_reconnects),
+        )?;
+        counter(
+            &mut e,
+            "flannel_lease_renewals",
+            "Successful lease renewals.",
+            get(&s.lease_renewals),
+        )?;
+        counter(
+            &mut e,
+            "flannel_watch_resyncs",
+            "Re-lists after a broken or compacted watch.",
+            get(&s.watch_resyncs),
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_batch_size",
+                "Packets per batch of the data path.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (dir, buckets) in [
+                ("egress", &self.data.tx_batches),
+                ("ingress", &self.data.rx_batches),
+            ] {
+                let counts: Vec<u64> = buckets.iter().map(get).collect();
+                let mut bounds: Vec<(f64, u64)> = BATCH_BOUNDS
+                    .iter()
+                    .copied()
+                    .zip(counts.iter().copied())
+                    .collect();
+                bounds.push((f64::MAX, counts[counts.len() - 1]));
+                let count = counts.iter().sum();
+                // The sum is estimated from bucket bounds (batches are counted, not summed).
+                let sum = BATCH_BOUNDS
+                    .iter()
+                    .zip(&counts)
+                    .map(|(b, c)| b * *c as f64)
+                    .sum::<f64>();
+                m.encode_family(&[("direction", dir)])?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, count, &bounds, None,
+                    )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The metrics registry for one daemon.
+pub fn registry(data: Arc<Counters>, stats: Arc<Stats>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(FlannelCollector { data, stats }));
+    r
+}
+
+/// Renders the registry in Prometheus text format.
+pub fn render(r: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, r).expect("writing to a String");
+    out
+}
+
+/// Serves `GET /healthz` (200 when ready, 503 otherwise) and `GET /metrics`.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, stats: Arc<Stats>) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /healthz and /metrics");
+    }
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let (registry, stats) = (registry.clone(), stats.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            // Read the request head (we only need the request line).
+            while n < buf.len() {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    conn.read(&mut buf[n..]),
+                )
+                .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
+                    break;
+                }
+            }
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = match (method, path) {
+                ("GET", "/healthz") if stats.ready.load(Ordering::Relaxed) => {
+                    ("200 OK", "text/plain", "ok\n".to_string())
+                }
+                ("GET", "/healthz") => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready\n".to_string(),
+                ),
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    render(&registry),
+                ),
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                ),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+/// Sends a systemd notification (`READY=1`, `STOPPING=1`, `STATUS=…`) to
+/// `$NOTIFY_SOCKET`, if set. Abstract sockets (`@name`) are supported.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("sd_notify: {e}"),
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        tracing::warn!("sd_notify {msg:?} to {path:?}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forward::Tally;
+
+    #[test]
+    fn metrics_render_counters_drops_and_histograms() {
+        let data = Arc::new(Counters::default());
+        data.add(&Tally {
+            udp_tx_packets: 7,
+            drop_spoofed: 3,
+            ..Tally::default()
+        });
+        data.tx_batch(5);
+        data.tx_batch(64);
+        let stats = Arc::new(Stats::default());
+        stats.peers.store(4, Ordering::Relaxed);
+        let text = render(&registry(data, stats));
+        assert!(
+            text.contains(r#"flannel_packets_total{direction="egress",stage="udp_sent"} 7"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"flannel_dropped_packets_total{reason="spoofed"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains("flannel_peers 4"), "{text}");
+        assert!(
+            text.contains(r#"flannel_batch_size_bucket{le="8.0",direction="egress"} 1"#)
+                || text.contains(r#"flannel_batch_size_bucket{direction="egress",le="8.0"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"flannel_batch_size_count{direction="egress"} 2"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

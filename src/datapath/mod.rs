@@ -76,7 +76,8 @@ pub fn open(
                 multi_queue: true,
             };
             match Tun::create(pattern, probe) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // EINVAL (kept as the kind; the message names the device).
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                     tracing::warn!("{pattern} is a single-queue TUN: using one worker");
                     false
                 }

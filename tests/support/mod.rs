@@ -820,3 +820,36 @@ impl Bed {
         self.hosts[i].daemon.as_ref().expect("daemon running").id()
     }
 }
+
+/// `GET path` on 127.0.0.1:`port` inside namespace `ns`: (status, body).
+pub fn http_get(ns: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    in_ns(ns, move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into(),
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n")?.1.to_string();
+        Some((status, body))
+    })
+}
+
+/// The value of one sample (`name{labels}` exactly as rendered) in a scrape.
+pub fn metric(scrape: &str, sample: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {sample} in:\n{scrape}")) as u64
+}

@@ -1,0 +1,320 @@
+//! Operating the daemon: health, metrics, systemd readiness, version, JSON
+//! logs, and running with the least privilege.
+
+mod support;
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+const PORT: u16 = 9102;
+
+#[test]
+fn health_and_metrics_follow_the_daemon_and_the_traffic() {
+    let mut bed = Bed::new(2);
+    bed.stop_etcd();
+    // etcd away: the daemon waits, /healthz says 503.
+    let _ = std::fs::remove_file(&bed.hosts[0].subnet_file);
+    bed.start(0, &[&format!("--healthz-port={PORT}")]);
+    let ns0 = bed.ns(0);
+    let (code, _) = wait_for("/healthz to answer", Duration::from_secs(10), || {
+        http_get(&ns0, PORT, "/healthz")
+    });
+    assert_eq!(code, 503, "not ready while etcd is away");
+    bed.start_etcd();
+    bed.wait_subnet(0);
+    bed.start_ready(1);
+    wait_for("/healthz 200", Duration::from_secs(10), || {
+        (http_get(&ns0, PORT, "/healthz")?.0 == 200).then_some(())
+    });
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    let before = http_get(&ns0, PORT, "/metrics").unwrap().1;
+    // 50 pings: 50 more datagrams out and in; 7 garbage datagrams: 7 malformed;
+    // 5 spoofed (h1's subnet as inner source, sent from h1's namespace but
+    // another port is fine; from the hub's address is not).
+    let ns1 = bed.ns(1);
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns1,
+            "ping",
+            "-c",
+            "50",
+            "-i",
+            "0.01",
+            "-q",
+            &bed.tun_addr(0).to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let h0 = (bed.hosts[0].ip, 8285);
+    in_ns(&ns1, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..7 {
+            s.send_to(&[0x45; 30], h0).unwrap();
+        }
+    });
+    let after = wait_for("counters to move", Duration::from_secs(5), || {
+        let m = http_get(&ns0, PORT, "/metrics")?.1;
+        (metric(&m, r#"flannel_dropped_packets_total{reason="malformed"}"#) >= 7).then_some(m)
+    });
+    let delta = |s: &str| metric(&after, s) - metric(&before, s);
+    assert_eq!(
+        delta(r#"flannel_dropped_packets_total{reason="malformed"}"#),
+        7
+    );
+    // Echo replies go out of h0: at least the 50 (plus whatever else ran).
+    assert!(delta(r#"flannel_packets_total{direction="egress",stage="udp_sent"}"#) >= 50);
+    assert!(delta(r#"flannel_packets_total{direction="ingress",stage="tun_written"}"#) >= 50);
+    assert!(delta(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#) >= 57);
+    assert_eq!(metric(&after, "flannel_peers"), 1);
+    assert_eq!(metric(&after, "flannel_lease_held"), 1);
+    assert!(after.contains("flannel_batch_size_bucket"));
+    println!("sample scrape:\n{after}");
+    // SIGTERM: the endpoint goes away with the daemon.
+    assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    assert!(http_get(&ns0, PORT, "/healthz").is_none());
+}
+
+#[test]
+fn systemd_is_told_ready_and_stopping() {
+    let mut bed = Bed::new(1);
+    let sock_path = bed.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut cmd = bed.flanneld_cmd(0, &[]);
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("READY notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Ready means: lease held, TUN up, subnet.env written.
+    assert!(bed.hosts[0].subnet_file.exists());
+    assert!(sh(&["ip", "-n", &bed.ns(0), "link", "show", "flannel0"]).contains("UP"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("STOPPING notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn version_and_json_logs() {
+    let out = Command::new(flanneld_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("flanneld {}", env!("CARGO_PKG_VERSION"))
+    );
+    let mut bed = Bed::new(1);
+    bed.start(0, &["--log-format=json"]);
+    bed.wait_subnet(0);
+    bed.stop(0, libc::SIGTERM);
+    let log = bed.log(0);
+    let mut n = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+        n += 1;
+    }
+    assert!(n > 3, "{log}");
+}
+
+/// `docker run --cap-drop ALL --cap-add NET_ADMIN --device /dev/net/tun`, as setpriv.
+#[test]
+fn runs_with_only_cap_net_admin() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(1);
+    let h = &bed.hosts[0];
+    let log = std::fs::File::create(bed.dir.join("capped.log")).unwrap();
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.ns,
+            "setpriv",
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+            "--",
+        ])
+        .arg(flanneld_bin())
+        .arg(format!("--etcd-endpoints={}", bed.endpoint))
+        .arg(format!("--subnet-file={}", h.subnet_file.display()))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let file = h.subnet_file.clone();
+    let sn = wait_for(
+        "a lease with only CAP_NET_ADMIN",
+        Duration::from_secs(20),
+        || {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "capped flanneld exited {st}: {}",
+                    std::fs::read_to_string(bed.dir.join("capped.log")).unwrap()
+                );
+            }
+            flannel::subnet_env::read_previous_subnet(&file)
+        },
+    );
+    // Its capabilities really are only NET_ADMIN (bit 12).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let eff = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        u64::from_str_radix(&eff, 16).unwrap(),
+        1 << 12,
+        "CapEff {eff}"
+    );
+    wait_for(
+        "traffic with only CAP_NET_ADMIN",
+        Duration::from_secs(10),
+        || bed.ping(1, sn.network()).then_some(()),
+    );
+    let data = pattern(8 << 20, 1);
+    assert!(tcp_transfer(&bed, 1, 0, data.clone()) == data);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+/// No capability at all: the TUN was made and configured by an administrator.
+#[test]
+fn uses_a_precreated_tun_without_any_capability() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(1);
+    // The admin reserves h0's subnet and prepares the device for it.
+    bed.put(
+        &format!("{PREFIX}/subnets/10.5.50.0-24"),
+        &format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, bed.hosts[0].ip),
+    );
+    let ns = bed.ns(0);
+    sh(&[
+        "ip", "-n", &ns, "tuntap", "add", "name", "flannel0", "mode", "tun", "user", "0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "10.5.50.0/32",
+        "dev",
+        "flannel0",
+    ]);
+    sh(&[
+        "ip", "-n", &ns, "link", "set", "flannel0", "mtu", "1472", "up",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "10.5.0.0/16",
+        "dev",
+        "flannel0",
+    ]);
+    let h = &bed.hosts[0];
+    let log = bed.dir.join("nocaps.log");
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "setpriv",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg(flanneld_bin())
+        .arg(format!("--etcd-endpoints={}", bed.endpoint))
+        .arg(format!("--subnet-file={}", h.subnet_file.display()))
+        .args(["--no-netlink-config", "--tun-name=flannel0"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(bed.dir.join("nocaps.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let file = h.subnet_file.clone();
+    let sn = wait_for(
+        "a lease without capabilities",
+        Duration::from_secs(20),
+        || {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "flanneld exited {st}: {}",
+                    std::fs::read_to_string(bed.dir.join("nocaps.err")).unwrap()
+                );
+            }
+            flannel::subnet_env::read_previous_subnet(&file)
+        },
+    );
+    assert_eq!(sn.to_string(), "10.5.50.0/24");
+    wait_for(
+        "traffic through the pre-created TUN",
+        Duration::from_secs(10),
+        || bed.ping(1, sn.network()).then_some(()),
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    // The administrator's device outlives the daemon.
+    assert!(sh(&["ip", "-n", &ns, "link"]).contains("flannel0"));
+}
+
+#[test]
+fn a_missing_dev_net_tun_is_a_clear_error() {
+    let bed = Bed::new(1);
+    let h = &bed.hosts[0];
+    // A private mount namespace whose /dev/net is empty, like a minimal container.
+    let script = format!(
+        "mount -t tmpfs none /dev/net && exec {} --etcd-endpoints={} --subnet-file={}",
+        flanneld_bin().display(),
+        bed.endpoint,
+        h.subnet_file.display()
+    );
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.ns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/dev/net/tun does not exist"), "{err}");
+}

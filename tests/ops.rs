@@ -84,7 +84,7 @@ fn health_and_metrics_follow_the_daemon_and_the_traffic() {
 
 #[test]
 fn systemd_is_told_ready_and_stopping() {
-    let mut bed = Bed::new(1);
+    let bed = Bed::new(1);
     let sock_path = bed.dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(15)))

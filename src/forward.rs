@@ -101,10 +101,10 @@ pub fn ingress(
     Ingress::Deliver
 }
 
-/// Data-path counters, shared with the control plane (and metrics later).
-/// Workers add a batch at a time, so the atomics are touched once per batch.
+/// One direction's counters. Workers add a batch at a time, so the
+/// atomics are touched once per batch.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub struct Totals {
     pub tun_rx_packets: AtomicU64,
     pub udp_tx_packets: AtomicU64,
     pub udp_tx_bytes: AtomicU64,
@@ -120,6 +120,15 @@ pub struct Counters {
     pub drop_not_local: AtomicU64,
     pub drop_send_error: AtomicU64,
     pub drop_tun_write_error: AtomicU64,
+}
+
+/// Data-path counters, shared with the control plane and the metrics:
+/// egress (TUN → UDP) and ingress (UDP → TUN) kept apart, so that a drop
+/// reason says where it happened.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub egress: Totals,
+    pub ingress: Totals,
     /// Batch sizes (packets per TUN-read batch / per receive batch), in
     /// buckets of ≤ 1, 2, 4, 8, 16, 32, 64 and more.
     pub tx_batches: [AtomicU64; BATCH_BUCKETS],
@@ -192,17 +201,7 @@ macro_rules! counter_fields {
     };
 }
 
-impl Counters {
-    /// Records one batch of `n` packets read from the TUN.
-    pub fn tx_batch(&self, n: usize) {
-        self.tx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Records one batch of `n` datagrams received.
-    pub fn rx_batch(&self, n: usize) {
-        self.rx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
-    }
-
+impl Totals {
     pub fn add(&self, t: &Tally) {
         macro_rules! add {
             ($($f:ident),*) => { $( if t.$f != 0 { self.$f.fetch_add(t.$f, Ordering::Relaxed); } )* };
@@ -215,6 +214,27 @@ impl Counters {
             ($($f:ident),*) => { Tally { $( $f: self.$f.load(Ordering::Relaxed), )* } };
         }
         counter_fields!(get)
+    }
+}
+
+impl Counters {
+    /// Both directions summed.
+    pub fn snapshot(&self) -> Tally {
+        let (a, b) = (self.egress.snapshot(), self.ingress.snapshot());
+        macro_rules! sum {
+            ($($f:ident),*) => { Tally { $( $f: a.$f + b.$f, )* } };
+        }
+        counter_fields!(sum)
+    }
+
+    /// Records one batch of `n` packets read from the TUN.
+    pub fn tx_batch(&self, n: usize) {
+        self.tx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one batch of `n` datagrams received.
+    pub fn rx_batch(&self, n: usize) {
+        self.rx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -331,9 +351,11 @@ mod tests {
         t.drop(DropReason::Ttl);
         t.drop(DropReason::NoRoute);
         t.udp_tx_packets = 3;
-        c.add(&t);
-        c.add(&t);
+        c.egress.add(&t);
+        c.ingress.add(&t);
+        c.ingress.add(&t);
         let s = c.snapshot();
-        assert_eq!((s.drop_ttl, s.drop_no_route, s.udp_tx_packets), (2, 2, 6));
+        assert_eq!((s.drop_ttl, s.drop_no_route, s.udp_tx_packets), (3, 3, 9));
+        assert_eq!(c.ingress.snapshot().drop_ttl, 2);
     }
 }

@@ -84,21 +84,27 @@ impl Collector for FlannelCollector {
         {
             let mut m = e.encode_descriptor(
                 "flannel_dropped_packets",
-                "Packets dropped, by reason.",
+                "Packets dropped, by direction (egress: TUN to UDP, ingress: UDP to TUN) and reason.",
                 None,
                 MetricType::Counter,
             )?;
-            for (reason, v) in [
-                ("no_route", d.drop_no_route),
-                ("ttl", d.drop_ttl),
-                ("malformed", d.drop_malformed),
-                ("not_ipv4", d.drop_not_ipv4),
-                ("spoofed", d.drop_spoofed),
-                ("not_local", d.drop_not_local),
-                ("send_error", d.drop_send_error),
-                ("tun_write_error", d.drop_tun_write_error),
+            for (dir, t) in [
+                ("egress", self.data.egress.snapshot()),
+                ("ingress", self.data.ingress.snapshot()),
             ] {
-                ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+                for (reason, v) in [
+                    ("no_route", t.drop_no_route),
+                    ("ttl", t.drop_ttl),
+                    ("malformed", t.drop_malformed),
+                    ("not_ipv4", t.drop_not_ipv4),
+                    ("spoofed", t.drop_spoofed),
+                    ("not_local", t.drop_not_local),
+                    ("send_error", t.drop_send_error),
+                    ("tun_write_error", t.drop_tun_write_error),
+                ] {
+                    ConstCounter::new(v)
+                        .encode(m.encode_family(&[("direction", dir), ("reason", reason)])?)?;
+                }
             }
         }
         counter(
@@ -280,8 +286,11 @@ mod tests {
     #[test]
     fn metrics_render_counters_drops_and_histograms() {
         let data = Arc::new(Counters::default());
-        data.add(&Tally {
+        data.egress.add(&Tally {
             udp_tx_packets: 7,
+            ..Tally::default()
+        });
+        data.ingress.add(&Tally {
             drop_spoofed: 3,
             ..Tally::default()
         });
@@ -295,7 +304,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"flannel_dropped_packets_total{reason="spoofed"} 3"#),
+            text.contains(
+                r#"flannel_dropped_packets_total{direction="ingress",reason="spoofed"} 3"#
+            ),
             "{text}"
         );
         assert!(text.contains("flannel_peers 4"), "{text}");

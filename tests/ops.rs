@@ -62,11 +62,15 @@ fn health_and_metrics_follow_the_daemon_and_the_traffic() {
     });
     let after = wait_for("counters to move", Duration::from_secs(5), || {
         let m = http_get(&ns0, PORT, "/metrics")?.1;
-        (metric(&m, r#"flannel_dropped_packets_total{reason="malformed"}"#) >= 7).then_some(m)
+        (metric(
+            &m,
+            r#"flannel_dropped_packets_total{direction="ingress",reason="malformed"}"#,
+        ) >= 7)
+            .then_some(m)
     });
     let delta = |s: &str| metric(&after, s) - metric(&before, s);
     assert_eq!(
-        delta(r#"flannel_dropped_packets_total{reason="malformed"}"#),
+        delta(r#"flannel_dropped_packets_total{direction="ingress",reason="malformed"}"#),
         7
     );
     // Echo replies go out of h0: at least the 50 (plus whatever else ran).

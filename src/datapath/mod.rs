@@ -422,7 +422,7 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
                 }
             }
             flush(&mut mmsg, sock, slots.bytes_mut(), &mut [], &mut t);
-            w.shared.counters.add(&t);
+            w.shared.counters.egress.add(&t);
             w.shared.counters.tx_batch(n);
             if n < slots.count() {
                 break;
@@ -524,7 +524,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                 }
             }
             flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
-            w.shared.counters.add(&t);
+            w.shared.counters.egress.add(&t);
             w.shared.counters.tx_batch(n);
             if n < rx.count() {
                 break;
@@ -603,7 +603,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
                 }
             }
             write_tun(w, slots.bytes(), &pkts, &mut gro_head, &mut t);
-            w.shared.counters.add(&t);
+            w.shared.counters.ingress.add(&t);
             w.shared.counters.rx_batch(t.udp_rx_packets as usize);
             if n < slots.count() {
                 break;

@@ -114,10 +114,14 @@ impl RouteSnapshot {
         self
     }
 
-    /// Whether `dst` lies in this host's own subnet.
+    /// Whether `dst` is a unicast address of this host's own subnet. Its
+    /// broadcast address is not: a directed broadcast from the tunnel would
+    /// reach every workload behind a bridge (a smurf amplifier), so it is
+    /// refused like any destination outside the subnet.
     #[inline]
     pub fn is_local(&self, dst: Ipv4Addr) -> bool {
-        self.local.is_some_and(|l| l.contains(dst))
+        self.local
+            .is_some_and(|l| l.contains(dst) && (l.prefix() >= 31 || dst != l.broadcast()))
     }
 
     /// The peer owning the longest prefix that contains `dst`.
@@ -191,6 +195,17 @@ mod tests {
             RouteSnapshot::default().lookup(Ipv4Addr::new(10, 5, 3, 1)),
             None
         );
+    }
+
+    #[test]
+    fn local_subnet_excludes_its_broadcast() {
+        let s = RouteSnapshot::default().with_local("10.5.3.0/24".parse().unwrap());
+        assert!(s.is_local(Ipv4Addr::new(10, 5, 3, 0)), "the TUN's own address");
+        assert!(s.is_local(Ipv4Addr::new(10, 5, 3, 7)));
+        assert!(!s.is_local(Ipv4Addr::new(10, 5, 3, 255)), "directed broadcast");
+        assert!(!s.is_local(Ipv4Addr::new(10, 5, 4, 1)));
+        assert!(!s.is_local(Ipv4Addr::BROADCAST));
+        assert!(!RouteSnapshot::default().is_local(Ipv4Addr::new(10, 5, 3, 7)));
     }
 
     #[test]

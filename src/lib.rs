@@ -8,6 +8,7 @@
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod docker;
 pub mod forward;
 pub mod iface;
 pub mod lease;

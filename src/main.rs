@@ -15,8 +15,17 @@ use std::time::Duration;
 /// Every flag can also be set by its FLANNELD_* environment variable
 /// (upper case, '-' → '_'), as with Go flanneld.
 #[derive(Parser, Debug)]
-#[command(name = "flanneld", version, about, max_term_width = 100)]
+#[command(
+    name = "flanneld",
+    version,
+    about,
+    max_term_width = 100,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Comma-separated etcd endpoints.
     #[arg(
         long,
@@ -135,6 +144,74 @@ struct Cli {
     subnet_lease_ttl: u64,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Docker daemon options from subnet.env, as flannel's mk-docker-opts.sh.
+    MkDockerOpts {
+        /// Path to flannel env file.
+        #[arg(short = 'f', default_value = "/run/flannel/subnet.env")]
+        flannel_env: PathBuf,
+        /// Path to Docker env file to write to.
+        #[arg(short = 'd', default_value = "/run/docker_opts.env")]
+        docker_env: PathBuf,
+        /// Output each Docker option as individual var. e.g. DOCKER_OPT_MTU=1500
+        #[arg(short = 'i')]
+        individual: bool,
+        /// Output combined Docker options into DOCKER_OPTS var
+        #[arg(short = 'c')]
+        combined: bool,
+        /// Set the combined options key to this value
+        #[arg(short = 'k', default_value = "DOCKER_OPTS")]
+        key: String,
+        /// Do not output --ip-masq (useful for older Docker version)
+        #[arg(short = 'm')]
+        no_ipmasq: bool,
+    },
+}
+
+fn mk_docker_opts(cmd: Command) -> ExitCode {
+    let Command::MkDockerOpts {
+        flannel_env,
+        docker_env,
+        individual,
+        combined,
+        key,
+        no_ipmasq,
+    } = cmd;
+    use flannel::docker;
+    let env = docker::parse_env(&std::fs::read_to_string(&flannel_env).unwrap_or_default());
+    if let Some(sn) = docker::subnet_of(&env) {
+        let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+        if let Some(r) = docker::routed_via_gateway(&routes, sn) {
+            eprintln!("Your routing table already contains the subnet: {r}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let args = docker::DockerOptsArgs {
+        individual,
+        combined,
+        combined_key: key.clone(),
+        no_ipmasq,
+    };
+    let existing = std::env::var(&key).unwrap_or_default();
+    let text = match docker::render(&env, &args, &existing) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Atomic like subnet.env: a reader never sees half a file.
+    let tmp = docker_env.with_extension("tmp");
+    match std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &docker_env)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("writing {}: {e}", docker_env.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -172,7 +249,10 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(cmd) = cli.command.take() {
+        return mk_docker_opts(cmd);
+    }
     init_logs(cli.verbosity, cli.log_format);
     if cli.ip_masq {
         tracing::error!(

@@ -200,9 +200,15 @@ mod tests {
     #[test]
     fn local_subnet_excludes_its_broadcast() {
         let s = RouteSnapshot::default().with_local("10.5.3.0/24".parse().unwrap());
-        assert!(s.is_local(Ipv4Addr::new(10, 5, 3, 0)), "the TUN's own address");
+        assert!(
+            s.is_local(Ipv4Addr::new(10, 5, 3, 0)),
+            "the TUN's own address"
+        );
         assert!(s.is_local(Ipv4Addr::new(10, 5, 3, 7)));
-        assert!(!s.is_local(Ipv4Addr::new(10, 5, 3, 255)), "directed broadcast");
+        assert!(
+            !s.is_local(Ipv4Addr::new(10, 5, 3, 255)),
+            "directed broadcast"
+        );
         assert!(!s.is_local(Ipv4Addr::new(10, 5, 4, 1)));
         assert!(!s.is_local(Ipv4Addr::BROADCAST));
         assert!(!RouteSnapshot::default().is_local(Ipv4Addr::new(10, 5, 3, 7)));

@@ -4,8 +4,10 @@
 set -euo pipefail
 need=()
 for pair in etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler ip:iproute2 \
-            ping:iputils-ping iperf3:iperf3 socat:socat; do
+            ping:iputils-ping iperf3:iperf3 socat:socat openssl:openssl setpriv:util-linux \
+            iptables:iptables /usr/lib/cni/bridge:containernetworking-plugins; do
   cmd=${pair%%:*}; pkg=${pair#*:}
+  if [ "${cmd#/}" != "$cmd" ]; then [ -x "$cmd" ] || need+=("$pkg"); continue; fi
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -5,6 +5,7 @@
 //! The pure modules ([`config`], [`subnet`], [`lease`], [`routes`], [`wire`],
 //! [`forward`], [`subnet_env`]) do no I/O and are unit tested and fuzzed.
 
+pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod datapath;

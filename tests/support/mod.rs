@@ -659,9 +659,14 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// Sends `len` bytes over TCP from host `from` to host `to`'s overlay address
 /// and returns what arrived.
 pub fn tcp_transfer(bed: &Bed, from: usize, to: usize, data: Vec<u8>) -> Vec<u8> {
-    let dst = bed.tun_addr(to);
+    tcp_between(&bed.ns(from), &bed.ns(to), bed.tun_addr(to), data)
+}
+
+/// Sends `data` over TCP from namespace `from_ns` to `dst` (an address of
+/// namespace `to_ns`) and returns what arrived.
+pub fn tcp_between(from_ns: &str, to_ns: &str, dst: Ipv4Addr, data: Vec<u8>) -> Vec<u8> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let server = spawn_in_ns(&bed.ns(to), move || {
+    let server = spawn_in_ns(to_ns, move || {
         let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
         tx.send(l.local_addr().unwrap().port()).unwrap();
         let (mut s, _) = l.accept().unwrap();
@@ -671,7 +676,7 @@ pub fn tcp_transfer(bed: &Bed, from: usize, to: usize, data: Vec<u8>) -> Vec<u8>
         got
     });
     let port = rx.recv().unwrap();
-    in_ns(&bed.ns(from), move || {
+    in_ns(from_ns, move || {
         let mut s = TcpStream::connect_timeout(
             &SocketAddrV4::new(dst, port).into(),
             Duration::from_secs(10),
@@ -816,6 +821,13 @@ pub fn peak_rss_mb(pid: u32) -> f64 {
 }
 
 impl Bed {
+    /// A namespace owned (and removed) by this bed, e.g. a pod.
+    pub fn add_ns_named(&mut self, suffix: &str) -> String {
+        let ns = format!("{}-{suffix}", self.name);
+        self.add_ns(&ns);
+        ns
+    }
+
     pub fn daemon_pid(&self, i: usize) -> u32 {
         self.hosts[i].daemon.as_ref().expect("daemon running").id()
     }

@@ -1,0 +1,345 @@
+//! The `flannel` CNI plugin with Debian's real containernetworking-plugins
+//! (bridge, host-local, portmap): pods on two hosts reach each other through
+//! our tunnel; DEL cleans up; ADD/DEL cycles leak nothing; a conflist chain
+//! with portmap works as a runtime would drive it.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::*;
+
+const CNI_BIN: &str = "/usr/lib/cni";
+
+fn plugin_dir() -> String {
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_flannel"));
+    format!("{}:{CNI_BIN}", ours.parent().unwrap().display())
+}
+
+/// Runs CNI plugin `ty` in host `host_ns` like a runtime: env + stdin.
+fn cni(
+    host_ns: &str,
+    ty: &str,
+    command: &str,
+    id: &str,
+    pod_ns: &str,
+    conf: &Value,
+) -> (bool, Value) {
+    let bin = plugin_dir()
+        .split(':')
+        .map(|d| PathBuf::from(d).join(ty))
+        .find(|p| p.is_file())
+        .expect("plugin binary");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", host_ns])
+        .arg(&bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", plugin_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if !out.status.success() {
+        eprintln!(
+            "{ty} {command} failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (out.status.success(), v)
+}
+
+fn net_conf(bed: &Bed, i: usize) -> Value {
+    json!({
+        "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+        "subnetFile": bed.hosts[i].subnet_file,
+        "dataDir": bed.dir.join(format!("h{i}/cni")),
+        "ipam": {"dataDir": bed.dir.join(format!("h{i}/ipam"))},
+    })
+}
+
+fn pod_ip(result: &Value) -> Ipv4Addr {
+    let a = result["ips"][0]["address"]
+        .as_str()
+        .expect("an IP in the result");
+    a.split('/').next().unwrap().parse().unwrap()
+}
+
+fn ipam_files(bed: &Bed, i: usize) -> Vec<String> {
+    std::fs::read_dir(bed.dir.join(format!("h{i}/ipam/cbr0")))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn pods_on_two_hosts_reach_each_other_through_the_plugin() {
+    assert!(
+        PathBuf::from(CNI_BIN).join("bridge").exists(),
+        "install containernetworking-plugins (scripts/deps.sh)"
+    );
+    let mut bed = Bed::new(2);
+    for i in 0..2 {
+        bed.start_ready(i);
+    }
+    let mut pods = Vec::new(); // (host, pod ns, id, ip)
+    let mut results = Vec::new();
+    for i in 0..2 {
+        for j in 0..2 {
+            let pod = bed.add_ns_named(&format!("h{i}p{j}"));
+            let id = format!("pod{i}{j}");
+            let (ok, res) = cni(&bed.ns(i), "flannel", "ADD", &id, &pod, &net_conf(&bed, i));
+            assert!(ok, "ADD failed: {res}");
+            assert_eq!(res["cniVersion"], json!("1.0.0"));
+            let ip = pod_ip(&res);
+            let sn = flannel::subnet_env::read_previous_subnet(&bed.hosts[i].subnet_file).unwrap();
+            assert!(sn.contains(ip), "{ip} not in host subnet {sn}");
+            // The saved delegate config is flannel's.
+            let saved: Value = serde_json::from_slice(
+                &std::fs::read(bed.dir.join(format!("h{i}/cni/{id}"))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(saved["type"], json!("bridge"));
+            assert_eq!(saved["mtu"], json!(1472));
+            results.push(res.clone());
+            pods.push((i, pod, id, ip));
+        }
+    }
+    // CHECK is delegated to the bridge plugin with the runtime's cached
+    // result. Debian's bridge 1.1.1 then reports the route flannel asks
+    // host-local for (the Network, without a gateway) as missing, because it
+    // installed it via the bridge's address: upstream flannel gets the same
+    // answer. What we check: the delegate ran and its answer came back as
+    // CNI JSON; and a container the plugin never saw is "unknown" (code 3).
+    let mut c = net_conf(&bed, 0);
+    c["prevResult"] = results[0].clone(); // as a runtime caches it
+    let (ok, v) = cni(&bed.ns(0), "flannel", "CHECK", &pods[0].2, &pods[0].1, &c);
+    assert!(
+        ok || v["msg"].as_str().is_some_and(|m| m.contains("10.5.0.0")),
+        "CHECK: {v}"
+    );
+    let (ok, v) = cni(
+        &bed.ns(0),
+        "flannel",
+        "CHECK",
+        "never-added",
+        &pods[0].1,
+        &c,
+    );
+    assert!(!ok && v["code"] == json!(3), "{v}");
+    let (ok, v) = cni(
+        &bed.ns(0),
+        "flannel",
+        "VERSION",
+        "x",
+        &pods[0].1,
+        &net_conf(&bed, 0),
+    );
+    assert!(
+        ok && v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.0.0"))
+    );
+    // Every pod reaches every other, across hosts through the tunnel.
+    for (a, pa, _, _) in &pods {
+        for (b, pb, _, ipb) in &pods {
+            if pa == pb {
+                continue;
+            }
+            wait_for(
+                &format!("{pa} -> {pb} ({ipb})"),
+                Duration::from_secs(10),
+                || {
+                    Command::new("ip")
+                        .args([
+                            "netns",
+                            "exec",
+                            pa,
+                            "ping",
+                            "-c",
+                            "1",
+                            "-W",
+                            "1",
+                            &ipb.to_string(),
+                        ])
+                        .stdout(Stdio::null())
+                        .status()
+                        .unwrap()
+                        .success()
+                        .then_some(())
+                },
+            );
+            if a != b {
+                let data = pattern(4 << 20, 3);
+                assert!(
+                    tcp_between(pa, pb, *ipb, data.clone()) == data,
+                    "{pa} -> {pb} transfer corrupted"
+                );
+            }
+        }
+    }
+    // DEL removes the address and the IPAM allocation; a second DEL succeeds.
+    let (i, pod, id, ip) = &pods[0];
+    let before = ipam_files(&bed, *i);
+    assert!(before.contains(&ip.to_string()));
+    let (ok, _) = cni(&bed.ns(*i), "flannel", "DEL", id, pod, &net_conf(&bed, *i));
+    assert!(ok);
+    assert!(
+        !ipam_files(&bed, *i).contains(&ip.to_string()),
+        "IPAM allocation left"
+    );
+    assert!(
+        !sh(&["ip", "-n", pod, "addr"]).contains(&ip.to_string()),
+        "address left"
+    );
+    let (ok, _) = cni(&bed.ns(*i), "flannel", "DEL", id, pod, &net_conf(&bed, *i));
+    assert!(ok, "DEL of a gone container must succeed");
+}
+
+#[test]
+fn fifty_add_del_cycles_leak_nothing() {
+    let mut bed = Bed::new(1);
+    bed.start_ready(0);
+    let pod = bed.add_ns_named("cyc");
+    let ns = bed.ns(0);
+    let veths = |ns: &str| {
+        sh(&["ip", "-n", ns, "-o", "link", "show", "type", "veth"])
+            .lines()
+            .count()
+    };
+    let (ok, _) = cni(&ns, "flannel", "ADD", "warm", &pod, &net_conf(&bed, 0));
+    assert!(ok);
+    assert!(cni(&ns, "flannel", "DEL", "warm", &pod, &net_conf(&bed, 0)).0);
+    let host_veths = veths(&ns);
+    for k in 0..50 {
+        let id = format!("c{k}");
+        let (ok, res) = cni(&ns, "flannel", "ADD", &id, &pod, &net_conf(&bed, 0));
+        assert!(ok, "ADD {k}: {res}");
+        assert_eq!(veths(&ns), host_veths + 1);
+        assert!(
+            cni(&ns, "flannel", "DEL", &id, &pod, &net_conf(&bed, 0)).0,
+            "DEL {k}"
+        );
+    }
+    assert_eq!(veths(&ns), host_veths, "veths leaked");
+    assert_eq!(veths(&pod), 0, "pod veth leaked");
+    assert!(
+        ipam_files(&bed, 0).is_empty(),
+        "IPAM files leaked: {:?}",
+        ipam_files(&bed, 0)
+    );
+    assert_eq!(
+        std::fs::read_dir(bed.dir.join("h0/cni")).unwrap().count(),
+        0,
+        "saved configs leaked"
+    );
+}
+
+/// The conflist a runtime would read from /etc/cni/net.d, driven the way
+/// libcni chains it: flannel, then portmap with the previous result.
+#[test]
+fn the_documented_conflist_with_portmap_chains() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/10-flannel.conflist"
+    ))
+    .unwrap();
+    let mut list: Value = serde_json::from_str(&text).unwrap();
+    // Point the flannel plugin at this host's files.
+    let p0 = &mut list["plugins"][0];
+    p0["subnetFile"] = json!(bed.hosts[0].subnet_file);
+    p0["dataDir"] = json!(bed.dir.join("h0/cni"));
+    p0["ipam"] = json!({"dataDir": bed.dir.join("h0/ipam")});
+    let pod = bed.add_ns_named("web");
+    let runtime =
+        json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]});
+    let conf_for = |k: usize, prev: Option<&Value>| {
+        let mut c = list["plugins"][k].clone();
+        c["name"] = list["name"].clone();
+        c["cniVersion"] = list["cniVersion"].clone();
+        if c.get("capabilities")
+            .is_some_and(|cap| cap["portMappings"] == json!(true))
+        {
+            c["runtimeConfig"] = runtime.clone();
+        }
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    };
+    let n = list["plugins"].as_array().unwrap().len();
+    let mut prev: Option<Value> = None;
+    for k in 0..n {
+        let ty = list["plugins"][k]["type"].as_str().unwrap().to_string();
+        let (ok, res) = cni(
+            &bed.ns(0),
+            &ty,
+            "ADD",
+            "web1",
+            &pod,
+            &conf_for(k, prev.as_ref()),
+        );
+        assert!(ok, "{ty} ADD: {res}");
+        prev = Some(res);
+    }
+    let ip = pod_ip(prev.as_ref().unwrap());
+    // A web server in the pod, reached through the host port from another host.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = spawn_in_ns(&pod, move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:80").unwrap();
+        tx.send(()).unwrap();
+        let (mut s, from) = l.accept().unwrap();
+        s.write_all(b"hello from the pod").unwrap();
+        from
+    });
+    rx.recv().unwrap();
+    let h0 = bed.hosts[0].ip;
+    let got = in_ns(&bed.ns(1), move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(h0, 18080).into(), Duration::from_secs(5))
+                .expect("host port");
+        let mut b = String::new();
+        std::io::Read::read_to_string(&mut s, &mut b).unwrap();
+        b
+    });
+    assert_eq!(got, "hello from the pod");
+    server.join().unwrap();
+    // DEL in reverse order with the cached result, as libcni does.
+    for k in (0..n).rev() {
+        let ty = list["plugins"][k]["type"].as_str().unwrap().to_string();
+        let (ok, res) = cni(
+            &bed.ns(0),
+            &ty,
+            "DEL",
+            "web1",
+            &pod,
+            &conf_for(k, prev.as_ref()),
+        );
+        assert!(ok, "{ty} DEL: {res}");
+    }
+    assert!(!sh(&["ip", "-n", &pod, "addr"]).contains(&ip.to_string()));
+}

@@ -490,7 +490,7 @@ impl Bed {
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("FLANNEL_TEST_LOG").unwrap_or_else(|_| "debug".into()),
+                std::env::var("FLANNEL_TEST_LOG").unwrap_or_else(|_| "info,flannel=debug".into()),
             );
         c
     }

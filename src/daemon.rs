@@ -6,6 +6,7 @@ use crate::config::NetworkConfig;
 use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::{self, Acquire, PeerChange, PeerSet};
+use crate::masq;
 use crate::netlink::{self, Netlink};
 use crate::ops::{self, Stats};
 use crate::registry::{
@@ -36,6 +37,8 @@ pub struct Options {
     pub renew_margin: Duration,
     pub lease_ttl: Duration,
     pub ip_masq: bool,
+    pub iptables_forward_rules: bool,
+    pub iptables_resync: Duration,
     pub tun_name: String,
     pub workers: usize,
     pub offload: OffloadMode,
@@ -272,6 +275,9 @@ fn configure_tun(
 
 /// The control plane's state after start-up, and what it does on events.
 struct Control<'a, S> {
+    /// The iptables rules we keep in place (may be empty).
+    rules: Vec<masq::TableRules>,
+    rules_failing: bool,
     store: &'a S,
     opts: &'a Options,
     cfg: NetworkConfig,
@@ -285,7 +291,42 @@ struct Control<'a, S> {
     mtu: u32,
 }
 
+/// The iptables rules the options ask for.
+fn wanted_rules(
+    opts: &Options,
+    network: Ipv4Network,
+    subnet: Ipv4Network,
+) -> Vec<masq::TableRules> {
+    let mut r = masq::rules(network, subnet, opts.iptables_forward_rules);
+    if !opts.ip_masq {
+        r.retain(|t| t.table != "nat");
+    }
+    r
+}
+
 impl<S: LeaseStore> Control<'_, S> {
+    /// Checks our iptables rules and restores them if someone removed them.
+    async fn resync_rules(&mut self) {
+        if self.rules.is_empty() {
+            return;
+        }
+        let rules = self.rules.clone();
+        match tokio::task::spawn_blocking(move || masq::ensure(&rules)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::warn!(
+                tables = n,
+                "iptables rules were missing or changed; restored"
+            ),
+            Ok(Err(e)) if !self.rules_failing => {
+                self.rules_failing = true;
+                tracing::error!("applying iptables rules failed (retrying every resync): {e}");
+                return;
+            }
+            _ => return,
+        }
+        self.rules_failing = false;
+    }
+
     fn renew_time(&self, exp: Option<Duration>) -> Option<Instant> {
         exp.map(|d| Instant::now() + lease::renew_delay(d, self.opts.renew_margin))
     }
@@ -416,6 +457,13 @@ impl<S: LeaseStore> Control<'_, S> {
         .write(&self.opts.subnet_file)
         .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
         self.own = new;
+        if !self.rules.is_empty() {
+            let old_rules = std::mem::replace(
+                &mut self.rules,
+                wanted_rules(self.opts, self.cfg.network, new),
+            );
+            drop(old_rules); // restore_input re-declares our chains: the old subnet's rules go
+        }
         if let Some(change) = self.peers.set.set_own(new) {
             Peers::log(&[change]);
         }
@@ -545,11 +593,11 @@ pub async fn run<S: LeaseStore>(
         },
     )?;
 
-    stats
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
+    let mut rules_tick = tokio::time::interval(opts.iptables_resync);
+    rules_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ctl = Control {
+        rules: wanted_rules(&opts, cfg.network, own),
+        rules_failing: false,
         store: &store,
         opts: &opts,
         cfg,
@@ -562,6 +610,12 @@ pub async fn run<S: LeaseStore>(
         tun_index: netlink::if_index(&tun_name)?,
         mtu,
     };
+    // Rules before READY: a workload started on READY gets them.
+    ctl.resync_rules().await;
+    stats
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
     let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await?);
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut resync_at: Option<Instant> = None;
@@ -571,6 +625,7 @@ pub async fn run<S: LeaseStore>(
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             _ = sleep_until(ctl.renew_at) => ctl.renew().await,
+            _ = rules_tick.tick() => ctl.resync_rules().await,
             _ = sleep_until(resync_at) => {
                 // One attempt per tick, so shutdown is never blocked by an outage.
                 let rev = match ctl.resync().await {
@@ -634,6 +689,14 @@ pub async fn run<S: LeaseStore>(
         .store(false, std::sync::atomic::Ordering::Relaxed);
     ops::sd_notify("STOPPING=1");
     tracing::info!("shutting down; the lease stays in etcd");
+    if !ctl.rules.is_empty() {
+        let rules = ctl.rules.clone();
+        match tokio::task::spawn_blocking(move || masq::remove(&rules)).await {
+            Ok(Ok(())) => tracing::info!("removed our iptables rules"),
+            Ok(Err(e)) => tracing::warn!("removing our iptables rules: {e}"),
+            Err(e) => tracing::warn!("removing our iptables rules: {e}"),
+        }
+    }
     dp.stop();
     let c = counters.snapshot();
     tracing::info!(

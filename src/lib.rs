@@ -13,6 +13,7 @@ pub mod docker;
 pub mod forward;
 pub mod iface;
 pub mod lease;
+pub mod masq;
 pub mod netlink;
 pub mod offload;
 pub mod ops;

@@ -86,10 +86,21 @@ struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=1439))]
     subnet_lease_renew_margin: u64,
 
-    /// Set up IP masquerade for traffic leaving the overlay (not implemented yet).
+    /// Masquerade traffic from the overlay to the outside (flannel's FLANNEL-POSTRTG
+    /// rules in the nat table; pod-to-pod traffic keeps its source).
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value_t = false,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     ip_masq: bool,
+
+    /// Add ACCEPT rules for the Network to the FORWARD chain (FLANNEL-FWD).
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    iptables_forward_rules: bool,
+
+    /// Seconds between checks that our iptables rules are still in place (restored if not).
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    iptables_resync: u64,
 
     /// Do not configure the TUN (address, MTU, up, route): use one an administrator
     /// created and configured beforehand (`ip tuntap add name flannel0 mode tun user …`,
@@ -254,12 +265,6 @@ fn main() -> ExitCode {
         return mk_docker_opts(cmd);
     }
     init_logs(cli.verbosity, cli.log_format);
-    if cli.ip_masq {
-        tracing::error!(
-            "--ip-masq is not implemented yet; set up masquerading yourself or run without it"
-        );
-        return ExitCode::from(2);
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -287,6 +292,8 @@ fn main() -> ExitCode {
         renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),
         lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
         ip_masq: cli.ip_masq,
+        iptables_forward_rules: cli.iptables_forward_rules,
+        iptables_resync: Duration::from_secs(cli.iptables_resync),
         tun_name: cli.tun_name,
         workers: cli.workers.map(|w| w as usize).unwrap_or_else(|| {
             std::thread::available_parallelism()

@@ -865,3 +865,72 @@ pub fn metric(scrape: &str, sample: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no sample {sample} in:\n{scrape}")) as u64
 }
+
+pub const CNI_BIN: &str = "/usr/lib/cni";
+
+pub fn plugin_dir() -> String {
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_flannel"));
+    format!("{}:{CNI_BIN}", ours.parent().unwrap().display())
+}
+
+/// Runs CNI plugin `ty` in host `host_ns` like a runtime: env + stdin.
+pub fn cni(
+    host_ns: &str,
+    ty: &str,
+    command: &str,
+    id: &str,
+    pod_ns: &str,
+    conf: &serde_json::Value,
+) -> (bool, serde_json::Value) {
+    use std::io::Write as _;
+    let bin = plugin_dir()
+        .split(':')
+        .map(|d| PathBuf::from(d).join(ty))
+        .find(|p| p.is_file())
+        .expect("plugin binary");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", host_ns])
+        .arg(&bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", plugin_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    if !out.status.success() {
+        eprintln!(
+            "{ty} {command} failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (out.status.success(), v)
+}
+
+pub fn net_conf(bed: &Bed, i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+        "subnetFile": bed.hosts[i].subnet_file,
+        "dataDir": bed.dir.join(format!("h{i}/cni")),
+        "ipam": {"dataDir": bed.dir.join(format!("h{i}/ipam"))},
+    })
+}
+
+pub fn pod_ip(result: &serde_json::Value) -> Ipv4Addr {
+    let a = result["ips"][0]["address"]
+        .as_str()
+        .expect("an IP in the result");
+    a.split('/').next().unwrap().parse().unwrap()
+}

@@ -1,0 +1,185 @@
+//! `--ip-masq`: pods reach an outside host masqueraded to their node's
+//! address; pod-to-pod traffic across hosts keeps its source; a flushed nat
+//! table is healed within a resync; rules go on clean shutdown.
+
+mod support;
+
+use serde_json::json;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+use support::*;
+
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+
+/// Connects from `from_ns` to `dst` and returns the peer address the server
+/// in `to_ns` saw.
+fn seen_source(from_ns: &str, to_ns: &str, dst: Ipv4Addr) -> Ipv4Addr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = spawn_in_ns(to_ns, move || {
+        let l = TcpListener::bind("0.0.0.0:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        let (_, peer) = l.accept().unwrap();
+        peer
+    });
+    let port = rx.recv().unwrap();
+    in_ns(from_ns, move || {
+        TcpStream::connect_timeout(&SocketAddrV4::new(dst, port).into(), Duration::from_secs(5))
+            .expect("connect");
+    });
+    match server.join().unwrap() {
+        SocketAddr::V4(a) => *a.ip(),
+        other => panic!("{other}"),
+    }
+}
+
+fn nat_rules(ns: &str) -> String {
+    sh(&["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"])
+}
+
+#[test]
+fn ip_masq_masquerades_outbound_only_and_heals() {
+    let mut bed = Bed::new(2);
+    // An "outside" host beyond the hub, which routes between the two.
+    let out = bed.add_ns_named("out");
+    sh(&[
+        "ip", "-n", &bed.hub, "link", "add", "vout", "type", "veth", "peer", "name", "eth0",
+        "netns", &out,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &bed.hub,
+        "addr",
+        "add",
+        "198.51.100.1/24",
+        "dev",
+        "vout",
+    ]);
+    sh(&["ip", "-n", &bed.hub, "link", "set", "vout", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &out,
+        "addr",
+        "add",
+        &format!("{OUTSIDE}/24"),
+        "dev",
+        "eth0",
+    ]);
+    sh(&["ip", "-n", &out, "link", "set", "eth0", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &out,
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.1",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &bed.hub,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    for i in 0..2 {
+        bed.start_ready_with(i, &["--ip-masq", "--iptables-resync=1"]);
+        let env = std::fs::read_to_string(&bed.hosts[i].subnet_file).unwrap();
+        assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
+    }
+    let rules = nat_rules(&bed.ns(0));
+    assert!(
+        rules.contains(r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#),
+        "{rules}"
+    );
+    let fwd = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &bed.ns(0),
+        "iptables-save",
+        "-t",
+        "filter",
+    ]);
+    assert!(
+        fwd.contains(
+            r#"-A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#
+        ),
+        "{fwd}"
+    );
+    // One pod per host, through the CNI plugin (no masquerading of its own:
+    // FLANNEL_IPMASQ=true makes the delegate's ipMasq false).
+    let mut pods = Vec::new();
+    for i in 0..2 {
+        let pod = bed.add_ns_named(&format!("pod{i}"));
+        let mut conf = net_conf(&bed, i);
+        conf["delegate"] = json!({"isDefaultGateway": true});
+        let (ok, res) = cni(&bed.ns(i), "flannel", "ADD", &format!("p{i}"), &pod, &conf);
+        assert!(ok, "{res}");
+        pods.push((pod, pod_ip(&res)));
+    }
+    // Outbound: masqueraded to the node's address.
+    let src = seen_source(&pods[0].0, &out, OUTSIDE);
+    assert_eq!(
+        src, bed.hosts[0].ip,
+        "pod traffic to the outside must leave as the node"
+    );
+    // Pod to pod across hosts: the pod's own address.
+    let dst = pods[1].1;
+    wait_for("pod0 -> pod1", Duration::from_secs(10), || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pods[0].0,
+                "ping",
+                "-c1",
+                "-W1",
+                &dst.to_string(),
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+            .then_some(())
+    });
+    assert_eq!(
+        seen_source(&pods[0].0, &pods[1].0, dst),
+        pods[0].1,
+        "pod-to-pod traffic must keep its source"
+    );
+    // Someone flushes nat: healed within a resync (1 s here).
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &bed.ns(0),
+        "iptables",
+        "-t",
+        "nat",
+        "-F",
+    ]);
+    let t = Instant::now();
+    wait_for(
+        "the nat rules to be restored",
+        Duration::from_secs(5),
+        || {
+            nat_rules(&bed.ns(0))
+                .contains("-j FLANNEL-POSTRTG")
+                .then_some(())
+        },
+    );
+    println!("nat table flushed: rules restored {:?} later", t.elapsed());
+    assert_eq!(seen_source(&pods[0].0, &out, OUTSIDE), bed.hosts[0].ip);
+    // Clean shutdown removes them.
+    assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    let rules = nat_rules(&bed.ns(0));
+    assert!(
+        !rules.contains("FLANNEL-POSTRTG"),
+        "rules left after shutdown:\n{rules}"
+    );
+}

@@ -5,7 +5,7 @@ set -euo pipefail
 need=()
 for pair in etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler ip:iproute2 \
             ping:iputils-ping iperf3:iperf3 socat:socat openssl:openssl setpriv:util-linux \
-            iptables:iptables /usr/lib/cni/bridge:containernetworking-plugins; do
+            iptables:iptables nft:nftables /usr/lib/cni/bridge:containernetworking-plugins; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   if [ "${cmd#/}" != "$cmd" ]; then [ -x "$cmd" ] || need+=("$pkg"); continue; fi
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")

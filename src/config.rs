@@ -37,6 +37,8 @@ pub struct NetworkConfig {
     pub subnet_max: Ipv4Addr,
     /// UDP port of the udp backend (`Backend.Port`).
     pub port: u16,
+    /// `EnableNFTables`: program --ip-masq rules with nft instead of iptables.
+    pub enable_nftables: bool,
 }
 
 /// Case-insensitive view of a JSON object, as Go's decoder sees it.
@@ -229,6 +231,7 @@ impl NetworkConfig {
             subnet_min,
             subnet_max,
             port,
+            enable_nftables: f.bool("EnableNFTables")?.unwrap_or(false),
         })
     }
 
@@ -272,6 +275,9 @@ mod tests {
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 255, 0));
         assert_eq!(c.port, 8285);
+        assert!(!c.enable_nftables);
+        let n = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","EnableNFTables":true}"#).unwrap();
+        assert!(n.enable_nftables);
     }
 
     #[test]

@@ -275,8 +275,8 @@ fn configure_tun(
 
 /// The control plane's state after start-up, and what it does on events.
 struct Control<'a, S> {
-    /// The iptables rules we keep in place (may be empty).
-    rules: Vec<masq::TableRules>,
+    /// The iptables/nftables rules we keep in place.
+    rules: Option<masq::RuleSet>,
     rules_failing: bool,
     store: &'a S,
     opts: &'a Options,
@@ -291,32 +291,28 @@ struct Control<'a, S> {
     mtu: u32,
 }
 
-/// The iptables rules the options ask for.
-fn wanted_rules(
-    opts: &Options,
-    network: Ipv4Network,
-    subnet: Ipv4Network,
-) -> Vec<masq::TableRules> {
-    let mut r = masq::rules(network, subnet, opts.iptables_forward_rules);
-    if !opts.ip_masq {
-        r.retain(|t| t.table != "nat");
-    }
-    r
+/// The iptables/nftables rules the options and config ask for.
+fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Option<masq::RuleSet> {
+    masq::RuleSet::new(
+        cfg.network,
+        subnet,
+        opts.ip_masq,
+        opts.iptables_forward_rules,
+        cfg.enable_nftables,
+    )
 }
 
 impl<S: LeaseStore> Control<'_, S> {
     /// Checks our iptables rules and restores them if someone removed them.
     async fn resync_rules(&mut self) {
-        if self.rules.is_empty() {
+        let Some(rules) = self.rules.clone() else {
             return;
-        }
-        let rules = self.rules.clone();
-        match tokio::task::spawn_blocking(move || masq::ensure(&rules)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::warn!(
-                tables = n,
-                "iptables rules were missing or changed; restored"
-            ),
+        };
+        match tokio::task::spawn_blocking(move || rules.ensure()).await {
+            Ok(Ok(false)) => {}
+            Ok(Ok(true)) => {
+                tracing::warn!("iptables/nftables rules were missing or changed; restored")
+            }
             Ok(Err(e)) if !self.rules_failing => {
                 self.rules_failing = true;
                 tracing::error!("applying iptables rules failed (retrying every resync): {e}");
@@ -457,13 +453,8 @@ impl<S: LeaseStore> Control<'_, S> {
         .write(&self.opts.subnet_file)
         .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
         self.own = new;
-        if !self.rules.is_empty() {
-            let old_rules = std::mem::replace(
-                &mut self.rules,
-                wanted_rules(self.opts, self.cfg.network, new),
-            );
-            drop(old_rules); // restore_input re-declares our chains: the old subnet's rules go
-        }
+        // Re-declaring our chains (or table) replaces the old subnet's rules.
+        self.rules = wanted_rules(self.opts, &self.cfg, new);
         if let Some(change) = self.peers.set.set_own(new) {
             Peers::log(&[change]);
         }
@@ -596,7 +587,7 @@ pub async fn run<S: LeaseStore>(
     let mut rules_tick = tokio::time::interval(opts.iptables_resync);
     rules_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ctl = Control {
-        rules: wanted_rules(&opts, cfg.network, own),
+        rules: wanted_rules(&opts, &cfg, own),
         rules_failing: false,
         store: &store,
         opts: &opts,
@@ -689,9 +680,8 @@ pub async fn run<S: LeaseStore>(
         .store(false, std::sync::atomic::Ordering::Relaxed);
     ops::sd_notify("STOPPING=1");
     tracing::info!("shutting down; the lease stays in etcd");
-    if !ctl.rules.is_empty() {
-        let rules = ctl.rules.clone();
-        match tokio::task::spawn_blocking(move || masq::remove(&rules)).await {
+    if let Some(rules) = ctl.rules.clone() {
+        match tokio::task::spawn_blocking(move || rules.remove()).await {
             Ok(Ok(())) => tracing::info!("removed our iptables rules"),
             Ok(Err(e)) => tracing::warn!("removing our iptables rules: {e}"),
             Err(e) => tracing::warn!("removing our iptables rules: {e}"),

@@ -248,3 +248,196 @@ mod tests {
         assert_eq!(removal_input(t, empty), None);
     }
 }
+
+/// The nftables table used with `EnableNFTables` (flannel's name for it).
+pub const NFT_TABLE: &str = "flannel-ipv4";
+
+/// flannel's rules as one nft script in table `ip flannel-ipv4`: applying
+/// it replaces the table atomically (declare, delete, define).
+pub fn nft_script(network: Ipv4Network, subnet: Ipv4Network, masq: bool, forward: bool) -> String {
+    let (n, s) = (network.to_string(), subnet.to_string());
+    let mut out =
+        format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n");
+    if masq {
+        out.push_str(&format!(
+            "  chain postrtg {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
+             \x20   meta mark & 0x4000 == 0x4000 return comment \"flanneld masq\"\n\
+             \x20   ip saddr {s} ip daddr {n} return comment \"flanneld masq\"\n\
+             \x20   ip saddr {n} ip daddr {s} return comment \"flanneld masq\"\n\
+             \x20   ip saddr != {n} ip daddr {s} return comment \"flanneld masq\"\n\
+             \x20   ip saddr {n} ip daddr != 224.0.0.0/4 masquerade fully-random comment \"flanneld masq\"\n\
+             \x20   ip saddr != {n} ip daddr {n} masquerade fully-random comment \"flanneld masq\"\n  }}\n"
+        ));
+    }
+    if forward {
+        out.push_str(&format!(
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n\
+             \x20   ip saddr {n} accept comment \"flanneld forward\"\n\
+             \x20   ip daddr {n} accept comment \"flanneld forward\"\n  }}\n"
+        ));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// Rules kept in place on the host, by either backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSet {
+    Iptables(Vec<TableRules>),
+    /// The script, and how many of our rules `nft list table` must show.
+    Nft {
+        script: String,
+        rules: usize,
+    },
+}
+
+impl RuleSet {
+    /// What the options ask for; `None` when there is nothing to keep.
+    pub fn new(
+        network: Ipv4Network,
+        subnet: Ipv4Network,
+        masq: bool,
+        forward: bool,
+        nft: bool,
+    ) -> Option<Self> {
+        if !masq && !forward {
+            return None;
+        }
+        Some(if nft {
+            let rules = 6 * masq as usize + 2 * forward as usize;
+            RuleSet::Nft {
+                script: nft_script(network, subnet, masq, forward),
+                rules,
+            }
+        } else {
+            let mut t = rules(network, subnet, forward);
+            if !masq {
+                t.retain(|t| t.table != "nat");
+            }
+            RuleSet::Iptables(t)
+        })
+    }
+
+    /// Makes the host match; returns whether anything had to be fixed.
+    pub fn ensure(&self) -> std::io::Result<bool> {
+        match self {
+            RuleSet::Iptables(t) => ensure(t).map(|n| n > 0),
+            RuleSet::Nft { script, rules } => {
+                let listed = Command::new("nft")
+                    .args(["list", "table", "ip", NFT_TABLE])
+                    .output()?;
+                let text = String::from_utf8_lossy(&listed.stdout);
+                let ours = text.matches("comment \"flanneld ").count();
+                if listed.status.success()
+                    && ours == *rules
+                    && text.contains(&script_marker(script))
+                {
+                    return Ok(false);
+                }
+                nft(script)?;
+                Ok(true)
+            }
+        }
+    }
+
+    pub fn remove(&self) -> std::io::Result<()> {
+        match self {
+            RuleSet::Iptables(t) => remove(t),
+            RuleSet::Nft { .. } => {
+                let st = Command::new("nft")
+                    .args(["delete", "table", "ip", NFT_TABLE])
+                    .stderr(Stdio::null())
+                    .status()?;
+                let _ = st; // already gone is fine
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A line that identifies this script's subnet in `nft list` output.
+fn script_marker(script: &str) -> String {
+    script
+        .lines()
+        .find(|l| l.contains("ip saddr") && !l.contains("!="))
+        .map(|l| {
+            l.trim()
+                .split(" return")
+                .next()
+                .unwrap_or("")
+                .split(" accept")
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn nft(script: &str) -> std::io::Result<()> {
+    let mut child = Command::new("nft")
+        .arg("-f")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "nft -f: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod nft_tests {
+    use super::*;
+
+    #[test]
+    fn nft_script_replaces_the_table_with_flannels_rules() {
+        let s = nft_script(
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.34.0/24".parse().unwrap(),
+            true,
+            true,
+        );
+        assert!(s.starts_with(
+            "table ip flannel-ipv4\ndelete table ip flannel-ipv4\ntable ip flannel-ipv4 {"
+        ));
+        assert!(s.contains("type nat hook postrouting priority srcnat"));
+        assert!(s.contains("ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random comment \"flanneld masq\""));
+        assert!(s.contains("ip daddr 10.5.0.0/16 accept comment \"flanneld forward\""));
+        assert_eq!(s.matches("comment \"flanneld").count(), 8);
+        assert_eq!(
+            script_marker(&s),
+            "ip saddr 10.5.34.0/24 ip daddr 10.5.0.0/16"
+        );
+        assert!(RuleSet::new(
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.34.0/24".parse().unwrap(),
+            false,
+            false,
+            true
+        )
+        .is_none());
+        match RuleSet::new(
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.34.0/24".parse().unwrap(),
+            false,
+            true,
+            false,
+        )
+        .unwrap()
+        {
+            RuleSet::Iptables(t) => assert_eq!(t.len(), 1),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -38,7 +38,48 @@ fn nat_rules(ns: &str) -> String {
 
 #[test]
 fn ip_masq_masquerades_outbound_only_and_heals() {
+    run(false);
+}
+
+#[test]
+fn ip_masq_with_nftables_when_the_config_asks() {
+    run(true);
+}
+
+/// Our rules as the backend lists them (empty if none).
+fn listed(ns: &str, nft: bool) -> String {
+    if nft {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "flannel-ipv4",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        nat_rules(ns)
+            .lines()
+            .filter(|l| l.contains("FLANNEL-POSTRTG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn run(nft: bool) {
     let mut bed = Bed::new(2);
+    if nft {
+        bed.put(
+            &format!("{PREFIX}/config"),
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"},"EnableNFTables":true}"#,
+        );
+    }
     // An "outside" host beyond the hub, which routes between the two.
     let out = bed.add_ns_named("out");
     sh(&[
@@ -91,26 +132,35 @@ fn ip_masq_masquerades_outbound_only_and_heals() {
         let env = std::fs::read_to_string(&bed.hosts[i].subnet_file).unwrap();
         assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
     }
-    let rules = nat_rules(&bed.ns(0));
-    assert!(
-        rules.contains(r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#),
-        "{rules}"
-    );
-    let fwd = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &bed.ns(0),
-        "iptables-save",
-        "-t",
-        "filter",
-    ]);
-    assert!(
-        fwd.contains(
-            r#"-A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#
-        ),
-        "{fwd}"
-    );
+    let rules = listed(&bed.ns(0), nft);
+    if nft {
+        assert!(
+            rules.contains("masquerade fully-random") && rules.contains("flanneld forward"),
+            "{rules}"
+        );
+    } else {
+        assert!(
+            rules.contains(
+                r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#
+            ),
+            "{rules}"
+        );
+        let fwd = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &bed.ns(0),
+            "iptables-save",
+            "-t",
+            "filter",
+        ]);
+        assert!(
+            fwd.contains(
+                r#"-A FLANNEL-FWD -s 10.5.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT"#
+            ),
+            "{fwd}"
+        );
+    }
     // One pod per host, through the CNI plugin (no masquerading of its own:
     // FLANNEL_IPMASQ=true makes the delegate's ipMasq false).
     let mut pods = Vec::new();
@@ -152,34 +202,51 @@ fn ip_masq_masquerades_outbound_only_and_heals() {
         pods[0].1,
         "pod-to-pod traffic must keep its source"
     );
-    // Someone flushes nat: healed within a resync (1 s here).
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &bed.ns(0),
-        "iptables",
-        "-t",
-        "nat",
-        "-F",
-    ]);
+    // Someone flushes nat (or deletes our table): healed within a resync (1 s here).
+    if nft {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &bed.ns(0),
+            "nft",
+            "delete",
+            "table",
+            "ip",
+            "flannel-ipv4",
+        ]);
+    } else {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &bed.ns(0),
+            "iptables",
+            "-t",
+            "nat",
+            "-F",
+        ]);
+    }
     let t = Instant::now();
-    wait_for(
-        "the nat rules to be restored",
-        Duration::from_secs(5),
-        || {
-            nat_rules(&bed.ns(0))
-                .contains("-j FLANNEL-POSTRTG")
-                .then_some(())
-        },
+    wait_for("the rules to be restored", Duration::from_secs(5), || {
+        listed(&bed.ns(0), nft)
+            .contains(if nft {
+                "masquerade"
+            } else {
+                "-j FLANNEL-POSTRTG"
+            })
+            .then_some(())
+    });
+    println!(
+        "rules removed (nft: {nft}): restored {:?} later",
+        t.elapsed()
     );
-    println!("nat table flushed: rules restored {:?} later", t.elapsed());
     assert_eq!(seen_source(&pods[0].0, &out, OUTSIDE), bed.hosts[0].ip);
     // Clean shutdown removes them.
     assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
-    let rules = nat_rules(&bed.ns(0));
+    let rules = listed(&bed.ns(0), nft);
     assert!(
-        !rules.contains("FLANNEL-POSTRTG"),
+        rules.trim().is_empty(),
         "rules left after shutdown:\n{rules}"
     );
 }

@@ -128,9 +128,10 @@ fn save(table: &str) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn restore(input: &str) -> std::io::Result<()> {
-    let mut child = Command::new("iptables-restore")
-        .arg("--noflush")
+/// Runs `program args…` with `input` on stdin; its stderr becomes the error.
+fn feed(program: &str, args: &[&str], input: &str) -> std::io::Result<()> {
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -142,12 +143,18 @@ fn restore(input: &str) -> std::io::Result<()> {
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
         return Err(std::io::Error::other(format!(
-            "iptables-restore: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "{program} {}: {}",
+            args.join(" "),
+            err.trim()
         )));
     }
     Ok(())
+}
+
+fn restore(input: &str) -> std::io::Result<()> {
+    feed("iptables-restore", &["--noflush"], input)
 }
 
 /// Makes the host match `want`; returns how many tables had to be fixed.
@@ -374,26 +381,7 @@ fn script_marker(script: &str) -> String {
 }
 
 fn nft(script: &str) -> std::io::Result<()> {
-    let mut child = Command::new("nft")
-        .arg("-f")
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "nft -f: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    feed("nft", &["-f", "-"], script)
 }
 
 #[cfg(test)]

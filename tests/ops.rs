@@ -322,3 +322,69 @@ fn a_missing_dev_net_tun_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(err.contains("/dev/net/tun does not exist"), "{err}");
 }
+
+/// A non-root user with CAP_NET_ADMIN, where it may open /dev/net/tun. The
+/// host's device stays 0600: the test gives the daemon a private mount
+/// namespace with its own 0666 tun node (as a container runtime would).
+#[test]
+fn a_non_root_user_with_cap_net_admin_works() {
+    let mut bed = Bed::new(2);
+    bed.start_ready(1);
+    let h = &bed.hosts[0];
+    let dir = bed.dir.join("nobody");
+    std::fs::create_dir_all(&dir).unwrap();
+    sh(&["chmod", "0777", &dir.display().to_string()]);
+    let subnet_file = dir.join("subnet.env");
+    let script = format!(
+        "mount -t tmpfs none /dev/net && mknod -m 0666 /dev/net/tun c 10 200 && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups \
+         --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin --bounding-set=-all,+net_admin -- \
+         {} --etcd-endpoints={} --subnet-file={} --iptables-forward-rules=false",
+        flanneld_bin().display(),
+        bed.endpoint,
+        subnet_file.display()
+    );
+    let log = bed.dir.join("nobody.log");
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.ns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let sn = wait_for("a lease as uid 65534", Duration::from_secs(20), || {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "flanneld as nobody exited {st}: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        flannel::subnet_env::read_previous_subnet(&subnet_file)
+    });
+    // The daemon really runs as uid 65534 (the shell exec'd setpriv, which exec'd it).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(uid.split_whitespace().nth(2) == Some("65534"), "{uid}");
+    wait_for(
+        "traffic to the non-root daemon",
+        Duration::from_secs(10),
+        || bed.ping(1, sn.network()).then_some(()),
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

@@ -306,8 +306,7 @@ fn the_previous_subnet_is_reused_after_a_public_ip_change() {
     let first = bed.start_ready(0);
     bed.stop(0, libc::SIGTERM);
     bed.del(&key_of(first)); // as if it had expired
-    let _ = bed.lease_id(&key_of(first));
-    // Same subnet.env, a different PublicIP: the old subnet is free, so reused.
+                             // Same subnet.env, a different PublicIP: the old subnet is free, so reused.
     bed.start(0, &["--public-ip=192.168.100.123"]);
     let again = bed.wait_subnet(0);
     assert_eq!(again, first);

@@ -63,7 +63,7 @@ fn drops(m: &str, reason: &str) -> u64 {
 #[test]
 fn hostile_traffic_is_dropped_counted_and_survived() {
     let mut bed = Bed::new(3);
-    let victim_sn = bed.start_ready_with(0, &[&format!("--healthz-port={PORT}")]);
+    bed.start_ready_with(0, &[&format!("--healthz-port={PORT}")]);
     let peer_sn = bed.start_ready(1);
     let victim = bed.tun_addr(0);
     wait_for("h1 -> h0", Duration::from_secs(10), || {
@@ -77,7 +77,6 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
     let peer_ip = bed.hosts[1].ip;
     let peer_src = Ipv4Addr::from(u32::from(peer_sn.network()) + 5);
     let unleased = Ipv4Addr::new(10, 5, 250, 1);
-    let _ = victim_sn;
 
     // (name, from the legit peer's address?, expected reason, datagram maker)
     type Maker = Box<dyn Fn(usize) -> Vec<u8> + Send + Sync>;
@@ -217,7 +216,6 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
             let received = d(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#);
             let expected = drops(&after, reason) - drops(&before, reason);
             println!("{name}: sent {sent}, daemon received {received} (incl. legit), dropped as {reason}: {expected}");
-            let _ = &transfer;
             assert!(
                 expected > 0 && expected <= sent as u64,
                 "{name}: {expected} counted as {reason} of {sent} sent"

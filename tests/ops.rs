@@ -166,19 +166,11 @@ fn runs_with_only_cap_net_admin() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let file = h.subnet_file.clone();
-    let sn = wait_for(
+    let sn = wait_child_lease(
         "a lease with only CAP_NET_ADMIN",
-        Duration::from_secs(20),
-        || {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!(
-                    "capped flanneld exited {st}: {}",
-                    std::fs::read_to_string(bed.dir.join("capped.log")).unwrap()
-                );
-            }
-            flannel::subnet_env::read_previous_subnet(&file)
-        },
+        &mut child,
+        &h.subnet_file.clone(),
+        &bed.dir.join("capped.log"),
     );
     // Its capabilities really are only NET_ADMIN (bit 12).
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
@@ -202,9 +194,7 @@ fn runs_with_only_cap_net_admin() {
     );
     let data = pattern(8 << 20, 1);
     assert!(tcp_transfer(&bed, 1, 0, data.clone()) == data);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    assert!(term_child(&mut child));
 }
 
 /// No capability at all: the TUN was made and configured by an administrator.
@@ -265,19 +255,11 @@ fn uses_a_precreated_tun_without_any_capability() {
         .stderr(std::fs::File::create(bed.dir.join("nocaps.err")).unwrap())
         .spawn()
         .unwrap();
-    let file = h.subnet_file.clone();
-    let sn = wait_for(
+    let sn = wait_child_lease(
         "a lease without capabilities",
-        Duration::from_secs(20),
-        || {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!(
-                    "flanneld exited {st}: {}",
-                    std::fs::read_to_string(bed.dir.join("nocaps.err")).unwrap()
-                );
-            }
-            flannel::subnet_env::read_previous_subnet(&file)
-        },
+        &mut child,
+        &h.subnet_file.clone(),
+        &bed.dir.join("nocaps.err"),
     );
     assert_eq!(sn.to_string(), "10.5.50.0/24");
     wait_for(
@@ -285,9 +267,7 @@ fn uses_a_precreated_tun_without_any_capability() {
         Duration::from_secs(10),
         || bed.ping(1, sn.network()).then_some(()),
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    assert!(term_child(&mut child));
     // The administrator's device outlives the daemon.
     assert!(sh(&["ip", "-n", &ns, "link"]).contains("flannel0"));
 }
@@ -362,15 +342,7 @@ fn a_non_root_user_with_cap_net_admin_works() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let sn = wait_for("a lease as uid 65534", Duration::from_secs(20), || {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!(
-                "flanneld as nobody exited {st}: {}",
-                std::fs::read_to_string(&log).unwrap()
-            );
-        }
-        flannel::subnet_env::read_previous_subnet(&subnet_file)
-    });
+    let sn = wait_child_lease("a lease as uid 65534", &mut child, &subnet_file, &log);
     // The daemon really runs as uid 65534 (the shell exec'd setpriv, which exec'd it).
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let uid = status
@@ -384,7 +356,5 @@ fn a_non_root_user_with_cap_net_admin_works() {
         Duration::from_secs(10),
         || bed.ping(1, sn.network()).then_some(()),
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    assert!(term_child(&mut child));
 }

@@ -934,3 +934,29 @@ pub fn pod_ip(result: &serde_json::Value) -> Ipv4Addr {
         .expect("an IP in the result");
     a.split('/').next().unwrap().parse().unwrap()
 }
+
+/// Waits until a flanneld started outside the bed (`child`) has written a
+/// subnet to `file`; panics with its log if it exits first.
+pub fn wait_child_lease(
+    what: &str,
+    child: &mut Child,
+    file: &Path,
+    log: &Path,
+) -> ipnetwork::Ipv4Network {
+    wait_for(what, Duration::from_secs(20), || {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "flanneld exited {st}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        flannel::subnet_env::read_previous_subnet(file)
+    })
+}
+
+/// SIGTERM to a flanneld started outside the bed; true if it exited cleanly.
+pub fn term_child(child: &mut Child) -> bool {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap().success()
+}

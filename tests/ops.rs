@@ -283,21 +283,7 @@ fn a_missing_dev_net_tun_is_a_clear_error() {
         bed.endpoint,
         h.subnet_file.display()
     );
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &h.ns,
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
+    let out = private_mounts(&h.ns, &script).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("/dev/net/tun does not exist"), "{err}");
@@ -325,19 +311,7 @@ fn a_non_root_user_with_cap_net_admin_works() {
         subnet_file.display()
     );
     let log = bed.dir.join("nobody.log");
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &h.ns,
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ])
+    let mut child = private_mounts(&h.ns, &script)
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -357,4 +331,23 @@ fn a_non_root_user_with_cap_net_admin_works() {
         || bed.ping(1, sn.network()).then_some(()),
     );
     assert!(term_child(&mut child));
+}
+
+/// `sh -c script` in host namespace `ns` and a private mount namespace (as a
+/// container runtime gives a container its own /dev).
+fn private_mounts(ns: &str, script: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        ns,
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+    ]);
+    c
 }

@@ -249,14 +249,19 @@ fn init_logs(v: u8, format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (a signal during start-up is
+/// then kept for the main loop instead of killing the process half set up)
+/// and returns the future that resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -307,8 +312,9 @@ fn main() -> ExitCode {
         healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),
     };
     let result = rt.block_on(async {
+        let shutdown = shutdown_signal()?;
         let store = EtcdStore::connect(&etcd).await?;
-        daemon::run(store, opts, shutdown_signal()).await
+        daemon::run(store, opts, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,7 +101,12 @@ fi
 
 mkdir -p "$ROOT"
 tar -C "$ROOT" -xf "$BASE"
+# The machine's network settings, not packages: its resolver, and the CA
+# bundle it trusts (where the registries are reached through a TLS proxy, its
+# CA is in there; apt may rebuild /etc/ssl/certs, so the tools get a copy).
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+HOST_CA=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+[ -r "$HOST_CA" ] && cp "$HOST_CA" "$ROOT/etc/ssl/host-ca-bundle.crt"
 mkdir -p "$ROOT/root/.cargo" "$ROOT/root/.rustup" "$ROOT/root/src"
 git clone -q --no-hardlinks "$REPO" "$ROOT/root/src/flannel-rs"
 git -C "$ROOT/root/src/flannel-rs" checkout -q --detach "$REV"
@@ -113,7 +118,13 @@ for c in "$@"; do CMDS+="echo \"fresh-install: running $c\" >&2; $c; "; done
 
 # Everything below runs in a private mount namespace: its mounts disappear
 # when it exits, whatever happens.
-unshare --mount --propagation private -- env ROOT="$ROOT" CARGO_DIR="$CARGO_DIR" \
+CA_ENV=""
+if [ -s "$ROOT/etc/ssl/host-ca-bundle.crt" ]; then
+  for v in SSL_CERT_FILE CARGO_HTTP_CAINFO GIT_SSL_CAINFO CURL_CA_BUNDLE; do
+    CA_ENV+=" $v=/etc/ssl/host-ca-bundle.crt"
+  done
+fi
+unshare --mount --propagation private -- env ROOT="$ROOT" CARGO_DIR="$CARGO_DIR" CA_ENV="$CA_ENV" \
   RUSTUP_DIR="$RUSTUP_DIR" CACHE="$CACHE" CMDS="$CMDS" bash -euo pipefail -c '
   mount --bind "$ROOT" "$ROOT"                 # "/" must be a mount point for ip netns
   mount -t proc proc "$ROOT/proc"
@@ -126,6 +137,7 @@ unshare --mount --propagation private -- env ROOT="$ROOT" CARGO_DIR="$CARGO_DIR"
   exec chroot "$ROOT" env -i HOME=/root USER=root TERM=dumb LANG=C.UTF-8 \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     CARGO_TERM_COLOR=never CARGO_HOME=/root/.cargo RUSTUP_HOME=/root/.rustup \
+    $CA_ENV \
     bash -euo pipefail -c "cd /root/src/flannel-rs; $CMDS"
 ' && rc=0 || rc=$?
 

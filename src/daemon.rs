@@ -289,6 +289,8 @@ struct Control<'a, S> {
     peers: Peers,
     tun_index: u32,
     mtu: u32,
+    /// Taking our lease back failed (etcd went away): re-list when it returns.
+    lease_missing: bool,
 }
 
 /// The iptables/nftables rules the options and config ask for.
@@ -405,6 +407,7 @@ impl<S: LeaseStore> Control<'_, S> {
             Ok(None) => {}
             Err(e) => {
                 // etcd went away meanwhile: the re-list after reconnecting retries.
+                self.lease_missing = true;
                 tracing::warn!("re-creating lease {} failed: {e:#}", self.own);
                 return Ok(());
             }
@@ -471,6 +474,8 @@ impl<S: LeaseStore> Control<'_, S> {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
+        Stats::inc(&self.peers.stats.watch_resyncs);
+        self.lease_missing = false;
         self.peers.resync(&raw);
         if !raw
             .iter()
@@ -542,6 +547,13 @@ pub async fn run<S: LeaseStore>(
         mtu
     };
     let c = devices.caps;
+    for (flag, on) in stats
+        .offloads
+        .iter()
+        .zip([c.tun_offload, c.tun_uso, c.udp_gso, c.udp_gro])
+    {
+        flag.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::info!(
         tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
         tun_tso = c.tun_offload, tun_uso = c.tun_uso, udp_gso = c.udp_gso, udp_gro = c.udp_gro,
@@ -600,6 +612,7 @@ pub async fn run<S: LeaseStore>(
         peers,
         tun_index: netlink::if_index(&tun_name)?,
         mtu,
+        lease_missing: false,
     };
     // Rules before READY: a workload started on READY gets them.
     ctl.resync_rules().await;
@@ -608,6 +621,12 @@ pub async fn run<S: LeaseStore>(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
     let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await?);
+    // Every lease event up to `cursor` has been applied. After a broken watch
+    // the new one resumes from `cursor + 1` (as Go's clientv3 watch does), so
+    // an outage costs no re-list; only a compacted history, or a lease we
+    // failed to take back, forces a re-list.
+    let mut cursor = rev;
+    let mut must_relist = false;
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut resync_at: Option<Instant> = None;
     let mut outage_since: Option<Instant> = None;
@@ -619,7 +638,9 @@ pub async fn run<S: LeaseStore>(
             _ = rules_tick.tick() => ctl.resync_rules().await,
             _ = sleep_until(resync_at) => {
                 // One attempt per tick, so shutdown is never blocked by an outage.
-                let rev = match ctl.resync().await {
+                let relist = must_relist || ctl.lease_missing;
+                let rev = if !relist { Ok(Ok(cursor)) } else { ctl.resync().await };
+                let rev = match rev {
                     Ok(Ok(rev)) => rev,
                     Ok(Err(e)) => {
                         if is_permanent(&e) {
@@ -638,9 +659,12 @@ pub async fn run<S: LeaseStore>(
                             Stats::inc(&ctl.peers.stats.etcd_reconnects);
                             tracing::info!(
                                 peers = ctl.peers.set.len(), down_for = ?since.elapsed(),
-                                "etcd is back: re-listed leases and resumed the watch"
+                                from_revision = rev + 1, relisted = relist,
+                                "etcd is back: watching leases again"
                             );
                         }
+                        cursor = rev;
+                        must_relist = false;
                         watch = Some(w);
                         resync_at = None;
                         backoff = Backoff::new(Duration::from_secs(5));
@@ -653,14 +677,17 @@ pub async fn run<S: LeaseStore>(
             }
             item = next_item(&mut watch), if watch.is_some() => {
                 match item {
-                    Ok(WatchItem::Events(evs)) => {
+                    Ok(WatchItem::Events { events, revision }) => {
                         backoff = Backoff::new(Duration::from_secs(5));
-                        if let Err(e) = ctl.on_events(&evs).await {
+                        if let Err(e) = ctl.on_events(&events).await {
                             break Err(e);
                         }
+                        cursor = cursor.max(revision);
                     }
                     Ok(WatchItem::Compacted) => {
-                        tracing::warn!("watch revision was compacted; re-listing leases");
+                        Stats::inc(&ctl.peers.stats.watch_compactions);
+                        tracing::warn!(from_revision = cursor + 1, "the watch's revision was compacted away; re-listing leases");
+                        must_relist = true;
                         watch = None;
                         resync_at = Some(Instant::now());
                     }

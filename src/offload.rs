@@ -538,6 +538,100 @@ mod tests {
         assert_eq!(data, payload);
     }
 
+    /// An IPv4/UDP super-packet as the kernel hands it over with USO:
+    /// full lengths, UDP checksum field = pseudo-header sum.
+    fn uso_packet(payload: &[u8]) -> Vec<u8> {
+        let len = 28 + payload.len();
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = PROTO_UDP;
+        p[12..16].copy_from_slice(&[10, 5, 1, 9]);
+        p[16..20].copy_from_slice(&[10, 5, 2, 9]);
+        let ck = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&ck.to_be_bytes());
+        p[20..22].copy_from_slice(&5353u16.to_be_bytes());
+        p[22..24].copy_from_slice(&6000u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        let ps = fold(pseudo_header_sum(&p[12..16], &p[16..20], PROTO_UDP, (len - 20) as u16));
+        p[26..28].copy_from_slice(&ps.to_be_bytes());
+        p
+    }
+
+    fn uso_hdr(gso: u16) -> VnetHdr {
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: 28,
+            gso_size: gso,
+            csum_start: 20,
+            csum_offset: 6,
+        }
+    }
+
+    /// Each segment's UDP checksum, verified over its pseudo-header.
+    fn udp_checksum_ok(seg: &[u8]) -> bool {
+        let t = &seg[20..];
+        fold(sum(t, pseudo_header_sum(&seg[12..16], &seg[16..20], 17, t.len() as u16))) == 0xffff
+    }
+
+    #[test]
+    fn udp_split_makes_one_datagram_per_segment() {
+        // 5000 bytes at 1400 per segment: 1400, 1400, 1400, 800.
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 13 + 1) as u8).collect();
+        let p = uso_packet(&payload);
+        let mut out = vec![0u8; 8000];
+        let s = gso_split(&p, &uso_hdr(1400), &mut out).unwrap();
+        assert_eq!((s.count, s.seg_len, s.total), (4, 1428, 5000 + 4 * 28));
+        let segs = segments(&out, s);
+        let mut data = Vec::new();
+        for (k, seg) in segs.iter().enumerate() {
+            let want = if k < 3 { 1400 } else { 800 };
+            let v = crate::wire::Ipv4Packet::new_checked(*seg).expect("valid IPv4");
+            assert!(v.header_checksum_ok(), "IP checksum of segment {k}");
+            assert_eq!(seg.len(), 28 + want);
+            assert_eq!(u16::from_be_bytes([seg[2], seg[3]]) as usize, 28 + want);
+            assert_eq!(u16::from_be_bytes([seg[4], seg[5]]), 0x1234 + k as u16);
+            assert_eq!(&seg[20..24], &p[20..24], "ports kept");
+            assert_eq!(u16::from_be_bytes([seg[24], seg[25]]) as usize, 8 + want);
+            assert!(udp_checksum_ok(seg), "UDP checksum of segment {k}");
+            data.extend_from_slice(&seg[28..]);
+        }
+        assert_eq!(data, payload);
+        // A payload that is an exact multiple of the segment size.
+        let p = uso_packet(&payload[..2800]);
+        let s = gso_split(&p, &uso_hdr(1400), &mut out).unwrap();
+        assert_eq!((s.count, s.total), (2, 2800 + 56));
+        // A USO header on a TCP packet (or TSO on UDP) is refused.
+        let t = tso_packet(&[1; 3000], 1, 0, TCP_ACK);
+        assert_eq!(
+            gso_split(&t, &uso_hdr(1000), &mut out),
+            Err(OffloadError::GsoType(GSO_UDP_L4))
+        );
+        assert!(gso_split(&p, &tso_hdr(&t, 1000), &mut out).is_err());
+    }
+
+    #[test]
+    fn udp_split_never_sends_a_zero_checksum() {
+        // Find the two payload bytes that make segment 0's checksum
+        // compute to 0, which UDP must send as 0xffff (0 = "no checksum").
+        let mut payload = vec![0x5au8; 3000];
+        payload[0..2].copy_from_slice(&[0, 0]);
+        let mut out = vec![0u8; 8000];
+        let s = gso_split(&uso_packet(&payload), &uso_hdr(1000), &mut out).unwrap();
+        let ck = u16::from_be_bytes([out[26], out[27]]);
+        // With that word 0 the checksum is !fold(S); writing w = !fold(S)
+        // there makes the sum 0xffff and the computed checksum 0.
+        payload[0..2].copy_from_slice(&ck.to_be_bytes());
+        let s2 = gso_split(&uso_packet(&payload), &uso_hdr(1000), &mut out).unwrap();
+        assert_eq!(s2, s);
+        assert_eq!(u16::from_be_bytes([out[26], out[27]]), 0xffff);
+        assert!(udp_checksum_ok(&out[..s.seg_len]));
+    }
+
     #[test]
     fn split_rejects_inconsistent_headers() {
         let p = tso_packet(&[1; 3000], 1, 0, TCP_ACK);

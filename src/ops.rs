@@ -24,7 +24,13 @@ pub struct Stats {
     pub etcd_reconnects: AtomicU64,
     pub lease_renewals: AtomicU64,
     pub watch_resyncs: AtomicU64,
+    pub watch_compactions: AtomicU64,
+    /// The offloads the data path negotiated: TUN TSO, TUN USO, UDP GSO, UDP GRO.
+    pub offloads: [AtomicBool; 4],
 }
+
+/// Names of [`Stats::offloads`], in order, as the `feature` label of `flannel_offload`.
+pub const OFFLOAD_FEATURES: [&str; 4] = ["tun_tso", "tun_uso", "udp_gso", "udp_gro"];
 
 impl Stats {
     pub fn inc(c: &AtomicU64) {
@@ -125,6 +131,18 @@ impl Collector for FlannelCollector {
             "1 while this host holds its lease and the TUN is up.",
             s.ready.load(Ordering::Relaxed) as i64,
         )?;
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_offload",
+                "1 for each offload the data path negotiated with the kernel (--offload=auto), else 0.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (feature, on) in OFFLOAD_FEATURES.iter().zip(&s.offloads) {
+                ConstGauge::new(on.load(Ordering::Relaxed) as i64)
+                    .encode(m.encode_family(&[("feature", *feature)])?)?;
+            }
+        }
         counter(
             &mut e,
             "flannel_etcd_reconnects",
@@ -140,8 +158,14 @@ impl Collector for FlannelCollector {
         counter(
             &mut e,
             "flannel_watch_resyncs",
-            "Re-lists after a broken or compacted watch.",
+            "Re-lists of the leases (after a compacted watch, or to take our lease back).",
             get(&s.watch_resyncs),
+        )?;
+        counter(
+            &mut e,
+            "flannel_watch_compactions",
+            "Times the lease watch's revision had been compacted away (each forces a re-list).",
+            get(&s.watch_compactions),
         )?;
         {
             let mut m = e.encode_descriptor(

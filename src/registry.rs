@@ -30,8 +30,14 @@ pub enum WatchEvent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchItem {
-    Events(Vec<WatchEvent>),
-    /// The watch fell behind a compaction: re-list.
+    /// Events (possibly none of ours) up to and including store `revision`:
+    /// a watch resumed from `revision + 1` misses nothing.
+    Events {
+        events: Vec<WatchEvent>,
+        revision: i64,
+    },
+    /// The revision the watch started from is gone (compacted, or the
+    /// store's history went backwards, e.g. restored from a backup): re-list.
     Compacted,
 }
 
@@ -285,6 +291,8 @@ impl LeaseStore for EtcdStore {
             .await?;
         Ok(EtcdWatch {
             stream,
+            start: revision,
+            checked_start: false,
             config_key: format!("{}/config", self.prefix),
             subnets: subnets_prefix(&self.prefix),
         })
@@ -293,6 +301,10 @@ impl LeaseStore for EtcdStore {
 
 pub struct EtcdWatch {
     stream: etcd_client::WatchStream,
+    /// The revision the watch was asked to start from.
+    start: i64,
+    /// Whether the first response's header was checked against `start`.
+    checked_start: bool,
     config_key: String,
     subnets: String,
 }
@@ -306,12 +318,28 @@ impl LeaseWatch for EtcdWatch {
             if resp.compact_revision() > 0 {
                 return Ok(WatchItem::Compacted);
             }
+            if !self.checked_start {
+                self.checked_start = true;
+                // A resumed watch on a store whose history is shorter than
+                // what we saw (a new or restored cluster) would wait for
+                // revisions that mean something else now.
+                let now = resp.header().map_or(i64::MAX, |h| h.revision());
+                if now < self.start - 1 {
+                    return Ok(WatchItem::Compacted);
+                }
+            }
             if resp.canceled() {
                 anyhow::bail!("etcd cancelled the watch: {}", resp.cancel_reason());
             }
             if resp.events().is_empty() {
                 continue; // created / progress notifications
             }
+            let revision = resp
+                .events()
+                .iter()
+                .filter_map(|ev| ev.kv().map(|kv| kv.mod_revision()))
+                .max()
+                .unwrap_or(0);
             let events = resp
                 .events()
                 .iter()
@@ -339,7 +367,7 @@ impl LeaseWatch for EtcdWatch {
                     })
                 })
                 .collect();
-            return Ok(WatchItem::Events(events));
+            return Ok(WatchItem::Events { events, revision });
         }
     }
 }

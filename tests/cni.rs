@@ -57,19 +57,22 @@ fn pods_on_two_hosts_reach_each_other_through_the_plugin() {
             pods.push((i, pod, id, ip));
         }
     }
-    // CHECK is delegated to the bridge plugin with the runtime's cached
-    // result. Debian's bridge 1.1.1 then reports the route flannel asks
-    // host-local for (the Network, without a gateway) as missing, because it
-    // installed it via the bridge's address: upstream flannel gets the same
-    // answer. What we check: the delegate ran and its answer came back as
-    // CNI JSON; and a container the plugin never saw is "unknown" (code 3).
+    // CHECK is delegated to the bridge plugin with the saved delegate config
+    // and the runtime's cached result: the answer must be exactly what
+    // bridge itself gives for that config (Debian's bridge 1.1.1 reports the
+    // gateway-less Network route as missing; making CHECK pass on a healthy
+    // pod is the CNI drop-in work). A pod whose interface is gone must fail.
     let mut c = net_conf(&bed, 0);
     c["prevResult"] = results[0].clone(); // as a runtime caches it
-    let (ok, v) = cni(&bed.ns(0), "flannel", "CHECK", &pods[0].2, &pods[0].1, &c);
-    assert!(
-        ok || v["msg"].as_str().is_some_and(|m| m.contains("10.5.0.0")),
-        "CHECK: {v}"
-    );
+    let mut direct: Value = serde_json::from_slice(
+        &std::fs::read(bed.dir.join(format!("h0/cni/{}", pods[0].2))).unwrap(),
+    )
+    .unwrap();
+    direct["prevResult"] = results[0].clone();
+    direct["cniVersion"] = json!("1.0.0");
+    let ours = cni(&bed.ns(0), "flannel", "CHECK", &pods[0].2, &pods[0].1, &c);
+    let bridge = cni(&bed.ns(0), "bridge", "CHECK", &pods[0].2, &pods[0].1, &direct);
+    assert_eq!(ours, bridge, "CHECK must return the delegate's own answer");
     let (ok, v) = cni(
         &bed.ns(0),
         "flannel",
@@ -131,6 +134,18 @@ fn pods_on_two_hosts_reach_each_other_through_the_plugin() {
             }
         }
     }
+    // Break pod 1's network: its eth0 goes away. CHECK must now fail, with
+    // an error that names the missing interface.
+    let mut c1 = net_conf(&bed, 0);
+    c1["prevResult"] = results[1].clone();
+    sh(&["ip", "-n", &pods[1].1, "link", "del", "eth0"]);
+    let (ok, v) = cni(&bed.ns(0), "flannel", "CHECK", &pods[1].2, &pods[1].1, &c1);
+    assert!(!ok, "CHECK passed on a pod without its interface: {v}");
+    assert!(v["code"].is_u64() && v["msg"].is_string(), "not a CNI error: {v}");
+    assert!(
+        v.to_string().contains("eth0"),
+        "the error should name the missing interface: {v}"
+    );
     // DEL removes the address and the IPAM allocation; a second DEL succeeds.
     let (i, pod, id, ip) = &pods[0];
     let before = ipam_files(&bed, *i);

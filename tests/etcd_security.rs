@@ -115,6 +115,12 @@ fn an_expired_client_certificate_is_a_clear_error() {
         status.is_some_and(|s| !s.success()),
         "expired cert must fail, not hang: {err}"
     );
+    // The message names the file and the expiry, not just "no connection".
+    assert!(
+        err.contains(&format!("--etcd-certfile {} is not valid now", f("client.pem"))),
+        "{err}"
+    );
+    assert!(err.contains("valid from") && err.contains(" to "), "{err}");
 }
 
 #[test]

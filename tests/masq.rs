@@ -249,4 +249,17 @@ fn run(nft: bool) {
         rules.trim().is_empty(),
         "rules left after shutdown:\n{rules}"
     );
+    // Nothing of ours anywhere: the forward rules (filter table) and the
+    // jumps into our chains go too, not only the nat chain.
+    let everything = if nft {
+        sh(&["ip", "netns", "exec", &bed.ns(0), "nft", "list", "ruleset"])
+    } else {
+        sh(&["ip", "netns", "exec", &bed.ns(0), "iptables-save"])
+    };
+    for ours in ["FLANNEL-FWD", "FLANNEL-POSTRTG", "flanneld", "flannel-ipv4"] {
+        assert!(
+            !everything.contains(ours),
+            "{ours} left after shutdown:\n{everything}"
+        );
+    }
 }

@@ -10,6 +10,23 @@ use support::*;
 
 const PORT: u16 = 9102;
 
+/// A well-formed IPv4/UDP packet from `src` to `dst` (valid header checksum).
+fn inner_udp(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let ck = flannel::wire::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&ck.to_be_bytes());
+    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&9u16.to_be_bytes());
+    p[24..26].copy_from_slice(&20u16.to_be_bytes());
+    p
+}
+
 #[test]
 fn health_and_metrics_follow_the_daemon_and_the_traffic() {
     let mut bed = Bed::new(2);
@@ -33,9 +50,9 @@ fn health_and_metrics_follow_the_daemon_and_the_traffic() {
         bed.ping(0, dst).then_some(())
     });
     let before = http_get(&ns0, PORT, "/metrics").unwrap().1;
-    // 50 pings: 50 more datagrams out and in; 7 garbage datagrams: 7 malformed;
-    // 5 spoofed (h1's subnet as inner source, sent from h1's namespace but
-    // another port is fine; from the hub's address is not).
+    // 50 pings: 50 more datagrams out and in; 7 garbage datagrams: 7
+    // malformed; 5 spoofed: well-formed packets claiming h1's subnet as
+    // inner source, sent from the hub's address, which owns no lease.
     let ns1 = bed.ns(1);
     let out = Command::new("ip")
         .args([
@@ -60,23 +77,30 @@ fn health_and_metrics_follow_the_daemon_and_the_traffic() {
             s.send_to(&[0x45; 30], h0).unwrap();
         }
     });
+    let spoof = inner_udp(
+        std::net::Ipv4Addr::from(u32::from(bed.tun_addr(1)) + 5),
+        bed.tun_addr(0),
+    );
+    in_ns(&bed.hub.clone(), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..5 {
+            s.send_to(&spoof, h0).unwrap();
+        }
+    });
+    const MALFORMED: &str =
+        r#"flannel_dropped_packets_total{direction="ingress",reason="malformed"}"#;
+    const SPOOFED: &str = r#"flannel_dropped_packets_total{direction="ingress",reason="spoofed"}"#;
     let after = wait_for("counters to move", Duration::from_secs(5), || {
         let m = http_get(&ns0, PORT, "/metrics")?.1;
-        (metric(
-            &m,
-            r#"flannel_dropped_packets_total{direction="ingress",reason="malformed"}"#,
-        ) >= 7)
-            .then_some(m)
+        (metric(&m, MALFORMED) >= 7 && metric(&m, SPOOFED) >= 5).then_some(m)
     });
     let delta = |s: &str| metric(&after, s) - metric(&before, s);
-    assert_eq!(
-        delta(r#"flannel_dropped_packets_total{direction="ingress",reason="malformed"}"#),
-        7
-    );
+    assert_eq!(delta(MALFORMED), 7);
+    assert_eq!(delta(SPOOFED), 5);
     // Echo replies go out of h0: at least the 50 (plus whatever else ran).
     assert!(delta(r#"flannel_packets_total{direction="egress",stage="udp_sent"}"#) >= 50);
     assert!(delta(r#"flannel_packets_total{direction="ingress",stage="tun_written"}"#) >= 50);
-    assert!(delta(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#) >= 57);
+    assert!(delta(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#) >= 62);
     assert_eq!(metric(&after, "flannel_peers"), 1);
     assert_eq!(metric(&after, "flannel_lease_held"), 1);
     assert!(after.contains("flannel_batch_size_bucket"));

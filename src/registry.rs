@@ -371,3 +371,41 @@ impl LeaseWatch for EtcdWatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grpc(code: tonic::Code, msg: &str) -> StoreError {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg)).into()
+    }
+
+    #[test]
+    fn credentials_and_trust_errors_are_permanent_outages_are_not() {
+        // Permanent: retrying cannot fix these; the operator must.
+        assert!(is_permanent(&grpc(tonic::Code::Unauthenticated, "invalid auth token")));
+        assert!(is_permanent(&grpc(tonic::Code::PermissionDenied, "permission denied")));
+        for text in [
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "tls handshake: certificate verify failed",
+            "etcdserver: authentication failed, invalid user ID or password",
+            "etcdserver: user name is empty",
+        ] {
+            assert!(is_permanent(&anyhow::anyhow!("{text}")), "{text}");
+        }
+        // Wrapped in context, as the daemon's errors are.
+        let e = anyhow::anyhow!("invalid peer certificate: UnknownIssuer").context("listing leases");
+        assert!(is_permanent(&e));
+        // Transient: etcd away, restarting, slow, or a leader election.
+        assert!(!is_permanent(&grpc(tonic::Code::Unavailable, "connection refused")));
+        assert!(!is_permanent(&grpc(tonic::Code::DeadlineExceeded, "context deadline exceeded")));
+        assert!(!is_permanent(&grpc(tonic::Code::Unknown, "etcdserver: leader changed")));
+        for text in [
+            "transport error: Connection refused (os error 111)",
+            "etcd closed the watch stream",
+            "decoded message length too large",
+        ] {
+            assert!(!is_permanent(&anyhow::anyhow!("{text}")), "{text}");
+        }
+    }
+}

@@ -14,6 +14,7 @@ fn lease_value(ip: Ipv4Addr) -> String {
 
 #[test]
 fn an_etcd_outage_does_not_stop_traffic_and_heals_on_return() {
+    let _heavy = heavy();
     let mut bed = Bed::new(3);
     bed.start_ready(0);
     bed.start_ready(1);
@@ -235,6 +236,7 @@ fn a_watch_resumed_past_a_compaction_relists_and_takes_the_lease_back() {
 
 #[test]
 fn twenty_daemons_started_at_once_get_distinct_subnets() {
+    let _heavy = heavy();
     let mut bed = Bed::new(20);
     for i in 0..20 {
         let _ = std::fs::remove_file(&bed.hosts[i].subnet_file);

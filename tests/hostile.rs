@@ -60,6 +60,29 @@ fn drops(m: &str, reason: &str) -> u64 {
     )
 }
 
+/// A scrape taken once the ingress counters have stopped moving (two
+/// scrapes 50 ms apart agree on every drop reason): the daemon has drained
+/// what was sent so far.
+fn settled(scrape: &dyn Fn() -> String) -> String {
+    let key = |m: &str| REASONS.map(|r| drops(m, r));
+    let mut prev = scrape();
+    wait_for("the drop counters to settle", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(50));
+        let m = scrape();
+        let same = key(&m) == key(&prev);
+        prev = m.clone();
+        same.then_some(m)
+    })
+}
+
+/// Datagrams the kernel of namespace `ns` dropped at full UDP receive buffers.
+fn rcvbuf_errors(ns: &str) -> u64 {
+    sh(&["ip", "netns", "exec", ns, "nstat", "-az", "UdpRcvbufErrors"])
+        .lines()
+        .find_map(|l| l.strip_prefix("UdpRcvbufErrors")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn hostile_traffic_is_dropped_counted_and_survived() {
     let mut bed = Bed::new(3);
@@ -174,26 +197,30 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
         ),
     ];
 
-    let data = pattern(32 << 20, 42);
+    let data = pattern(2 << 20, 42);
     let attacking = std::sync::atomic::AtomicBool::new(true);
     let start = Instant::now();
-    std::thread::sleep(Duration::from_millis(500)); // quiet: a consistent first scrape
-    let first = scrape();
-    let got = std::thread::scope(|s| {
-        // Legitimate 32 MB transfers, back to back for the whole attack.
+    let first = settled(&scrape);
+    let rcvbuf_first = rcvbuf_errors(&ns0);
+    let (got, during) = std::thread::scope(|s| {
+        // Legitimate 2 MB transfers, back to back for the whole attack.
         let transfer = s.spawn(|| {
-            let mut n = 0;
+            let (mut n, mut during) = (0, 0);
             while attacking.load(std::sync::atomic::Ordering::Relaxed) {
                 assert!(
                     tcp_transfer(&bed, 1, 0, data.clone()) == data,
                     "transfer {n} corrupted"
                 );
                 n += 1;
+                if attacking.load(std::sync::atomic::Ordering::Relaxed) {
+                    during += 1;
+                }
             }
-            n
+            (n, during)
         });
         for (name, from_peer, reason, make) in &phases {
             let before = scrape();
+            let rcvbuf_before = rcvbuf_errors(&ns0);
             let ns = if *from_peer { bed.ns(1) } else { bed.ns(2) };
             let bind: (Ipv4Addr, u16) = if *from_peer {
                 (peer_ip, 0)
@@ -210,8 +237,15 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
                     }
                 }
             }
-            std::thread::sleep(Duration::from_millis(300));
-            let after = scrape();
+            // The phase is over when every datagram sent is accounted for
+            // (counted by us, or dropped by the kernel at a full socket
+            // buffer) and our drop counters have stopped moving.
+            let after = wait_for(&format!("{name}: all {sent} datagrams accounted for"), Duration::from_secs(20), || {
+                let m = settled(&scrape);
+                let ours: u64 = REASONS.iter().map(|r| drops(&m, r) - drops(&before, r)).sum();
+                let kernel = rcvbuf_errors(&ns0) - rcvbuf_before;
+                (ours + kernel >= sent as u64).then_some(m)
+            });
             let d = |m: &str| metric(&after, m) - metric(&before, m);
             let received = d(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#);
             let expected = drops(&after, reason) - drops(&before, reason);
@@ -230,8 +264,7 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
     });
     // Quiet now: every datagram the daemon received was delivered or dropped
     // with a reason.
-    std::thread::sleep(Duration::from_millis(500));
-    let last = scrape();
+    let last = settled(&scrape);
     let d = |m: &str| metric(&last, m) - metric(&first, m);
     let received = d(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#);
     let written = d(r#"flannel_packets_total{direction="ingress",stage="tun_written"}"#);
@@ -241,24 +274,16 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
         .sum();
     println!("overall: received {received} = delivered {written} + dropped {dropped}");
     assert_eq!(received, written + dropped, "datagrams unaccounted for");
-    let kernel = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &bed.ns(0),
-        "nstat",
-        "-az",
-        "UdpRcvbufErrors",
-    ]);
     println!(
         "kernel socket-buffer drops before the daemon saw them: {}",
-        kernel.lines().last().unwrap_or("")
+        rcvbuf_errors(&ns0) - rcvbuf_first
     );
     let rss_after = vmrss_mb(pid);
-    println!("10 phases in {:?}; RSS {rss_before:.1} -> {rss_after:.1} MB; {got} legitimate 32 MB transfers intact", start.elapsed());
+    println!("10 phases in {:?}; RSS {rss_before:.1} -> {rss_after:.1} MB; {got} legitimate 2 MB transfers intact, {during} finished during the attack", start.elapsed());
+    // Liveness, not speed: legitimate traffic completed while under attack.
     assert!(
-        got >= 2,
-        "the legitimate traffic did not run through the attack"
+        during >= 1,
+        "no legitimate transfer finished during the attack"
     );
     assert!(bed.is_running(0), "the daemon died");
     assert!(

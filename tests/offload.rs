@@ -126,6 +126,7 @@ fn offloads(bed: &Bed, i: usize) -> [u64; 4] {
 
 #[test]
 fn tcp_and_udp_arrive_intact_with_offloads_on_and_off() {
+    let _heavy = heavy();
     let port = format!("--healthz-port={PORT}");
     for mode in MODES {
         let mut bed = Bed::new(2);
@@ -173,6 +174,7 @@ fn tcp_and_udp_arrive_intact_with_offloads_on_and_off() {
 
 #[test]
 fn peers_with_offloads_on_and_off_interoperate() {
+    let _heavy = heavy();
     let mut bed = Bed::new(2);
     let port = format!("--healthz-port={PORT}");
     bed.start_ready_with(0, &["--offload=auto", &port]);
@@ -220,6 +222,7 @@ fn check_wire_packet(p: &[u8], mtu: usize) -> Result<(), String> {
 /// to a plain UDP socket, which checks every datagram and forwards it to h1.
 #[test]
 fn a_plain_udp_peer_sees_only_ordinary_checksummed_packets_within_mtu() {
+    let _heavy = heavy();
     let mut bed = Bed::new(3);
     // Datagrams arrive from the relay, not from the PublicIP they claim:
     // exactly the NAT case the escape hatch is for.
@@ -290,6 +293,7 @@ fn a_plain_udp_peer_sees_only_ordinary_checksummed_packets_within_mtu() {
 /// TCP, UDP and ICMP at once, so batches carry mixed flows.
 #[test]
 fn mixed_tcp_udp_and_icmp_flows_share_batches() {
+    let _heavy = heavy();
     let mut bed = Bed::new(2);
     bed.start_ready(0);
     bed.start_ready(1);

@@ -393,3 +393,138 @@ pub fn set_int_opt(
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    fn pair() -> (UdpSocket, UdpSocket, SocketAddrV4) {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        (tx, rx, to)
+    }
+
+    /// Receives until `want` slots are filled (or 2 s pass).
+    fn recv_all(rx: &UdpSocket, want: usize) -> (Slots, usize) {
+        let mut slots = Slots::new(BATCH, 2048);
+        let mut m = Mmsg::new(BATCH, BATCH);
+        let mut got = 0;
+        let t = std::time::Instant::now();
+        while got < want && t.elapsed() < Duration::from_secs(2) {
+            // Receive into a scratch set, then move the packets up.
+            let mut s = Slots::new(BATCH, 2048);
+            match m.recv(rx.as_raw_fd(), &mut s) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let len = s.len[i];
+                        slots.slot_mut(got)[..len].copy_from_slice(&s.slot_mut(i)[..len]);
+                        slots.len[got] = len;
+                        slots.addr[got] = s.addr[i];
+                        slots.gso[got] = s.gso[i];
+                        got += 1;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("recvmmsg: {e}"),
+            }
+        }
+        (slots, got)
+    }
+
+    #[test]
+    fn a_batch_goes_out_in_order_and_comes_back_with_lengths_and_senders() {
+        let (tx, rx, to) = pair();
+        let mut main = vec![0u8; 64 * 100];
+        let mut m = Mmsg::new(BATCH, BATCH);
+        for k in 0..10 {
+            let len = 20 + k * 7;
+            main[k * 100..k * 100 + len].fill(k as u8 + 1);
+            assert!(m.has_room(1));
+            m.queue(k * 100, len, to);
+        }
+        assert_eq!(m.queued(), 10);
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), (10, 0));
+        assert_eq!(m.queued(), 0, "send clears the batch");
+        let (slots, got) = recv_all(&rx, 10);
+        assert_eq!(got, 10);
+        let from = tx.local_addr().unwrap();
+        for k in 0..10 {
+            assert_eq!(slots.len[k], 20 + k * 7);
+            assert!(slots.packet(k).iter().all(|&b| b == k as u8 + 1), "datagram {k}");
+            assert_eq!(std::net::SocketAddr::V4(slots.addr[k]), from);
+            assert_eq!(slots.gso[k], 0);
+        }
+    }
+
+    #[test]
+    fn gathered_pieces_with_gso_become_segment_sized_datagrams() {
+        let (tx, rx, to) = pair();
+        // One message: 30 header bytes from the aux buffer, 320 from main,
+        // cut by the kernel into 100-byte datagrams: 100, 100, 100, 50.
+        let mut aux: Vec<u8> = (0..30u8).collect();
+        let mut main: Vec<u8> = (0..320u32).map(|i| (i + 30) as u8).collect();
+        let mut m = Mmsg::new(4, 8);
+        m.queue_gather([(Buf::Aux, 0, 30), (Buf::Main, 0, 320)], to, 100);
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut aux), (4, 0));
+        let (slots, got) = recv_all(&rx, 4);
+        assert_eq!(got, 4);
+        let mut all = Vec::new();
+        for k in 0..4 {
+            assert_eq!(slots.len[k], if k < 3 { 100 } else { 50 });
+            all.extend_from_slice(slots.packet(k));
+        }
+        assert_eq!(all, (0..350u32).map(|i| i as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_gro_receive_reports_the_segment_size() {
+        let (tx, rx, to) = pair();
+        set_int_opt(rx.as_raw_fd(), SOL_UDP, UDP_GRO, 1).unwrap();
+        let mut main = vec![7u8; 300];
+        let mut m = Mmsg::new(1, 1);
+        m.queue_gather([(Buf::Main, 0, 300)], to, 100);
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), (3, 0));
+        let (slots, got) = recv_all(&rx, 1);
+        assert_eq!(got, 1, "one GRO train");
+        assert_eq!((slots.len[0], slots.gso[0]), (300, 100));
+    }
+
+    #[test]
+    fn a_refused_message_is_counted_and_the_rest_still_go_out() {
+        let (tx, rx, to) = pair();
+        let mut main = vec![1u8; 300];
+        let mut m = Mmsg::new(3, 3);
+        m.queue(0, 100, to);
+        // Broadcast without SO_BROADCAST: EACCES for this message only.
+        m.queue(100, 100, SocketAddrV4::new(Ipv4Addr::BROADCAST, to.port()));
+        m.queue(200, 100, to);
+        assert!(!m.has_room(1), "three message slots, three queued");
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), (2, 1));
+        assert_eq!(recv_all(&rx, 2).1, 2);
+    }
+
+    #[test]
+    fn room_counts_both_message_slots_and_pieces() {
+        let mut m = Mmsg::new(2, 3);
+        let a = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9);
+        assert!(m.has_room(3));
+        assert!(!m.has_room(4), "more pieces than iovecs");
+        m.queue_gather([(Buf::Main, 0, 1), (Buf::Aux, 0, 1)], a, 0);
+        assert!(m.has_room(1));
+        assert!(!m.has_room(2), "one iovec left");
+        m.queue(0, 1, a);
+        assert_eq!(m.queued(), 2);
+        assert!(!m.has_room(0), "two messages fill the two message slots");
+        m.clear();
+        assert!(m.has_room(3));
+    }
+}

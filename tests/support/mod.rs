@@ -960,3 +960,12 @@ pub fn term_child(child: &mut Child) -> bool {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap().success()
 }
+
+/// Serialises the tests of one test binary that load both cores (floods,
+/// 256 MB transfers, twenty daemons): run side by side on a 2-core machine
+/// they starve each other's daemons and turn into timing tests. Test
+/// binaries already run one after another; hold the guard for the test.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}

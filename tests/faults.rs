@@ -405,3 +405,34 @@ fn a_config_change_is_reported_and_the_running_network_kept() {
         "running network broken by a config change"
     );
 }
+
+/// A renewal that fails (etcd away) is retried, and succeeds once etcd is
+/// back: the lease never lapses and the renewal counter moves on.
+#[test]
+fn a_failed_renewal_is_retried_until_etcd_answers() {
+    const PORT: u16 = 9114;
+    let mut bed = Bed::new(1);
+    let _ = std::fs::remove_file(&bed.hosts[0].subnet_file);
+    // A 6 s TTL (hidden test flag): renewed every 3 s, retried every 1.5 s.
+    bed.start(0, &["--subnet-lease-ttl=6", &format!("--healthz-port={PORT}")]);
+    let sn = bed.wait_subnet(0);
+    let ns0 = bed.ns(0);
+    let renewals = || metric(&http_get(&ns0, PORT, "/metrics").expect("metrics").1, "flannel_lease_renewals_total");
+    wait_for("a first renewal", Duration::from_secs(10), || (renewals() >= 1).then_some(()));
+    bed.stop_etcd();
+    wait_for("a renewal to fail", Duration::from_secs(15), || {
+        bed.log(0).contains(&format!("renewing lease {sn} failed")).then_some(())
+    });
+    let before = renewals();
+    bed.start_etcd();
+    let t = Instant::now();
+    wait_for("the retried renewal to succeed", Duration::from_secs(15), || {
+        (renewals() > before).then_some(())
+    });
+    println!("renewal failed while etcd was down; succeeded {:?} after etcd returned", t.elapsed());
+    let log = bed.log(0);
+    let failed_at = log.find(&format!("renewing lease {sn} failed")).unwrap();
+    assert!(log[failed_at..].contains("lease renewed"), "{log}");
+    assert!(bed.lease_id(&key_of(sn)).is_some_and(|id| id != 0), "lease gone or without TTL");
+    assert!(bed.is_running(0));
+}

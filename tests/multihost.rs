@@ -440,3 +440,64 @@ fn traffic_follows_a_peer_whose_public_ip_changes() {
     }
     assert!(bed.log(0).contains("peer moved"));
 }
+
+/// Configured only through the FLANNELD_* variables dist/flanneld.default
+/// sets, with a non-default etcd prefix and a non-default Backend.Port: the
+/// leases live under that prefix, the tunnel runs on that port, the probe
+/// listens where FLANNELD_HEALTHZ_* say.
+#[test]
+fn the_environment_file_a_prefix_and_a_backend_port_are_honoured() {
+    let mut bed = Bed::empty();
+    bed.put(
+        "/my/overlay/config",
+        r#"{"Network":"10.7.0.0/16","Backend":{"Type":"udp","Port":8999}}"#,
+    );
+    bed.add_host();
+    bed.add_host();
+    let mut children = Vec::new();
+    let mut subnets = Vec::new();
+    for i in 0..2 {
+        let h = &bed.hosts[i];
+        let log = bed.dir.join(format!("env-h{i}.log"));
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(flanneld_bin())
+            .env("FLANNELD_ETCD_ENDPOINTS", &bed.endpoint)
+            .env("FLANNELD_ETCD_PREFIX", "/my/overlay")
+            .env("FLANNELD_SUBNET_FILE", &h.subnet_file)
+            .env("FLANNELD_IFACE", "eth0")
+            .env("FLANNELD_PUBLIC_IP", h.ip.to_string())
+            .env("FLANNELD_HEALTHZ_IP", "127.0.0.1")
+            .env("FLANNELD_HEALTHZ_PORT", "9115")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let sn = wait_child_lease(&format!("h{i}'s lease"), &mut child, &h.subnet_file.clone(), &log);
+        assert!(
+            "10.7.0.0/16".parse::<ipnetwork::Ipv4Network>().unwrap().contains(sn.network()),
+            "{sn} is not in the prefix's Network"
+        );
+        subnets.push(sn);
+        children.push(child);
+    }
+    // The leases are under the prefix, and only there.
+    let under = String::from_utf8_lossy(&bed.etcdctl(&["get", "--prefix", "/my/overlay/subnets/", "--keys-only"]).stdout).into_owned();
+    for sn in &subnets {
+        assert!(under.contains(&format!("/my/overlay/subnets/{}-24", sn.network())), "{under}");
+    }
+    assert!(bed.leases().is_empty(), "leases written under the default prefix");
+    // The tunnel works, on port 8999 and not on 8285.
+    let dst = subnets[1].network();
+    wait_for("h0 -> h1 over port 8999", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    let udp = sh(&["ip", "netns", "exec", &bed.ns(0), "ss", "-Huln"]);
+    assert!(udp.contains(":8999 "), "{udp}");
+    assert!(!udp.contains(":8285 "), "{udp}");
+    // The probe listens on 127.0.0.1:9115.
+    assert_eq!(http_get(&bed.ns(0), 9115, "/healthz").map(|r| r.0), Some(200));
+    for c in &mut children {
+        assert!(term_child(c));
+    }
+}

@@ -117,6 +117,10 @@ pub struct SplitPlan {
     pub gso: usize,
     /// Payload bytes of the whole super-packet.
     pub payload: usize,
+    /// IPv4 header length.
+    pub iph: usize,
+    /// TCP (TSO) rather than UDP (USO).
+    pub tcp: bool,
 }
 
 impl SplitPlan {
@@ -135,17 +139,11 @@ impl SplitPlan {
     }
 }
 
-/// Writes the headers of every segment of an IPv4 TCP (TSO) or UDP (USO)
-/// super-packet, as read from the TUN after its vnet header, into
-/// `headers` (`hlen` bytes each): IP total length, id and header checksum,
-/// TCP sequence numbers and flags (FIN/PSH only on the last, CWR only on the
-/// first), UDP lengths, and each segment's transport checksum over its
-/// payload, which stays where it is in `pkt`.
-pub fn gso_split_headers(
-    pkt: &[u8],
-    hdr: &VnetHdr,
-    headers: &mut [u8],
-) -> Result<SplitPlan, OffloadError> {
+/// Validates an IPv4 TCP (TSO) or UDP (USO) super-packet, as read from the
+/// TUN after its vnet header, and plans its segments. A super-packet may
+/// have any number of segments (a small MSS gives over a thousand): the
+/// headers are then written a range at a time ([`write_split_headers`]).
+pub fn split_plan(pkt: &[u8], hdr: &VnetHdr) -> Result<SplitPlan, OffloadError> {
     let bad = OffloadError::BadPacket;
     if pkt.len() < 20 || pkt[0] >> 4 != 4 {
         return Err(bad);
@@ -180,22 +178,41 @@ pub fn gso_split_headers(
         return Err(bad);
     }
     let payload = pkt.len() - hlen;
-    let plan = SplitPlan {
+    Ok(SplitPlan {
         count: payload.div_ceil(gso).max(1),
         hlen,
         gso,
         payload,
-    };
-    if headers.len() < plan.count * hlen {
+        iph,
+        tcp,
+    })
+}
+
+/// Writes the headers of segments `segs` of a planned super-packet into
+/// `out` (`hlen` bytes each, segment `segs.start` first): IP total length,
+/// id and header checksum, TCP sequence numbers and flags (FIN/PSH only on
+/// the last, CWR only on the first), UDP lengths, and each segment's
+/// transport checksum over its payload, which stays where it is in `pkt`.
+pub fn write_split_headers(
+    pkt: &[u8],
+    plan: &SplitPlan,
+    segs: std::ops::Range<usize>,
+    out: &mut [u8],
+) -> Result<(), OffloadError> {
+    let hlen = plan.hlen;
+    if segs.end > plan.count || out.len() < segs.len() * hlen {
         return Err(OffloadError::NoRoom);
     }
+    let (iph, tcp, gso) = (plan.iph, plan.tcp, plan.gso);
+    let th = hlen - iph;
+    let proto = pkt[9];
     let id = u16::from_be_bytes([pkt[4], pkt[5]]);
     let seq = u32::from_be_bytes([pkt[iph + 4], pkt[iph + 5], pkt[iph + 6], pkt[iph + 7]]);
     let csum_at = if tcp { 16 } else { 6 };
-    for k in 0..plan.count {
+    for (j, k) in segs.enumerate() {
         let data = &pkt[plan.data(k)];
         let len = hlen + data.len();
-        let o = &mut headers[k * hlen..(k + 1) * hlen];
+        let o = &mut out[j * hlen..(j + 1) * hlen];
         o.copy_from_slice(&pkt[..hlen]);
         // IPv4 header.
         o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
@@ -225,6 +242,17 @@ pub fn gso_split_headers(
         let ck = if !tcp && ck == 0 { 0xffff } else { ck };
         t[csum_at..csum_at + 2].copy_from_slice(&ck.to_be_bytes());
     }
+    Ok(())
+}
+
+/// [`split_plan`] and the headers of every segment into `headers`.
+pub fn gso_split_headers(
+    pkt: &[u8],
+    hdr: &VnetHdr,
+    headers: &mut [u8],
+) -> Result<SplitPlan, OffloadError> {
+    let plan = split_plan(pkt, hdr)?;
+    write_split_headers(pkt, &plan, 0..plan.count, headers)?;
     Ok(plan)
 }
 

@@ -226,7 +226,14 @@ impl Mmsg {
 
     /// Whether another message of `pieces` pieces fits.
     pub fn has_room(&self, pieces: usize) -> bool {
-        self.queue.len() < self.hdrs.len() && self.pieces.len() + pieces <= self.iovs.len()
+        self.has_room_for(1, pieces)
+    }
+
+    /// Whether `messages` more messages with `pieces` pieces in all fit:
+    /// both the message slots and the iovecs are bounded.
+    pub fn has_room_for(&self, messages: usize, pieces: usize) -> bool {
+        self.queue.len() + messages <= self.hdrs.len()
+            && self.pieces.len() + pieces <= self.iovs.len()
     }
 
     /// Queues `len` bytes at `start` of the main buffer for `addr`.

@@ -431,18 +431,26 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
     }
 }
 
-/// Segment headers room per super-packet: up to 128 segments of up to
-/// 120 header bytes (IPv4 + TCP with options).
-const HEADER_AREA: usize = 128 * 120;
+/// Segments whose headers are built and queued at a time: one GSO send's worth.
+const CHUNK: usize = MAX_GSO_SEGMENTS;
+/// Bytes of segment headers built per batch before it must be flushed:
+/// 16 chunks of the largest header (IPv4 + TCP with options, 120 bytes).
+const HEADER_AREA: usize = 16 * CHUNK * 120;
+/// Messages and iovecs per egress batch with offloads.
+const OFFLOAD_MSGS: usize = 16 * CHUNK;
 
 /// Super-packets from the TUN, cut into MTU-sized packets without copying
 /// the payload: each segment is gathered from its freshly built header and
 /// its slice of the super-packet, and a run of segments to one peer goes
 /// out as one UDP GSO message (or one message per segment without GSO).
+/// A super-packet of any size (a small MSS makes over a thousand segments)
+/// is handled a chunk at a time; the batch is flushed whenever its message
+/// slots, iovecs or header area would overflow.
 fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
     let mut rx = Slots::new(OFFLOAD_BATCH, SLOT);
-    let mut headers = vec![0u8; OFFLOAD_BATCH * HEADER_AREA];
-    let mut mmsg = Mmsg::new(OFFLOAD_BATCH * 128, OFFLOAD_BATCH * 256);
+    let mut headers = vec![0u8; HEADER_AREA];
+    let mut hoff = 0;
+    let mut mmsg = Mmsg::new(OFFLOAD_MSGS, 2 * OFFLOAD_MSGS);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
     let sock = w.sock.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
@@ -480,15 +488,15 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                 };
                 if hdr.gso_type == GSO_NONE {
                     let len = pkt.len();
-                    if !mmsg.has_room(1) {
+                    if !mmsg.has_room_for(1, 1) {
                         flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                        hoff = 0;
                     }
                     t.udp_tx_bytes += len as u64;
                     mmsg.queue(start, len, peer);
                     continue;
                 }
-                let area = &mut headers[i * HEADER_AREA..(i + 1) * HEADER_AREA];
-                let plan = match offload::gso_split_headers(pkt, &hdr, area) {
+                let plan = match offload::split_plan(pkt, &hdr) {
                     Ok(p) => p,
                     Err(_) => {
                         t.drop(DropReason::Malformed);
@@ -502,28 +510,41 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                 } else {
                     1
                 };
-                if !mmsg.has_room(2 * plan.count) {
-                    flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
-                }
-                for c in (0..plan.count).step_by(per) {
-                    let segs = c..(c + per).min(plan.count);
-                    let gso = if segs.len() > 1 {
-                        plan.seg_len() as u16
-                    } else {
-                        0
-                    };
-                    let hbase = i * HEADER_AREA;
-                    let pieces = segs.flat_map(|k| {
-                        let d = plan.data(k);
-                        [
-                            (Buf::Aux, hbase + k * plan.hlen, plan.hlen),
-                            (Buf::Main, start + d.start, d.len()),
-                        ]
-                    });
-                    mmsg.queue_gather(pieces, peer, gso);
+                let mut first = 0;
+                while first < plan.count {
+                    let chunk = first..(first + CHUNK).min(plan.count);
+                    let bytes = chunk.len() * plan.hlen;
+                    if !mmsg.has_room_for(chunk.len().div_ceil(per), 2 * chunk.len())
+                        || hoff + bytes > headers.len()
+                    {
+                        flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                        hoff = 0;
+                    }
+                    let pkt = &rx.packet(i)[VNET_HDR_LEN..];
+                    offload::write_split_headers(pkt, &plan, chunk.clone(), &mut headers[hoff..hoff + bytes])
+                        .expect("room checked above");
+                    for c in chunk.clone().step_by(per) {
+                        let segs = c..(c + per).min(chunk.end);
+                        let gso = if segs.len() > 1 {
+                            plan.seg_len() as u16
+                        } else {
+                            0
+                        };
+                        let pieces = segs.flat_map(|k| {
+                            let d = plan.data(k);
+                            [
+                                (Buf::Aux, hoff + (k - chunk.start) * plan.hlen, plan.hlen),
+                                (Buf::Main, start + d.start, d.len()),
+                            ]
+                        });
+                        mmsg.queue_gather(pieces, peer, gso);
+                    }
+                    hoff += bytes;
+                    first = chunk.end;
                 }
             }
             flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+            hoff = 0;
             w.shared.counters.egress.add(&t);
             w.shared.counters.tx_batch(n);
             if n < rx.count() {

@@ -120,6 +120,7 @@ pub struct Totals {
     pub drop_not_local: AtomicU64,
     pub drop_send_error: AtomicU64,
     pub drop_tun_write_error: AtomicU64,
+    pub gso_fallbacks: AtomicU64,
 }
 
 /// Data-path counters, shared with the control plane and the metrics:
@@ -133,6 +134,9 @@ pub struct Counters {
     /// buckets of ≤ 1, 2, 4, 8, 16, 32, 64 and more.
     pub tx_batches: [AtomicU64; BATCH_BUCKETS],
     pub rx_batches: [AtomicU64; BATCH_BUCKETS],
+    /// Peers for which UDP GSO is off for now (after a refused GSO send),
+    /// summed over the workers.
+    pub gso_off_peers: AtomicU64,
 }
 
 /// Upper bounds of the batch-size histogram buckets (the last is +Inf).
@@ -164,6 +168,9 @@ pub struct Tally {
     pub drop_not_local: u64,
     pub drop_send_error: u64,
     pub drop_tun_write_error: u64,
+    /// UDP GSO sends the kernel refused (segment above the path MTU, an
+    /// IPsec policy, …) and that were resent as plain datagrams.
+    pub gso_fallbacks: u64,
 }
 
 impl Tally {
@@ -196,7 +203,8 @@ macro_rules! counter_fields {
             drop_spoofed,
             drop_not_local,
             drop_send_error,
-            drop_tun_write_error
+            drop_tun_write_error,
+            gso_fallbacks
         )
     };
 }

@@ -115,6 +115,18 @@ impl Collector for FlannelCollector {
         }
         counter(
             &mut e,
+            "flannel_gso_fallbacks",
+            "UDP GSO sends the kernel refused (path MTU below the segment size, IPsec) and that were resent as plain datagrams.",
+            d.gso_fallbacks,
+        )?;
+        gauge(
+            &mut e,
+            "flannel_gso_off_peers",
+            "Peers sent plain datagrams instead of UDP GSO for now, after a refused GSO send (summed over workers; each entry expires after 10 min).",
+            self.data.gso_off_peers.load(Ordering::Relaxed) as i64,
+        )?;
+        counter(
+            &mut e,
             "flannel_icmp_sent",
             "ICMP errors sent back into the TUN.",
             d.icmp_sent,

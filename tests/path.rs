@@ -93,3 +93,136 @@ fn small_tcp_segments_are_carried_in_both_modes() {
         }
     }
 }
+
+/// How the path to the peer gets its smaller MTU.
+#[derive(Debug, Clone, Copy)]
+enum SmallPath {
+    /// `ip route add <peer> dev eth0 mtu 1400`
+    RouteMtu,
+    /// `ip route add <peer> dev eth0 mtu lock 1400`
+    RouteMtuLock,
+    /// An ICMP "fragmentation needed" (next-hop MTU 1400) about our own
+    /// tunnel datagrams, sent from the hub, as a router on the path would.
+    FragNeeded,
+}
+
+/// ICMP type 3 code 4 (next-hop MTU `mtu`) quoting a UDP datagram of the
+/// tunnel from `src`:8285 to `dst`:8285.
+fn frag_needed(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, mtu: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 8 + 20 + 8];
+    p[0] = 3;
+    p[1] = 4;
+    p[6..8].copy_from_slice(&mtu.to_be_bytes());
+    let q = &mut p[8..28];
+    q[0] = 0x45;
+    q[2..4].copy_from_slice(&1500u16.to_be_bytes());
+    q[6] = 0x40; // DF
+    q[8] = 64;
+    q[9] = 17;
+    q[12..16].copy_from_slice(&src.octets());
+    q[16..20].copy_from_slice(&dst.octets());
+    let ck = flannel::wire::checksum(q);
+    q[10..12].copy_from_slice(&ck.to_be_bytes());
+    p[28..30].copy_from_slice(&8285u16.to_be_bytes());
+    p[30..32].copy_from_slice(&8285u16.to_be_bytes());
+    p[32..34].copy_from_slice(&1480u16.to_be_bytes());
+    let ck = flannel::wire::checksum(&p);
+    p[2..4].copy_from_slice(&ck.to_be_bytes());
+    p
+}
+
+/// Sends `icmp` from the hub's namespace to `to` through a raw socket.
+fn send_icmp_from_hub(bed: &Bed, to: std::net::Ipv4Addr, icmp: Vec<u8>) {
+    in_ns(&bed.hub.clone(), move || {
+        // SAFETY: a raw ICMP socket; the kernel adds the IP header.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(to).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid buffer and address for the call.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                icmp.as_ptr().cast(),
+                icmp.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        assert_eq!(rc, icmp.len() as isize, "{}", std::io::Error::last_os_error());
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+    })
+}
+
+/// The path MTU each host has cached towards the other, from `ip route get`.
+fn cached_mtu(bed: &Bed, from: usize, to: usize) -> String {
+    sh(&["ip", "-n", &bed.ns(from), "route", "get", &bed.hosts[to].ip.to_string()])
+}
+
+#[test]
+fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
+    let _heavy = heavy();
+    let port = format!("--healthz-port={PORT}");
+    for case in [SmallPath::RouteMtu, SmallPath::RouteMtuLock, SmallPath::FragNeeded] {
+        for mode in MODES {
+            let mut bed = Bed::new(2);
+            bed.start_ready_with(0, &[mode, &port]);
+            bed.start_ready_with(1, &[mode, &port]);
+            let dst = bed.tun_addr(1);
+            wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+            for (a, b) in [(0, 1), (1, 0)] {
+                let peer = bed.hosts[b].ip.to_string();
+                match case {
+                    SmallPath::RouteMtu => {
+                        sh(&["ip", "-n", &bed.ns(a), "route", "add", &peer, "dev", "eth0", "mtu", "1400"]);
+                    }
+                    SmallPath::RouteMtuLock => {
+                        sh(&["ip", "-n", &bed.ns(a), "route", "add", &peer, "dev", "eth0", "mtu", "lock", "1400"]);
+                    }
+                    SmallPath::FragNeeded => {
+                        send_icmp_from_hub(&bed, bed.hosts[a].ip, frag_needed(bed.hosts[a].ip, bed.hosts[b].ip, 1400));
+                        let (ns, p) = (bed.ns(a), peer.clone());
+                        wait_for("the path MTU to be learned", Duration::from_secs(5), || {
+                            sh(&["ip", "-n", &ns, "route", "get", &p]).contains("mtu 1400").then_some(())
+                        });
+                    }
+                }
+            }
+            for (a, b) in [(0, 1), (1, 0)] {
+                let data = pattern(16 << 20, 21 + a as u64);
+                let t = Instant::now();
+                let got = tcp_transfer(&bed, a, b, data.clone());
+                let secs = t.elapsed().as_secs_f64();
+                assert!(got == data, "{case:?} {mode}: 16 MB h{a} -> h{b} corrupted or short ({} bytes)", got.len());
+                println!(
+                    "{case:?} {mode}: 16 MB h{a} -> h{b} intact in {secs:.2} s ({:.2} Gbit/s); route: {}",
+                    16.0 * 8.0 * 1.048576 / 1000.0 / secs,
+                    cached_mtu(&bed, a, b).lines().next().unwrap_or("")
+                );
+            }
+            for i in 0..2 {
+                let m = http_get(&bed.ns(i), PORT, "/metrics").expect("metrics").1;
+                let fallbacks = metric(&m, "flannel_gso_fallbacks_total");
+                let off = metric(&m, "flannel_gso_off_peers");
+                let send_errors = metric(&m, r#"flannel_dropped_packets_total{direction="egress",reason="send_error"}"#);
+                println!("{case:?} {mode}: h{i} gso_fallbacks={fallbacks} gso_off_peers={off} send_errors={send_errors}");
+                assert_eq!(send_errors, 0, "{case:?} {mode}: h{i} lost datagrams to send errors");
+                if mode == "--offload=auto" {
+                    // The refused GSO sends were resent, and the peer remembered.
+                    assert!(fallbacks >= 1, "{case:?}: h{i} never fell back from GSO");
+                    assert!(off >= 1, "{case:?}: h{i} keeps no GSO-off entry for its peer");
+                } else {
+                    assert_eq!((fallbacks, off), (0, 0), "{case:?}: no GSO with offloads off");
+                }
+            }
+        }
+    }
+}

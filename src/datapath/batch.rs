@@ -140,6 +140,26 @@ pub struct Mmsg {
     ctrl: Vec<[u8; CTRL]>,
     queue: Vec<Queued>,
     pieces: Vec<Piece>,
+    /// Peers of the GSO sends the last [`Mmsg::send`] had to resend as
+    /// plain datagrams (each at most once).
+    pub gso_refused: Vec<SocketAddrV4>,
+}
+
+/// What one [`Mmsg::send`] did, in datagrams.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub sent: usize,
+    pub failed: usize,
+    /// GSO messages the kernel refused and that went out as plain datagrams.
+    pub fallbacks: usize,
+}
+
+/// Errors with which the kernel refuses a UDP GSO send that plain
+/// datagrams of the same bytes would survive: a segment above the path
+/// MTU (EINVAL), over the size limits (EMSGSIZE), or an IPsec/xfrm path
+/// that cannot segment (EIO).
+fn gso_refusal(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO))
 }
 
 // SAFETY: the raw pointers inside are only meaningful during a syscall made
@@ -163,6 +183,7 @@ impl Mmsg {
             ctrl: vec![[0u8; CTRL]; cap],
             queue: Vec::with_capacity(cap),
             pieces: Vec::with_capacity(pieces),
+            gso_refused: Vec::with_capacity(8),
         }
     }
 
@@ -268,9 +289,13 @@ impl Mmsg {
     }
 
     /// Sends every queued message with as few `sendmmsg` calls as the
-    /// kernel allows. Returns (datagrams sent, datagrams failed); a message
-    /// the kernel refuses is skipped and counted, the rest still go out.
-    pub fn send(&mut self, fd: RawFd, main: &mut [u8], aux: &mut [u8]) -> (usize, usize) {
+    /// kernel allows. A message the kernel refuses is skipped and counted,
+    /// the rest still go out; a refused UDP GSO message (see
+    /// [`gso_refusal`]) is resent as plain datagrams, which the kernel
+    /// fragments where the path needs it, and its peer is noted in
+    /// [`Mmsg::gso_refused`].
+    pub fn send(&mut self, fd: RawFd, main: &mut [u8], aux: &mut [u8]) -> Sent {
+        self.gso_refused.clear();
         let total = self.queue.len();
         for (i, p) in self.pieces.iter().enumerate() {
             let b: &mut [u8] = match p.buf {
@@ -305,7 +330,7 @@ impl Mmsg {
                 q.len.div_ceil(q.gso as usize)
             }
         };
-        let (mut done, mut sent, mut failed) = (0usize, 0usize, 0usize);
+        let (mut done, mut sent, mut failed, mut fallbacks) = (0usize, 0usize, 0usize, 0usize);
         while done < total {
             // SAFETY: hdrs[done..total] were filled above and point at live buffers.
             let n = unsafe {
@@ -336,6 +361,17 @@ impl Mmsg {
                         break;
                     }
                 }
+                _ if self.queue[done].gso != 0 && gso_refusal(&e) => {
+                    let q = self.queue[done];
+                    let (ok, bad) = self.send_plain(fd, done);
+                    sent += ok;
+                    failed += bad;
+                    fallbacks += 1;
+                    if !self.gso_refused.contains(&q.addr) {
+                        self.gso_refused.push(q.addr);
+                    }
+                    done += 1;
+                }
                 // This message cannot be sent (e.g. unreachable peer): skip it.
                 _ => {
                     failed += datagrams(&self.queue[done]);
@@ -344,6 +380,64 @@ impl Mmsg {
             }
         }
         self.clear();
+        Sent {
+            sent,
+            failed,
+            fallbacks,
+        }
+    }
+
+    /// Sends queued GSO message `k` as one datagram per segment: `gso`
+    /// bytes at a time across its pieces (whose iovecs are set). Returns
+    /// (sent, failed).
+    fn send_plain(&mut self, fd: RawFd, k: usize) -> (usize, usize) {
+        let q = self.queue[k];
+        let seg = q.gso as usize;
+        let iovs = &self.iovs[q.first..q.first + q.count];
+        // At most a handful of pieces make one segment (header + data, or
+        // data split across pieces): gather them in a small array.
+        let mut parts = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 8];
+        let (mut piece, mut off) = (0usize, 0usize);
+        let (mut sent, mut failed) = (0, 0);
+        let mut name = to_sockaddr(q.addr);
+        let mut left = q.len;
+        while left > 0 {
+            let want = seg.min(left);
+            let (mut n, mut got) = (0, 0);
+            while got < want && n < parts.len() {
+                let iov = iovs[piece];
+                let take = (iov.iov_len - off).min(want - got);
+                // SAFETY: within the piece's live buffer, set by send().
+                parts[n] = libc::iovec {
+                    iov_base: unsafe { iov.iov_base.cast::<u8>().add(off) }.cast(),
+                    iov_len: take,
+                };
+                n += 1;
+                got += take;
+                off += take;
+                if off == iov.iov_len {
+                    piece += 1;
+                    off = 0;
+                }
+            }
+            left -= got;
+            // SAFETY: all-zero msghdr, then valid name and iovecs.
+            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+            h.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_iov = parts.as_mut_ptr();
+            h.msg_iovlen = n;
+            // SAFETY: h points at live buffers for the call.
+            let rc = unsafe { libc::sendmsg(fd, &h, 0) };
+            if rc >= 0 && got == want {
+                sent += 1;
+            } else {
+                failed += 1;
+            }
+        }
         (sent, failed)
     }
 }
@@ -459,7 +553,7 @@ mod tests {
             m.queue(k * 100, len, to);
         }
         assert_eq!(m.queued(), 10);
-        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), (10, 0));
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), Sent { sent: 10, failed: 0, fallbacks: 0 });
         assert_eq!(m.queued(), 0, "send clears the batch");
         let (slots, got) = recv_all(&rx, 10);
         assert_eq!(got, 10);
@@ -481,7 +575,7 @@ mod tests {
         let mut main: Vec<u8> = (0..320u32).map(|i| (i + 30) as u8).collect();
         let mut m = Mmsg::new(4, 8);
         m.queue_gather([(Buf::Aux, 0, 30), (Buf::Main, 0, 320)], to, 100);
-        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut aux), (4, 0));
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut aux).sent, 4);
         let (slots, got) = recv_all(&rx, 4);
         assert_eq!(got, 4);
         let mut all = Vec::new();
@@ -499,7 +593,7 @@ mod tests {
         let mut main = vec![7u8; 300];
         let mut m = Mmsg::new(1, 1);
         m.queue_gather([(Buf::Main, 0, 300)], to, 100);
-        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), (3, 0));
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []).sent, 3);
         let (slots, got) = recv_all(&rx, 1);
         assert_eq!(got, 1, "one GRO train");
         assert_eq!((slots.len[0], slots.gso[0]), (300, 100));
@@ -515,7 +609,7 @@ mod tests {
         m.queue(100, 100, SocketAddrV4::new(Ipv4Addr::BROADCAST, to.port()));
         m.queue(200, 100, to);
         assert!(!m.has_room(1), "three message slots, three queued");
-        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), (2, 1));
+        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), Sent { sent: 2, failed: 1, fallbacks: 0 });
         assert_eq!(recv_all(&rx, 2).1, 2);
     }
 

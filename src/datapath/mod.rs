@@ -20,7 +20,9 @@ use batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT, SOL_UDP, UDP_GRO, UDP_
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use std::thread::JoinHandle;
 use tun::{Tun, TunFlags};
 
@@ -452,6 +454,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
     let mut hoff = 0;
     let mut mmsg = Mmsg::new(OFFLOAD_MSGS, 2 * OFFLOAD_MSGS);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
+    let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.sock.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
         loop {
@@ -490,6 +493,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                     let len = pkt.len();
                     if !mmsg.has_room_for(1, 1) {
                         flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                        gso_off.refused(&mmsg.gso_refused);
                         hoff = 0;
                     }
                     t.udp_tx_bytes += len as u64;
@@ -505,7 +509,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                 };
                 t.udp_tx_bytes += plan.total() as u64;
                 // One GSO send carries at most 64 segments and 64 KB.
-                let per = if w.caps.udp_gso && plan.count > 1 {
+                let per = if w.caps.udp_gso && plan.count > 1 && gso_off.allows(*peer.ip()) {
                     MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / plan.seg_len()).max(1)
                 } else {
                     1
@@ -518,6 +522,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                         || hoff + bytes > headers.len()
                     {
                         flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                        gso_off.refused(&mmsg.gso_refused);
                         hoff = 0;
                     }
                     let pkt = &rx.packet(i)[VNET_HDR_LEN..];
@@ -544,6 +549,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
                 }
             }
             flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+            gso_off.refused(&mmsg.gso_refused);
             hoff = 0;
             w.shared.counters.egress.add(&t);
             w.shared.counters.tx_batch(n);
@@ -557,9 +563,61 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
 /// Sends what is queued, counting datagrams sent and failed.
 fn flush(mmsg: &mut Mmsg, sock: RawFd, main: &mut [u8], aux: &mut [u8], t: &mut Tally) {
     if mmsg.queued() > 0 {
-        let (sent, failed) = mmsg.send(sock, main, aux);
-        t.udp_tx_packets += sent as u64;
-        t.drop_send_error += failed as u64;
+        let r = mmsg.send(sock, main, aux);
+        t.udp_tx_packets += r.sent as u64;
+        t.drop_send_error += r.failed as u64;
+        t.gso_fallbacks += r.fallbacks as u64;
+    }
+}
+
+/// How long a peer whose GSO send the kernel refused gets plain datagrams:
+/// as long as the kernel keeps a learned path MTU (`ip_rt_mtu_expires`).
+const GSO_OFF_FOR: Duration = Duration::from_secs(600);
+
+/// The peers one worker sends to without UDP GSO for now, because the
+/// kernel refused a GSO send to them (the path MTU to them is below the
+/// segment size, or an IPsec policy cannot segment). Each entry expires,
+/// so a path that recovers gets GSO back.
+struct GsoOff {
+    until: Vec<(Ipv4Addr, Instant)>,
+    counters: Arc<Counters>,
+}
+
+impl GsoOff {
+    fn new(counters: Arc<Counters>) -> Self {
+        GsoOff {
+            until: Vec::new(),
+            counters,
+        }
+    }
+
+    /// Whether GSO may be used towards `ip` now.
+    #[inline]
+    fn allows(&mut self, ip: Ipv4Addr) -> bool {
+        if self.until.is_empty() {
+            return true;
+        }
+        let now = Instant::now();
+        let before = self.until.len();
+        self.until.retain(|&(_, t)| t > now);
+        let expired = (before - self.until.len()) as u64;
+        if expired > 0 {
+            self.counters.gso_off_peers.fetch_sub(expired, Ordering::Relaxed);
+        }
+        !self.until.iter().any(|&(p, _)| p == ip)
+    }
+
+    /// Turns GSO off towards the peers whose GSO sends were refused.
+    fn refused(&mut self, peers: &[SocketAddrV4]) {
+        for p in peers {
+            let ip = *p.ip();
+            if self.until.iter().any(|&(q, _)| q == ip) {
+                continue;
+            }
+            tracing::warn!(peer = %ip, "the kernel refused a UDP GSO send (a path MTU below the segment size, or an IPsec policy); resent as plain datagrams, and GSO stays off for this peer for {} s", GSO_OFF_FOR.as_secs());
+            self.until.push((ip, Instant::now() + GSO_OFF_FOR));
+            self.counters.gso_off_peers.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -634,6 +634,11 @@ pub async fn run<S: LeaseStore>(
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            why = dp.failed() => {
+                // A dead queue would black-hole part of the traffic while
+                // the rest flows: exit non-zero so the supervisor restarts us.
+                break Err(anyhow::anyhow!("the data path failed ({why}); exiting so that the service manager restarts flanneld"));
+            }
             _ = sleep_until(ctl.renew_at) => ctl.renew().await,
             _ = rules_tick.tick() => ctl.resync_rules().await,
             _ = sleep_until(resync_at) => {

@@ -226,3 +226,24 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
         }
     }
 }
+
+/// The TUN deleted under the daemon: no busy loop on a dead descriptor,
+/// no half-dead daemon answering probes. It exits non-zero, promptly, saying
+/// why, so its supervisor restarts it (and it cleans up what it can).
+#[test]
+fn a_tun_deleted_under_the_daemon_makes_it_exit_non_zero() {
+    for mode in MODES {
+        let mut bed = Bed::new(1);
+        bed.start_ready_with(0, &[mode]);
+        let t = Instant::now();
+        sh(&["ip", "-n", &bed.ns(0), "link", "del", "flannel0"]);
+        let status = wait_for("the daemon to exit", Duration::from_secs(10), || {
+            bed.exit_status(0)
+        });
+        println!("{mode}: TUN deleted, daemon exited {status} after {:?}", t.elapsed());
+        assert!(!status.success(), "{mode}: exit status {status}");
+        let log = bed.log(0);
+        assert!(log.contains("data path failed"), "{mode}: {log}");
+        assert!(log.contains("reading the TUN"), "{mode}: {log}");
+    }
+}

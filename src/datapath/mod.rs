@@ -272,11 +272,58 @@ fn wait_readable(fd: RawFd, stop: &StopFd) -> bool {
 pub struct Datapath {
     stop: Arc<StopFd>,
     threads: Vec<JoinHandle<()>>,
+    failure: Arc<Failure>,
+}
+
+/// The first data-path thread to end on its own (an error it cannot get
+/// past, or a panic) records why here and wakes the control plane, which
+/// exits non-zero so the supervisor restarts the daemon: a daemon with a
+/// dead queue must not go on saying it is healthy.
+#[derive(Default)]
+struct Failure {
+    stopping: std::sync::atomic::AtomicBool,
+    why: std::sync::Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Failure {
+    fn record(&self, why: String) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut w = self.why.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_none() {
+            tracing::error!("data path failed: {why}");
+            *w = Some(why);
+        }
+        drop(w);
+        self.notify.notify_one();
+    }
+}
+
+/// Runs one data-path loop; its end while the data path is not being
+/// stopped is a failure, and so is a panic.
+fn guarded(name: String, failure: Arc<Failure>, f: impl FnOnce() -> io::Result<()>) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let why = match r {
+        Ok(Ok(())) => format!("{name} ended"),
+        Ok(Err(e)) => format!("{name}: {e}"),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("{name} panicked: {msg}")
+        }
+    };
+    failure.record(why);
 }
 
 impl Datapath {
     pub fn start(devices: Devices, shared: Shared) -> io::Result<Self> {
         let stop = Arc::new(StopFd::new()?);
+        let failure = Arc::new(Failure::default());
         let mut threads = Vec::new();
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -289,30 +336,58 @@ impl Datapath {
                 caps: devices.caps,
                 shared: shared.clone(),
             });
-            let (w1, st1) = (w.clone(), stop.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("tun-to-udp-{k}"))
-                    .spawn(move || {
-                        if let Some(c) = cpu {
-                            pin_to_cpu(c);
-                        }
-                        tun_to_udp(&w1, &st1)
-                    })?,
-            );
-            let st2 = stop.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("udp-to-tun-{k}"))
-                    .spawn(move || {
-                        if let Some(c) = cpu {
-                            pin_to_cpu(c);
-                        }
-                        udp_to_tun(&w, &st2)
-                    })?,
-            );
+            let (w1, st1, f1) = (w.clone(), stop.clone(), failure.clone());
+            let name = format!("tun-to-udp-{k}");
+            threads.push(std::thread::Builder::new().name(name.clone()).spawn(move || {
+                guarded(name, f1, || {
+                    if let Some(c) = cpu {
+                        pin_to_cpu(c);
+                    }
+                    tun_to_udp(&w1, &st1)
+                })
+            })?);
+            let (st2, f2) = (stop.clone(), failure.clone());
+            let name = format!("udp-to-tun-{k}");
+            threads.push(std::thread::Builder::new().name(name.clone()).spawn(move || {
+                guarded(name, f2, || {
+                    if let Some(c) = cpu {
+                        pin_to_cpu(c);
+                    }
+                    udp_to_tun(&w, &st2)
+                })
+            })?);
         }
-        Ok(Datapath { stop, threads })
+        Ok(Datapath {
+            stop,
+            threads,
+            failure,
+        })
+    }
+
+    /// Resolves when a data-path thread has failed, with the reason.
+    pub async fn failed(&self) -> String {
+        loop {
+            let notified = self.failure.notify.notified();
+            if let Some(why) = self
+                .failure
+                .why
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                return why;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether a data-path thread has failed.
+    pub fn is_failed(&self) -> bool {
+        self.failure
+            .why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     pub fn stop(mut self) {
@@ -320,6 +395,7 @@ impl Datapath {
     }
 
     fn shutdown(&mut self) {
+        self.failure.stopping.store(true, Ordering::SeqCst);
         self.stop.signal();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -333,8 +409,11 @@ impl Drop for Datapath {
     }
 }
 
-/// Reads up to `slots.count()` packets from the TUN without blocking.
-fn read_tun(tun: &Tun, slots: &mut Slots) -> usize {
+/// Reads up to `slots.count()` packets from the TUN without blocking. An
+/// error other than "nothing more now" is the TUN gone (deleted under us:
+/// EBADFD) or broken: returned, so the thread ends instead of spinning on a
+/// descriptor that polls readable forever.
+fn read_tun(tun: &Tun, slots: &mut Slots) -> io::Result<usize> {
     let mut n = 0;
     while n < slots.count() {
         match tun.read(slots.slot_mut(n)) {
@@ -344,13 +423,14 @@ fn read_tun(tun: &Tun, slots: &mut Slots) -> usize {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the TUN failed");
+            Err(e) if n > 0 => {
+                tracing::debug!(error = %e, "reading the TUN failed after {n} packets");
                 break;
             }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("reading the TUN: {e}"))),
         }
     }
-    n
+    Ok(n)
 }
 
 /// Answers a packet we cannot forward with an ICMP error into the TUN.
@@ -389,7 +469,7 @@ fn unsent(v: Egress, t: &mut Tally) -> Option<(u8, u8)> {
     }
 }
 
-fn tun_to_udp(w: &Worker, stop: &StopFd) {
+fn tun_to_udp(w: &Worker, stop: &StopFd) -> io::Result<()> {
     if w.tun.vnet_hdr() {
         tun_to_udp_offload(w, stop)
     } else {
@@ -398,14 +478,14 @@ fn tun_to_udp(w: &Worker, stop: &StopFd) {
 }
 
 /// One read per packet, one `sendmmsg` per batch of up to 64.
-fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
+fn tun_to_udp_plain(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut slots = Slots::new(BATCH, SLOT);
     let mut mmsg = Mmsg::new(BATCH, BATCH);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
     let sock = w.sock.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
         loop {
-            let n = read_tun(&w.tun, &mut slots);
+            let n = read_tun(&w.tun, &mut slots)?;
             if n == 0 {
                 break;
             }
@@ -431,6 +511,7 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) {
             }
         }
     }
+    Ok(())
 }
 
 /// Segments whose headers are built and queued at a time: one GSO send's worth.
@@ -448,7 +529,7 @@ const OFFLOAD_MSGS: usize = 16 * CHUNK;
 /// A super-packet of any size (a small MSS makes over a thousand segments)
 /// is handled a chunk at a time; the batch is flushed whenever its message
 /// slots, iovecs or header area would overflow.
-fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
+fn tun_to_udp_offload(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut rx = Slots::new(OFFLOAD_BATCH, SLOT);
     let mut headers = vec![0u8; HEADER_AREA];
     let mut hoff = 0;
@@ -458,7 +539,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
     let sock = w.sock.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
         loop {
-            let n = read_tun(&w.tun, &mut rx);
+            let n = read_tun(&w.tun, &mut rx)?;
             if n == 0 {
                 break;
             }
@@ -558,6 +639,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) {
             }
         }
     }
+    Ok(())
 }
 
 /// Sends what is queued, counting datagrams sent and failed.
@@ -623,7 +705,7 @@ impl GsoOff {
 
 /// Datagrams (or GRO trains) in batches; each inner packet validated; with
 /// a vnet TUN, runs of one TCP flow are coalesced into one write.
-fn udp_to_tun(w: &Worker, stop: &StopFd) {
+fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let batch = if w.caps.udp_gro { OFFLOAD_BATCH } else { BATCH };
     let mut slots = Slots::new(batch, SLOT);
     let mut mmsg = Mmsg::new(batch, batch);
@@ -689,6 +771,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) {
             }
         }
     }
+    Ok(())
 }
 
 /// Writes the batch's packets to the TUN, coalescing TCP runs when the TUN
@@ -721,5 +804,33 @@ fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], head: &mut [u8], t
             t.drop_tun_write_error += run as u64;
         }
         i += run;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_that_ends_errs_or_panics_is_a_failure_unless_stopping() {
+        let f = Arc::new(Failure::default());
+        guarded("a".into(), f.clone(), || Err(io::Error::other("boom")));
+        assert_eq!(f.why.lock().unwrap().as_deref(), Some("a: boom"));
+        // The first failure is kept.
+        guarded("b".into(), f.clone(), || panic!("later"));
+        assert_eq!(f.why.lock().unwrap().as_deref(), Some("a: boom"));
+
+        let f = Arc::new(Failure::default());
+        guarded("c".into(), f.clone(), || panic!("index out of bounds"));
+        assert_eq!(
+            f.why.lock().unwrap().as_deref(),
+            Some("c panicked: index out of bounds")
+        );
+
+        // Ending while the data path is being stopped is not a failure.
+        let f = Arc::new(Failure::default());
+        f.stopping.store(true, Ordering::SeqCst);
+        guarded("d".into(), f.clone(), || Ok(()));
+        assert!(f.why.lock().unwrap().is_none());
     }
 }

@@ -969,3 +969,10 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+impl Bed {
+    /// Host `i`'s daemon's exit status, once it has exited on its own.
+    pub fn exit_status(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.hosts[i].daemon.as_mut()?.try_wait().ok().flatten()
+    }
+}

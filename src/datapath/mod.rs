@@ -712,6 +712,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
     // (offset, length) of each deliverable packet in the batch.
     let mut pkts: Vec<(usize, usize)> = Vec::with_capacity(batch * MAX_GSO_SEGMENTS);
     let mut gro_head = [0u8; VNET_HDR_LEN + 120];
+    let mut gro = offload::GroTable::new();
     let sock = w.sock.as_raw_fd();
     while wait_readable(sock, stop) {
         loop {
@@ -763,7 +764,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
                     off += l;
                 }
             }
-            write_tun(w, slots.bytes(), &pkts, &mut gro_head, &mut t);
+            write_tun(w, slots.bytes(), &pkts, &mut gro, &mut gro_head, &mut t);
             w.shared.counters.ingress.add(&t);
             w.shared.counters.rx_batch(t.udp_rx_packets as usize);
             if n < slots.count() {
@@ -774,20 +775,35 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes the batch's packets to the TUN, coalescing TCP runs when the TUN
-/// takes vnet headers: one header built in `head`, the payloads gathered
-/// from where they were received (no copy).
-fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], head: &mut [u8], t: &mut Tally) {
+/// Writes the batch's packets to the TUN, coalescing each TCP flow's runs
+/// (across interleaved flows, see [`offload::GroTable`]) when the TUN takes
+/// vnet headers: one header built in `head`, the payloads gathered from
+/// where they were received (no copy).
+fn write_tun(
+    w: &Worker,
+    buf: &[u8],
+    pkts: &[(usize, usize)],
+    gro: &mut offload::GroTable,
+    head: &mut [u8],
+    t: &mut Tally,
+) {
     let slice = |&(s, l): &(usize, usize)| &buf[s..s + l];
-    let mut i = 0;
-    while i < pkts.len() {
-        let run = if w.tun.vnet_hdr() {
-            offload::coalesce_run(pkts[i..].iter().map(slice))
-        } else {
-            1
-        };
+    if !w.tun.vnet_hdr() {
+        for p in pkts {
+            if w.tun_write(slice(p)).is_ok() {
+                t.tun_tx_packets += 1;
+            } else {
+                t.drop_tun_write_error += 1;
+            }
+        }
+        return;
+    }
+    gro.group(pkts.len(), |i| slice(&pkts[i]));
+    for k in 0..gro.items() {
+        let item = gro.item(k);
+        let run = item.len();
         let ok = if run > 1 {
-            let run_pkts = pkts[i..i + run].iter().map(slice);
+            let run_pkts = item.map(|i| slice(&pkts[i]));
             match offload::coalesce_header(run_pkts.clone(), head) {
                 Ok((hl, h)) => w
                     .tun
@@ -796,6 +812,7 @@ fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], head: &mut [u8], t
                 Err(_) => false,
             }
         } else {
+            let i = item.clone().next().expect("an item has a packet");
             w.tun_write(slice(&pkts[i])).is_ok()
         };
         if ok {
@@ -803,7 +820,6 @@ fn write_tun(w: &Worker, buf: &[u8], pkts: &[(usize, usize)], head: &mut [u8], t
         } else {
             t.drop_tun_write_error += run as u64;
         }
-        i += run;
     }
 }
 

@@ -43,6 +43,7 @@ pub struct Options {
     pub workers: usize,
     pub offload: OffloadMode,
     pub pin_workers: bool,
+    pub source_ports: datapath::SourcePorts,
     pub accept_unknown_peers: bool,
     /// Use the TUN as it was configured by someone else (address, MTU, routes).
     pub no_netlink_config: bool,
@@ -528,7 +529,13 @@ pub async fn run<S: LeaseStore>(
         .checked_sub(ENCAP_OVERHEAD)
         .context("external MTU too small")?;
     let bind = SocketAddrV4::new(ext.addr, cfg.port);
-    let devices = datapath::open(&opts.tun_name, opts.workers, opts.offload, bind)?;
+    let devices = datapath::open(
+        &opts.tun_name,
+        opts.workers,
+        opts.offload,
+        bind,
+        opts.source_ports,
+    )?;
     let tun_name = devices.tun_name.clone();
     let mtu = if opts.no_netlink_config {
         let have = crate::iface::mtu(&tun_name)
@@ -556,6 +563,7 @@ pub async fn run<S: LeaseStore>(
     }
     tracing::info!(
         tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
+        source_ports = ?devices.source_ports,
         tun_tso = c.tun_offload, tun_uso = c.tun_uso, udp_gso = c.udp_gso, udp_gro = c.udp_gro,
         "TUN ready"
     );

@@ -145,6 +145,15 @@ struct Cli {
     #[arg(long, env = "FLANNELD_ACCEPT_UNKNOWN_PEERS")]
     accept_unknown_peers: bool,
 
+    /// Where our datagrams come from (the destination is always the peer's
+    /// Backend.Port). `per-worker`: worker k sends from Backend.Port+1+k
+    /// (8286, 8287, … by default), so a receiver with several workers spreads
+    /// our flows over them; firewalls must accept UDP to Backend.Port from
+    /// any source port (or from Backend.Port+1 up to Backend.Port+workers).
+    /// `fixed`: every datagram from Backend.Port, as Go flanneld.
+    #[arg(long, env = "FLANNELD_UDP_SOURCE_PORTS", value_enum, default_value = "per-worker")]
+    udp_source_ports: flannel::datapath::SourcePorts,
+
     /// Pin worker k's two threads to CPU k.
     #[arg(long, env = "FLANNELD_PIN_WORKERS")]
     pin_workers: bool,
@@ -307,6 +316,7 @@ fn main() -> ExitCode {
         }),
         offload: cli.offload,
         pin_workers: cli.pin_workers,
+        source_ports: cli.udp_source_ports,
         accept_unknown_peers: cli.accept_unknown_peers,
         no_netlink_config: cli.no_netlink_config,
         healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),

@@ -156,7 +156,9 @@ fn a_restarted_daemon_keeps_its_subnet() {
 #[test]
 fn underlay_datagrams_carry_exactly_the_inner_packet_on_port_8285() {
     let mut bed = Bed::new(2);
-    let sn0 = bed.start_ready(0);
+    // Go flanneld's exact wire, source port included (the default sends
+    // from one port per worker; see tests/path.rs for that case).
+    let sn0 = bed.start_ready_with(0, &["--udp-source-ports=fixed"]);
     let peer = 1;
     let peer_ip = bed.hosts[peer].ip;
     // The fake peer's lease, as a Go flanneld would write it.

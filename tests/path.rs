@@ -247,3 +247,63 @@ fn a_tun_deleted_under_the_daemon_makes_it_exit_non_zero() {
         assert!(log.contains("reading the TUN"), "{mode}: {log}");
     }
 }
+
+/// h0 (two workers) sends to h1 through a relay that is a plain UDP socket
+/// on 8285, as a Go flanneld node is: it forwards whatever arrives and
+/// ignores where from. With `per-worker` source ports h0's flows leave from
+/// 8286 and 8287 (entropy for the receiver's SO_REUSEPORT group), with
+/// `fixed` from 8285 only; the destination is 8285 either way, and every
+/// transfer arrives intact through the plain receiver.
+#[test]
+fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
+    use std::collections::BTreeSet;
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let _heavy = heavy();
+    for (flag, want) in [
+        ("--udp-source-ports=per-worker", BTreeSet::from([8286u16, 8287])),
+        ("--udp-source-ports=fixed", BTreeSet::from([8285u16])),
+    ] {
+        let mut bed = Bed::new(3);
+        let relay_ip = bed.hosts[2].ip;
+        let (h0_ip, h1_ip) = (bed.hosts[0].ip, bed.hosts[1].ip);
+        bed.start_ready_with(0, &["--workers=2", flag, "--accept-unknown-peers"]);
+        bed.start_ready_with(
+            1,
+            &["--workers=1", "--accept-unknown-peers", &format!("--public-ip={relay_ip}")],
+        );
+        let relay = in_ns(&bed.ns(2), || UdpSocket::bind("0.0.0.0:8285").unwrap());
+        relay.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ports = Arc::new(Mutex::new(BTreeSet::new()));
+        let worker = {
+            let (stop, ports) = (stop.clone(), ports.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = relay.recv_from(&mut buf) else { continue };
+                    if from.ip() == std::net::IpAddr::V4(h0_ip) {
+                        ports.lock().unwrap().insert(from.port());
+                    }
+                    relay.send_to(&buf[..n], (h1_ip, 8285)).unwrap();
+                }
+            })
+        };
+        let dst = bed.tun_addr(1);
+        wait_for("h0 -> h1 through the plain relay", Duration::from_secs(10), || {
+            bed.ping(0, dst).then_some(())
+        });
+        // 16 connections: each hashes to one of h0's two TUN queues, so
+        // both workers carry some (all on one: a 2^-15 chance).
+        for k in 0..16 {
+            let data = pattern(256 << 10, k);
+            assert!(tcp_transfer(&bed, 0, 1, data.clone()) == data, "{flag}: transfer {k}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap();
+        let seen = ports.lock().unwrap().clone();
+        println!("{flag}: h0's datagrams came from ports {seen:?}");
+        assert_eq!(seen, want, "{flag}");
+    }
+}

@@ -33,6 +33,20 @@ pub enum OffloadMode {
     Off,
 }
 
+/// `--udp-source-ports`: where our datagrams come from. The destination is
+/// always the peer's Backend.Port, the payload the raw IPv4 packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourcePorts {
+    /// Worker k sends from Backend.Port + 1 + k. A flow stays on one worker
+    /// (the TUN's queue choice hashes the flow), so the outer source port
+    /// carries flow entropy, as VXLAN's does (RFC 7348 §5): a receiver's
+    /// SO_REUSEPORT group spreads our flows over its workers. With one
+    /// worker this is the same as `fixed`.
+    PerWorker,
+    /// Every datagram from Backend.Port, as Go flanneld sends.
+    Fixed,
+}
+
 /// Most UDP payload bytes one GSO send may carry (the IPv4 64 KB limit,
 /// less headers, with a margin).
 const GSO_MAX_BYTES: usize = 65_000;
@@ -54,7 +68,11 @@ pub struct Caps {
 pub struct Devices {
     pub tun_name: String,
     pub caps: Caps,
-    queues: Vec<(Tun, UdpSocket)>,
+    /// Per worker: its TUN queue, its receive socket (in the SO_REUSEPORT
+    /// group on Backend.Port) and the socket it sends from.
+    queues: Vec<(Tun, UdpSocket, UdpSocket)>,
+    /// The source port of each worker's datagrams.
+    pub source_ports: Vec<u16>,
 }
 
 /// Opens the TUN (with `workers` queues) and one UDP socket per queue bound
@@ -65,6 +83,7 @@ pub fn open(
     workers: usize,
     mode: OffloadMode,
     bind: SocketAddrV4,
+    sources: SourcePorts,
 ) -> io::Result<Devices> {
     let workers = workers.max(1);
     let multi_queue = workers > 1;
@@ -150,14 +169,42 @@ pub fn open(
                 caps.udp_gso = gso;
             }
         }
-        queues.push((t, s));
+        let tx = if sources == SourcePorts::PerWorker && workers > 1 {
+            send_socket(bind, bind.port().wrapping_add(1 + k as u16))?
+        } else {
+            s.try_clone()?
+        };
+        queues.push((t, s, tx));
     }
     let tun_name = queues[0].0.name().to_string();
+    let source_ports = queues
+        .iter()
+        .map(|(_, _, tx)| tx.local_addr().map(|a| a.port()).unwrap_or(0))
+        .collect();
     Ok(Devices {
         tun_name,
         caps,
         queues,
+        source_ports,
     })
+}
+
+/// A worker's send socket on `port` (the next free one above it if taken:
+/// any port keeps the flow entropy; the peers ignore it).
+fn send_socket(bind: SocketAddrV4, port: u16) -> io::Result<UdpSocket> {
+    match bind_udp(SocketAddrV4::new(*bind.ip(), port), false) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let s = bind_udp(SocketAddrV4::new(*bind.ip(), 0), false)?;
+            tracing::warn!(
+                port,
+                used = s.local_addr().map(|a| a.port()).unwrap_or(0),
+                "a worker's source port is taken; sending from another"
+            );
+            Ok(s)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Binds a backend UDP socket to `addr:port`, non-blocking.
@@ -206,7 +253,10 @@ fn pin_to_cpu(cpu: usize) {
 
 struct Worker {
     tun: Tun,
+    /// Receives on Backend.Port.
     sock: UdpSocket,
+    /// Sends (see [`SourcePorts`]).
+    tx: UdpSocket,
     caps: Caps,
     shared: Shared,
 }
@@ -328,11 +378,12 @@ impl Datapath {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        for (k, (tun, sock)) in devices.queues.into_iter().enumerate() {
+        for (k, (tun, sock, tx)) in devices.queues.into_iter().enumerate() {
             let cpu = shared.pin.then_some(k % cpus);
             let w = Arc::new(Worker {
                 tun,
                 sock,
+                tx,
                 caps: devices.caps,
                 shared: shared.clone(),
             });
@@ -482,7 +533,7 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut slots = Slots::new(BATCH, SLOT);
     let mut mmsg = Mmsg::new(BATCH, BATCH);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
-    let sock = w.sock.as_raw_fd();
+    let sock = w.tx.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
         loop {
             let n = read_tun(&w.tun, &mut slots)?;
@@ -536,7 +587,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut mmsg = Mmsg::new(OFFLOAD_MSGS, 2 * OFFLOAD_MSGS);
     let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
-    let sock = w.sock.as_raw_fd();
+    let sock = w.tx.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
         loop {
             let n = read_tun(&w.tun, &mut rx)?;

@@ -121,6 +121,7 @@ pub struct Totals {
     pub drop_send_error: AtomicU64,
     pub drop_tun_write_error: AtomicU64,
     pub gso_fallbacks: AtomicU64,
+    pub icmp_ratelimited: AtomicU64,
 }
 
 /// Data-path counters, shared with the control plane and the metrics:
@@ -171,6 +172,8 @@ pub struct Tally {
     /// UDP GSO sends the kernel refused (segment above the path MTU, an
     /// IPsec policy, …) and that were resent as plain datagrams.
     pub gso_fallbacks: u64,
+    /// ICMP errors not sent because the rate limit was reached.
+    pub icmp_ratelimited: u64,
 }
 
 impl Tally {
@@ -204,7 +207,8 @@ macro_rules! counter_fields {
             drop_not_local,
             drop_send_error,
             drop_tun_write_error,
-            gso_fallbacks
+            gso_fallbacks,
+            icmp_ratelimited
         )
     };
 }
@@ -246,10 +250,78 @@ impl Counters {
     }
 }
 
+/// A token bucket for the ICMP errors the data path generates, as the
+/// kernel limits its own (`icmp_msgs_per_sec` 1000, burst 50): a flood of
+/// packets to an unleased subnet, or with TTL 1, must not become a flood of
+/// ICMP back into the host. Time is passed in, so it is tested without clocks.
+#[derive(Debug, Clone)]
+pub struct IcmpLimit {
+    per_sec: u32,
+    burst: u32,
+    tokens: f64,
+    last: Option<std::time::Instant>,
+}
+
+impl IcmpLimit {
+    pub const PER_SEC: u32 = 1000;
+    pub const BURST: u32 = 50;
+
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        IcmpLimit {
+            per_sec,
+            burst,
+            tokens: burst as f64,
+            last: None,
+        }
+    }
+
+    /// Whether one more ICMP error may be sent at `now`.
+    pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.per_sec as f64).min(self.burst as f64);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Default for IcmpLimit {
+    fn default() -> Self {
+        IcmpLimit::new(Self::PER_SEC, Self::BURST)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::tests::udp_packet;
+
+    #[test]
+    fn icmp_limit_allows_a_burst_then_the_rate() {
+        let t0 = std::time::Instant::now();
+        let mut l = IcmpLimit::new(1000, 50);
+        // A burst of 50 at once, then nothing until tokens come back.
+        assert_eq!((0..200).filter(|_| l.allow(t0)).count(), 50);
+        assert!(!l.allow(t0));
+        // 1000/s: 10 ms buys 10 more.
+        let t1 = t0 + std::time::Duration::from_millis(10);
+        assert_eq!((0..200).filter(|_| l.allow(t1)).count(), 10);
+        // A long pause refills only up to the burst.
+        let t2 = t1 + std::time::Duration::from_secs(60);
+        assert_eq!((0..200).filter(|_| l.allow(t2)).count(), 50);
+        // Over one second of steady offenders, about 1000 + burst pass.
+        let mut l = IcmpLimit::new(1000, 50);
+        let sent = (0..10_000)
+            .filter(|k| l.allow(t0 + std::time::Duration::from_micros(100 * k)))
+            .count();
+        assert!((1000..=1060).contains(&sent), "{sent}");
+    }
     use std::net::Ipv4Addr;
 
     fn routes() -> RouteSnapshot {

@@ -115,6 +115,12 @@ impl Collector for FlannelCollector {
         }
         counter(
             &mut e,
+            "flannel_icmp_ratelimited",
+            "ICMP errors not sent because the rate limit (1000/s, burst 50 per worker) was reached.",
+            d.icmp_ratelimited,
+        )?;
+        counter(
+            &mut e,
             "flannel_gso_fallbacks",
             "UDP GSO sends the kernel refused (path MTU below the segment size, IPsec) and that were resent as plain datagrams.",
             d.gso_fallbacks,

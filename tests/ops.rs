@@ -375,3 +375,46 @@ fn private_mounts(ns: &str, script: &str) -> Command {
     ]);
     c
 }
+
+/// A flood to an unleased subnet gets ICMP net-unreachable answers within
+/// the rate limit (1000/s and a burst of 50 per worker), the rest counted.
+#[test]
+fn icmp_errors_are_rate_limited() {
+    const P: u16 = 9117;
+    let mut bed = Bed::new(1);
+    bed.start_ready_with(0, &[&format!("--healthz-port={P}"), "--workers=1"]);
+    let ns0 = bed.ns(0);
+    let t = std::time::Instant::now();
+    in_ns(&ns0, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..20_000 {
+            let _ = s.send_to(b"x", "10.5.250.9:9");
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    // Some of the flood may die in the TUN queue; what reached us is
+    // counted as no_route. Wait until that count stops moving.
+    const NO_ROUTE: &str = r#"flannel_dropped_packets_total{direction="egress",reason="no_route"}"#;
+    let mut last = u64::MAX;
+    let m = wait_for("the flood to be counted", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(100));
+        let m = http_get(&ns0, P, "/metrics")?.1;
+        let n = metric(&m, NO_ROUTE);
+        let settled = n == last && n > 0;
+        last = n;
+        settled.then_some(m)
+    });
+    let offenders = metric(&m, NO_ROUTE);
+    let sent = metric(&m, "flannel_icmp_sent_total");
+    let limited = metric(&m, "flannel_icmp_ratelimited_total");
+    println!("20000 packets to an unleased subnet sent in {secs:.2} s, {offenders} reached the daemon: {sent} ICMP errors sent, {limited} rate-limited");
+    assert_eq!(sent + limited, offenders, "each offender answered or counted");
+    assert!(limited > 0, "a flood must hit the limit");
+    assert!(sent >= 50, "at least the burst is answered");
+    // Everything happened within `total` seconds of the flood's start.
+    let total = t.elapsed().as_secs_f64();
+    assert!(
+        (sent as f64) <= 50.0 + 1000.0 * total,
+        "{sent} ICMP errors in {total:.2} s exceed 1000/s + burst"
+    );
+}

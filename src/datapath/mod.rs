@@ -12,7 +12,7 @@
 pub mod batch;
 pub mod tun;
 
-use crate::forward::{egress, ingress, Counters, DropReason, Egress, Ingress, Tally};
+use crate::forward::{egress, ingress, Counters, DropReason, Egress, IcmpLimit, Ingress, Tally};
 use crate::offload::{self, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
 use crate::routes::RouteTable;
 use crate::wire::{self, Ipv4Packet};
@@ -484,14 +484,29 @@ fn read_tun(tun: &Tun, slots: &mut Slots) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Answers a packet we cannot forward with an ICMP error into the TUN.
-fn icmp_reply(
-    w: &Worker,
-    offender: &[u8],
-    answer: (u8, u8),
-    out: &mut [u8; wire::ICMP_ERROR_MAX],
-    t: &mut Tally,
-) {
+/// What one egress thread needs to answer with ICMP errors.
+struct Icmp {
+    out: [u8; wire::ICMP_ERROR_MAX],
+    limit: IcmpLimit,
+}
+
+impl Icmp {
+    fn new() -> Self {
+        Icmp {
+            out: [0u8; wire::ICMP_ERROR_MAX],
+            limit: IcmpLimit::default(),
+        }
+    }
+}
+
+/// Answers a packet we cannot forward with an ICMP error into the TUN,
+/// within the rate limit.
+fn icmp_reply(w: &Worker, offender: &[u8], answer: (u8, u8), icmp: &mut Icmp, t: &mut Tally) {
+    if !icmp.limit.allow(Instant::now()) {
+        t.icmp_ratelimited += 1;
+        return;
+    }
+    let out = &mut icmp.out;
     let offender = Ipv4Packet::new_unchecked(offender);
     if let Some(len) = wire::build_icmp_error(&offender, answer.0, answer.1, w.shared.icmp_src, out)
     {
@@ -532,7 +547,7 @@ fn tun_to_udp(w: &Worker, stop: &StopFd) -> io::Result<()> {
 fn tun_to_udp_plain(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut slots = Slots::new(BATCH, SLOT);
     let mut mmsg = Mmsg::new(BATCH, BATCH);
-    let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
+    let mut icmp = Icmp::new();
     let sock = w.tx.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {
         loop {
@@ -585,7 +600,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut headers = vec![0u8; HEADER_AREA];
     let mut hoff = 0;
     let mut mmsg = Mmsg::new(OFFLOAD_MSGS, 2 * OFFLOAD_MSGS);
-    let mut icmp = [0u8; wire::ICMP_ERROR_MAX];
+    let mut icmp = Icmp::new();
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.tx.as_raw_fd();
     while wait_readable(w.tun.as_raw_fd(), stop) {

@@ -104,6 +104,13 @@ fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
 /// Room for one cmsg carrying an int (CMSG_SPACE(4) is 16 on 64-bit).
 const CTRL: usize = 32;
 
+/// A control-message buffer aligned for `cmsghdr` (its `size_t` length),
+/// as the kernel and the CMSG_* macros expect.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Ctrl([u8; CTRL]);
+const _: () = assert!(std::mem::align_of::<Ctrl>() >= std::mem::align_of::<libc::cmsghdr>());
+
 /// Which buffer a piece of an outgoing message lies in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buf {
@@ -137,7 +144,7 @@ pub struct Mmsg {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
     names: Vec<libc::sockaddr_in>,
-    ctrl: Vec<[u8; CTRL]>,
+    ctrl: Vec<Ctrl>,
     queue: Vec<Queued>,
     pieces: Vec<Piece>,
     /// Peers of the GSO sends the last [`Mmsg::send`] had to resend as
@@ -180,7 +187,7 @@ impl Mmsg {
             hdrs: vec![zero_hdr; cap],
             iovs: vec![zero_iov; pieces],
             names: vec![to_sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); cap],
-            ctrl: vec![[0u8; CTRL]; cap],
+            ctrl: vec![Ctrl([0u8; CTRL]); cap],
             queue: Vec::with_capacity(cap),
             pieces: Vec::with_capacity(pieces),
             gso_refused: Vec::with_capacity(8),
@@ -202,7 +209,7 @@ impl Mmsg {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_control = self.ctrl[i].0.as_mut_ptr().cast();
             h.msg_controllen = CTRL;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
@@ -316,7 +323,7 @@ impl Mmsg {
             h.msg_iovlen = q.count;
             h.msg_flags = 0;
             if q.gso != 0 {
-                h.msg_control = self.ctrl[k].as_mut_ptr().cast();
+                h.msg_control = self.ctrl[k].0.as_mut_ptr().cast();
                 h.msg_controllen = put_cmsg_u16(&mut self.ctrl[k], SOL_UDP, UDP_SEGMENT, q.gso);
             } else {
                 h.msg_control = std::ptr::null_mut();
@@ -443,7 +450,8 @@ impl Mmsg {
 }
 
 /// Writes one cmsg with a u16 payload; returns the control length to use.
-fn put_cmsg_u16(ctrl: &mut [u8; CTRL], level: libc::c_int, ty: libc::c_int, v: u16) -> usize {
+fn put_cmsg_u16(ctrl: &mut Ctrl, level: libc::c_int, ty: libc::c_int, v: u16) -> usize {
+    let ctrl = &mut ctrl.0;
     ctrl.fill(0);
     // SAFETY: CMSG_LEN/CMSG_SPACE are pure arithmetic.
     let (len, space) = unsafe { (libc::CMSG_LEN(2) as usize, libc::CMSG_SPACE(2) as usize) };
@@ -452,8 +460,9 @@ fn put_cmsg_u16(ctrl: &mut [u8; CTRL], level: libc::c_int, ty: libc::c_int, v: u
         cmsg_level: level,
         cmsg_type: ty,
     };
-    // SAFETY: ctrl has room for a cmsghdr (CTRL ≥ CMSG_SPACE(2)); unaligned write.
-    unsafe { std::ptr::write_unaligned(ctrl.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
+    // SAFETY: ctrl has room for a cmsghdr (CTRL ≥ CMSG_SPACE(2)) and is
+    // 8-byte aligned (Ctrl).
+    unsafe { std::ptr::write(ctrl.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
     let at = std::mem::size_of::<libc::cmsghdr>();
     ctrl[at..at + 2].copy_from_slice(&v.to_ne_bytes());
     space

@@ -91,13 +91,16 @@ def topology():
                    check=True, capture_output=True)
 
 
+EXTRA = []  # --flannel-arg: extra daemon flags for every flannel case
+
+
 def start_flannel(binary, offload):
     daemons = []
     for i, ns in ((1, H1), (2, H2)):
         env_file = f"{work}/h{i}/subnet.env"
         log = open(f"{work}/flanneld-h{i}-{offload}.log", "w")
         p = subprocess.Popen(["ip", "netns", "exec", ns, binary, f"--etcd-endpoints={EP}",
-                              f"--subnet-file={env_file}", f"--offload={offload}"],
+                              f"--subnet-file={env_file}", f"--offload={offload}", *EXTRA],
                              stdout=log, stderr=subprocess.STDOUT)
         procs.append(p)
         daemons.append(p)
@@ -294,21 +297,29 @@ def main():
     ap.add_argument("--pings", type=int, default=200)
     ap.add_argument("--out", default="target/e2e")
     ap.add_argument("--smoke", action="store_true", help="CI: vxlan and flannel-on only, 1 s, one rep")
+    ap.add_argument("--flannel-arg", action="append", default=[], help="extra flanneld flag (repeatable)")
+    ap.add_argument("--cases", default="", help="comma-separated subset: veth,vxlan,flannel-off,flannel-on,flannel-on-pmtu1400")
     args = ap.parse_args()
+    EXTRA.extend(args.flannel_arg)
+    want = lambda c: not args.cases or c in args.cases.split(",")
     if args.smoke:
         args.reps, args.seconds, args.pings = 1, 1, 20
     try:
         topology()
         results = []
-        if not args.smoke:
+        if not args.smoke and want("veth"):
             results.append(measure("veth", "192.168.77.2", args))
-        results.append(measure("vxlan", "10.99.0.2", args))
+        if want("vxlan"):
+            results.append(measure("vxlan", "10.99.0.2", args))
         modes = ["auto"] if args.smoke else ["off", "auto"]
         for mode in modes:
+            name = "flannel-on" if mode == "auto" else "flannel-off"
+            if not want(name):
+                continue
             daemons, addr = start_flannel(args.bin, mode)
-            results.append(measure("flannel-on" if mode == "auto" else "flannel-off", addr, args, daemons))
+            results.append(measure(name, addr, args, daemons))
             stop(daemons)
-        if not args.smoke:
+        if not args.smoke and want("flannel-on-pmtu1400"):
             daemons, addr = start_flannel(args.bin, "auto")
             for ns, peer in ((H1, "192.168.77.2"), (H2, "192.168.77.1")):
                 sh("ip", "-n", ns, "route", "add", peer, "dev", "eth0", "mtu", "1400")

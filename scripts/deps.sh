@@ -24,6 +24,9 @@ NEEDS=(
   etcd:etcd-server                                  # tests, demo, bench start their own
   etcdctl:etcd-client
   ip:iproute2                                       # namespaces, veth, routes
+  tc:iproute2                                       # qdisc drop counts (tests)
+  ss:iproute2
+  nstat:iproute2
   ping:iputils-ping
   iperf3:iperf3
   socat:socat
@@ -31,6 +34,7 @@ NEEDS=(
   setpriv:util-linux                                # non-root test
   unshare:util-linux
   sysctl:procps
+  ps:procps
   iptables:iptables                                 # --ip-masq tests
   iptables-save:iptables
   iptables-restore:iptables

@@ -44,6 +44,7 @@ pub struct Options {
     pub offload: OffloadMode,
     pub pin_workers: bool,
     pub source_ports: datapath::SourcePorts,
+    pub worker_threads: datapath::WorkerThreads,
     pub accept_unknown_peers: bool,
     /// Use the TUN as it was configured by someone else (address, MTU, routes).
     pub no_netlink_config: bool,
@@ -601,6 +602,7 @@ pub async fn run<S: LeaseStore>(
             icmp_src: cfg.network.network(),
             pin: opts.pin_workers,
             accept_unknown_peers: opts.accept_unknown_peers,
+            threads: opts.worker_threads,
         },
     )?;
 

@@ -154,6 +154,11 @@ struct Cli {
     #[arg(long, env = "FLANNELD_UDP_SOURCE_PORTS", value_enum, default_value = "per-worker")]
     udp_source_ports: flannel::datapath::SourcePorts,
 
+    /// How each worker runs its two directions: `split`, a thread each;
+    /// `combined`, one thread polling both the TUN and the socket.
+    #[arg(long, env = "FLANNELD_WORKER_THREADS", value_enum, default_value = "split")]
+    worker_threads: flannel::datapath::WorkerThreads,
+
     /// Pin worker k's two threads to CPU k.
     #[arg(long, env = "FLANNELD_PIN_WORKERS")]
     pin_workers: bool,
@@ -317,6 +322,7 @@ fn main() -> ExitCode {
         offload: cli.offload,
         pin_workers: cli.pin_workers,
         source_ports: cli.udp_source_ports,
+        worker_threads: cli.worker_threads,
         accept_unknown_peers: cli.accept_unknown_peers,
         no_netlink_config: cli.no_netlink_config,
         healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),

@@ -307,3 +307,24 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
         assert_eq!(seen, want, "{flag}");
     }
 }
+
+/// `--worker-threads=combined` (one thread polling the TUN and the socket):
+/// the same traffic arrives intact in both offload modes.
+#[test]
+fn combined_worker_threads_carry_traffic_both_ways() {
+    let _heavy = heavy();
+    for mode in MODES {
+        let mut bed = Bed::new(2);
+        bed.start_ready_with(0, &[mode, "--worker-threads=combined"]);
+        bed.start_ready_with(1, &[mode, "--worker-threads=combined"]);
+        let dst = bed.tun_addr(1);
+        wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+        for (a, b) in [(0, 1), (1, 0)] {
+            let data = pattern(16 << 20, 40 + a as u64);
+            assert!(tcp_transfer(&bed, a, b, data.clone()) == data, "{mode}: h{a} -> h{b}");
+        }
+        let threads = sh(&["ps", "-T", "-o", "comm=", "-p", &bed.daemon_pid(0).to_string()]);
+        assert!(threads.contains("worker-0"), "{threads}");
+        assert!(!threads.contains("tun-to-udp"), "{threads}");
+    }
+}

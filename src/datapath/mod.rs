@@ -47,6 +47,16 @@ pub enum SourcePorts {
     Fixed,
 }
 
+/// `--worker-threads`: how a worker's two directions are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerThreads {
+    /// A thread per direction, each asleep in poll() on its descriptor.
+    Split,
+    /// One thread polls both descriptors: an answer the kernel queues while
+    /// we write to the TUN is sent without waking another thread.
+    Combined,
+}
+
 /// Most UDP payload bytes one GSO send may carry (the IPv4 64 KB limit,
 /// less headers, with a margin).
 const GSO_MAX_BYTES: usize = 65_000;
@@ -236,6 +246,8 @@ pub struct Shared {
     pub pin: bool,
     /// Skip the sender check on received datagrams (peers behind NAT).
     pub accept_unknown_peers: bool,
+    /// One thread per direction per worker, or one for both.
+    pub threads: WorkerThreads,
 }
 
 /// Restricts the calling thread to one CPU; failure is logged, not fatal.
@@ -387,26 +399,26 @@ impl Datapath {
                 caps: devices.caps,
                 shared: shared.clone(),
             });
-            let (w1, st1, f1) = (w.clone(), stop.clone(), failure.clone());
-            let name = format!("tun-to-udp-{k}");
-            threads.push(std::thread::Builder::new().name(name.clone()).spawn(move || {
-                guarded(name, f1, || {
-                    if let Some(c) = cpu {
-                        pin_to_cpu(c);
-                    }
-                    tun_to_udp(&w1, &st1)
+            let spawn = |name: String, run: fn(&Worker, &StopFd) -> io::Result<()>| {
+                let (w, st, f) = (w.clone(), stop.clone(), failure.clone());
+                std::thread::Builder::new().name(name.clone()).spawn(move || {
+                    guarded(name, f, || {
+                        if let Some(c) = cpu {
+                            pin_to_cpu(c);
+                        }
+                        run(&w, &st)
+                    })
                 })
-            })?);
-            let (st2, f2) = (stop.clone(), failure.clone());
-            let name = format!("udp-to-tun-{k}");
-            threads.push(std::thread::Builder::new().name(name.clone()).spawn(move || {
-                guarded(name, f2, || {
-                    if let Some(c) = cpu {
-                        pin_to_cpu(c);
-                    }
-                    udp_to_tun(&w, &st2)
-                })
-            })?);
+            };
+            match shared.threads {
+                WorkerThreads::Split => {
+                    threads.push(spawn(format!("tun-to-udp-{k}"), run_split_egress)?);
+                    threads.push(spawn(format!("udp-to-tun-{k}"), run_split_ingress)?);
+                }
+                WorkerThreads::Combined => {
+                    threads.push(spawn(format!("worker-{k}"), run_combined)?);
+                }
+            }
         }
         Ok(Datapath {
             stop,
@@ -535,21 +547,78 @@ fn unsent(v: Egress, t: &mut Tally) -> Option<(u8, u8)> {
     }
 }
 
-fn tun_to_udp(w: &Worker, stop: &StopFd) -> io::Result<()> {
+type Drain<'a> = Box<dyn FnMut() -> io::Result<()> + 'a>;
+
+/// The egress drain of a worker: reads the TUN until it is empty (or a
+/// batch is not full) and sends what it read.
+fn tun_to_udp(w: &Worker) -> Drain<'_> {
     if w.tun.vnet_hdr() {
-        tun_to_udp_offload(w, stop)
+        tun_to_udp_offload(w)
     } else {
-        tun_to_udp_plain(w, stop)
+        tun_to_udp_plain(w)
+    }
+}
+
+/// One thread per direction: each sleeps in poll() on its own descriptor.
+fn run_split_egress(w: &Worker, stop: &StopFd) -> io::Result<()> {
+    let mut drain = tun_to_udp(w);
+    while wait_readable(w.tun.as_raw_fd(), stop) {
+        drain()?;
+    }
+    Ok(())
+}
+
+fn run_split_ingress(w: &Worker, stop: &StopFd) -> io::Result<()> {
+    let mut drain = udp_to_tun(w);
+    while wait_readable(w.sock.as_raw_fd(), stop) {
+        drain()?;
+    }
+    Ok(())
+}
+
+/// One thread for both directions, polling both descriptors: a packet
+/// written to the TUN whose answer the kernel queues right back (a ping's
+/// reply, a TCP ACK) is picked up without waking another thread.
+fn run_combined(w: &Worker, stop: &StopFd) -> io::Result<()> {
+    let mut egress = tun_to_udp(w);
+    let mut ingress = udp_to_tun(w);
+    let mut fds = [
+        libc::pollfd { fd: w.tun.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: w.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.0.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        for f in &mut fds {
+            f.revents = 0;
+        }
+        // SAFETY: three valid pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[2].revents != 0 {
+            return Ok(());
+        }
+        if fds[1].revents != 0 {
+            ingress()?;
+        }
+        if fds[0].revents != 0 {
+            egress()?;
+        }
     }
 }
 
 /// One read per packet, one `sendmmsg` per batch of up to 64.
-fn tun_to_udp_plain(w: &Worker, stop: &StopFd) -> io::Result<()> {
+fn tun_to_udp_plain(w: &Worker) -> Drain<'_> {
     let mut slots = Slots::new(BATCH, SLOT);
     let mut mmsg = Mmsg::new(BATCH, BATCH);
     let mut icmp = Icmp::new();
     let sock = w.tx.as_raw_fd();
-    while wait_readable(w.tun.as_raw_fd(), stop) {
+    Box::new(move || {
         loop {
             let n = read_tun(&w.tun, &mut slots)?;
             if n == 0 {
@@ -576,8 +645,8 @@ fn tun_to_udp_plain(w: &Worker, stop: &StopFd) -> io::Result<()> {
                 break;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Segments whose headers are built and queued at a time: one GSO send's worth.
@@ -595,7 +664,7 @@ const OFFLOAD_MSGS: usize = 16 * CHUNK;
 /// A super-packet of any size (a small MSS makes over a thousand segments)
 /// is handled a chunk at a time; the batch is flushed whenever its message
 /// slots, iovecs or header area would overflow.
-fn tun_to_udp_offload(w: &Worker, stop: &StopFd) -> io::Result<()> {
+fn tun_to_udp_offload(w: &Worker) -> Drain<'_> {
     let mut rx = Slots::new(OFFLOAD_BATCH, SLOT);
     let mut headers = vec![0u8; HEADER_AREA];
     let mut hoff = 0;
@@ -603,7 +672,7 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut icmp = Icmp::new();
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.tx.as_raw_fd();
-    while wait_readable(w.tun.as_raw_fd(), stop) {
+    Box::new(move || {
         loop {
             let n = read_tun(&w.tun, &mut rx)?;
             if n == 0 {
@@ -704,8 +773,8 @@ fn tun_to_udp_offload(w: &Worker, stop: &StopFd) -> io::Result<()> {
                 break;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Sends what is queued, counting datagrams sent and failed.
@@ -771,7 +840,7 @@ impl GsoOff {
 
 /// Datagrams (or GRO trains) in batches; each inner packet validated; with
 /// a vnet TUN, runs of one TCP flow are coalesced into one write.
-fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
+fn udp_to_tun(w: &Worker) -> Drain<'_> {
     let batch = if w.caps.udp_gro { OFFLOAD_BATCH } else { BATCH };
     let mut slots = Slots::new(batch, SLOT);
     let mut mmsg = Mmsg::new(batch, batch);
@@ -780,7 +849,7 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut gro_head = [0u8; VNET_HDR_LEN + 120];
     let mut gro = offload::GroTable::new();
     let sock = w.sock.as_raw_fd();
-    while wait_readable(sock, stop) {
+    Box::new(move || {
         loop {
             let n = match mmsg.recv(sock, &mut slots) {
                 Ok(n) => n,
@@ -837,8 +906,8 @@ fn udp_to_tun(w: &Worker, stop: &StopFd) -> io::Result<()> {
                 break;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Writes the batch's packets to the TUN, coalescing each TCP flow's runs

@@ -70,11 +70,7 @@ fn small_tcp_segments_are_carried_in_both_modes() {
     let _heavy = heavy();
     let port = format!("--healthz-port={PORT}");
     for mode in MODES {
-        let mut bed = Bed::new(2);
-        bed.start_ready_with(0, &[mode, &port]);
-        bed.start_ready_with(1, &[mode, &port]);
-        let dst = bed.tun_addr(1);
-        wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+        let mut bed = two_hosts(&[mode, &port]);
         for mss in ["88", "200", "536"] {
             let t = Instant::now();
             let (ok, gbit, out) = iperf(&bed, 0, 1, "8M", &["-M", mss]);
@@ -173,11 +169,7 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
     let port = format!("--healthz-port={PORT}");
     for case in [SmallPath::RouteMtu, SmallPath::RouteMtuLock, SmallPath::FragNeeded] {
         for mode in MODES {
-            let mut bed = Bed::new(2);
-            bed.start_ready_with(0, &[mode, &port]);
-            bed.start_ready_with(1, &[mode, &port]);
-            let dst = bed.tun_addr(1);
-            wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+            let bed = two_hosts(&[mode, &port]);
             for (a, b) in [(0, 1), (1, 0)] {
                 let peer = bed.hosts[b].ip.to_string();
                 match case {
@@ -314,11 +306,7 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
 fn combined_worker_threads_carry_traffic_both_ways() {
     let _heavy = heavy();
     for mode in MODES {
-        let mut bed = Bed::new(2);
-        bed.start_ready_with(0, &[mode, "--worker-threads=combined"]);
-        bed.start_ready_with(1, &[mode, "--worker-threads=combined"]);
-        let dst = bed.tun_addr(1);
-        wait_for("h0 -> h1", Duration::from_secs(10), || bed.ping(0, dst).then_some(()));
+        let bed = two_hosts(&[mode, "--worker-threads=combined"]);
         for (a, b) in [(0, 1), (1, 0)] {
             let data = pattern(16 << 20, 40 + a as u64);
             assert!(tcp_transfer(&bed, a, b, data.clone()) == data, "{mode}: h{a} -> h{b}");

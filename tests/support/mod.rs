@@ -976,3 +976,16 @@ impl Bed {
         self.hosts[i].daemon.as_mut()?.try_wait().ok().flatten()
     }
 }
+
+/// Two hosts, each running flanneld with `args`, h0 already reaching h1
+/// through the tunnel.
+pub fn two_hosts(args: &[&str]) -> Bed {
+    let mut bed = Bed::new(2);
+    bed.start_ready_with(0, args);
+    bed.start_ready_with(1, args);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    bed
+}

@@ -134,7 +134,7 @@ fn per_packet(c: &mut Criterion) {
 }
 
 /// A 64 KB IPv4/TCP super-packet as the TUN hands it over with TSO.
-fn tso_packet() -> (Vec<u8>, flannel::offload::VnetHdr) {
+fn tso_packet() -> (Vec<u8>, flannel::datapath::offload::VnetHdr) {
     let payload = 65535 - 52;
     let mut p = packet(52 + payload, 64);
     p[9] = 6;
@@ -146,9 +146,9 @@ fn tso_packet() -> (Vec<u8>, flannel::offload::VnetHdr) {
         flannel::wire::checksum(&p[..20])
     };
     p[10..12].copy_from_slice(&ck.to_be_bytes());
-    let hdr = flannel::offload::VnetHdr {
-        flags: flannel::offload::F_NEEDS_CSUM,
-        gso_type: flannel::offload::GSO_TCPV4,
+    let hdr = flannel::datapath::offload::VnetHdr {
+        flags: flannel::datapath::offload::F_NEEDS_CSUM,
+        gso_type: flannel::datapath::offload::GSO_TCPV4,
         hdr_len: 52,
         gso_size: 1420,
         csum_start: 20,
@@ -161,7 +161,7 @@ fn tso_packet() -> (Vec<u8>, flannel::offload::VnetHdr) {
 /// checksums (the zero-copy split the data path does), and checking +
 /// coalescing those 47 segments back into one super-packet header.
 fn offload(c: &mut Criterion) {
-    use flannel::offload::{coalesce_header, coalesce_run, gso_split, gso_split_headers};
+    use flannel::datapath::offload::{coalesce_header, coalesce_run, gso_split, gso_split_headers};
     let mut g = c.benchmark_group("offload_64k");
     let (p, hdr) = tso_packet();
     g.throughput(Throughput::Bytes(p.len() as u64));

@@ -3,7 +3,7 @@
 //! Data flows one way: etcd → [`registry`] → [`lease`] (pure decisions) →
 //! [`routes`] (lock-free snapshot) → [`datapath`] (TUN ⇄ UDP loops).
 //! The pure modules ([`config`], [`subnet`], [`lease`], [`routes`], [`wire`],
-//! [`forward`], [`subnet_env`]) do no I/O and are unit tested and fuzzed.
+//! [`forward`], [`subnet_env`], [`datapath::offload`]) do no I/O and are unit tested and fuzzed.
 
 pub mod cni;
 pub mod config;
@@ -15,7 +15,6 @@ pub mod iface;
 pub mod lease;
 pub mod masq;
 pub mod netlink;
-pub mod offload;
 pub mod ops;
 pub mod registry;
 pub mod routes;

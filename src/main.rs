@@ -151,12 +151,22 @@ struct Cli {
     /// our flows over them; firewalls must accept UDP to Backend.Port from
     /// any source port (or from Backend.Port+1 up to Backend.Port+workers).
     /// `fixed`: every datagram from Backend.Port, as Go flanneld.
-    #[arg(long, env = "FLANNELD_UDP_SOURCE_PORTS", value_enum, default_value = "per-worker")]
+    #[arg(
+        long,
+        env = "FLANNELD_UDP_SOURCE_PORTS",
+        value_enum,
+        default_value = "per-worker"
+    )]
     udp_source_ports: flannel::datapath::SourcePorts,
 
     /// How each worker runs its two directions: `split`, a thread each;
     /// `combined`, one thread polling both the TUN and the socket.
-    #[arg(long, env = "FLANNELD_WORKER_THREADS", value_enum, default_value = "split")]
+    #[arg(
+        long,
+        env = "FLANNELD_WORKER_THREADS",
+        value_enum,
+        default_value = "split"
+    )]
     worker_threads: flannel::datapath::WorkerThreads,
 
     /// Pin worker k's two threads to CPU k.

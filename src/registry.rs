@@ -383,8 +383,14 @@ mod tests {
     #[test]
     fn credentials_and_trust_errors_are_permanent_outages_are_not() {
         // Permanent: retrying cannot fix these; the operator must.
-        assert!(is_permanent(&grpc(tonic::Code::Unauthenticated, "invalid auth token")));
-        assert!(is_permanent(&grpc(tonic::Code::PermissionDenied, "permission denied")));
+        assert!(is_permanent(&grpc(
+            tonic::Code::Unauthenticated,
+            "invalid auth token"
+        )));
+        assert!(is_permanent(&grpc(
+            tonic::Code::PermissionDenied,
+            "permission denied"
+        )));
         for text in [
             "transport error: invalid peer certificate: UnknownIssuer",
             "tls handshake: certificate verify failed",
@@ -394,12 +400,22 @@ mod tests {
             assert!(is_permanent(&anyhow::anyhow!("{text}")), "{text}");
         }
         // Wrapped in context, as the daemon's errors are.
-        let e = anyhow::anyhow!("invalid peer certificate: UnknownIssuer").context("listing leases");
+        let e =
+            anyhow::anyhow!("invalid peer certificate: UnknownIssuer").context("listing leases");
         assert!(is_permanent(&e));
         // Transient: etcd away, restarting, slow, or a leader election.
-        assert!(!is_permanent(&grpc(tonic::Code::Unavailable, "connection refused")));
-        assert!(!is_permanent(&grpc(tonic::Code::DeadlineExceeded, "context deadline exceeded")));
-        assert!(!is_permanent(&grpc(tonic::Code::Unknown, "etcdserver: leader changed")));
+        assert!(!is_permanent(&grpc(
+            tonic::Code::Unavailable,
+            "connection refused"
+        )));
+        assert!(!is_permanent(&grpc(
+            tonic::Code::DeadlineExceeded,
+            "context deadline exceeded"
+        )));
+        assert!(!is_permanent(&grpc(
+            tonic::Code::Unknown,
+            "etcdserver: leader changed"
+        )));
         for text in [
             "transport error: Connection refused (os error 111)",
             "etcd closed the watch stream",

@@ -71,7 +71,14 @@ fn pods_on_two_hosts_reach_each_other_through_the_plugin() {
     direct["prevResult"] = results[0].clone();
     direct["cniVersion"] = json!("1.0.0");
     let ours = cni(&bed.ns(0), "flannel", "CHECK", &pods[0].2, &pods[0].1, &c);
-    let bridge = cni(&bed.ns(0), "bridge", "CHECK", &pods[0].2, &pods[0].1, &direct);
+    let bridge = cni(
+        &bed.ns(0),
+        "bridge",
+        "CHECK",
+        &pods[0].2,
+        &pods[0].1,
+        &direct,
+    );
     assert_eq!(ours, bridge, "CHECK must return the delegate's own answer");
     let (ok, v) = cni(
         &bed.ns(0),
@@ -141,7 +148,10 @@ fn pods_on_two_hosts_reach_each_other_through_the_plugin() {
     sh(&["ip", "-n", &pods[1].1, "link", "del", "eth0"]);
     let (ok, v) = cni(&bed.ns(0), "flannel", "CHECK", &pods[1].2, &pods[1].1, &c1);
     assert!(!ok, "CHECK passed on a pod without its interface: {v}");
-    assert!(v["code"].is_u64() && v["msg"].is_string(), "not a CNI error: {v}");
+    assert!(
+        v["code"].is_u64() && v["msg"].is_string(),
+        "not a CNI error: {v}"
+    );
     assert!(
         v.to_string().contains("eth0"),
         "the error should name the missing interface: {v}"

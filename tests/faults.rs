@@ -167,10 +167,16 @@ fn events_missed_while_frozen_leave_no_stale_route() {
         Duration::from_secs(10),
         || (udp_probe_error(&bed, 0, dst1) == Some(libc::ENETUNREACH)).then_some(()),
     );
-    println!("changes made while h0 was frozen: stale route gone {:?} after resume", t.elapsed());
+    println!(
+        "changes made while h0 was frozen: stale route gone {:?} after resume",
+        t.elapsed()
+    );
     let log = bed.log(0);
     assert!(log.contains(&format!("peer removed subnet={sn1}")), "{log}");
-    assert!(log.contains("peer added subnet=10.5.201.0/24"), "new lease not seen:\n{log}");
+    assert!(
+        log.contains("peer added subnet=10.5.201.0/24"),
+        "new lease not seen:\n{log}"
+    );
 }
 
 /// etcd goes away, and while h0 waits for it the history h0 would resume
@@ -210,7 +216,10 @@ fn a_watch_resumed_past_a_compaction_relists_and_takes_the_lease_back() {
         bed.put(&format!("{PREFIX}/unrelated/{i}"), "x");
     }
     let rev = bed.revision();
-    assert!(bed.etcdctl(&["compaction", &rev.to_string()]).status.success());
+    assert!(bed
+        .etcdctl(&["compaction", &rev.to_string()])
+        .status
+        .success());
     let t = Instant::now();
     bed.signal(0, libc::SIGCONT);
     wait_for(
@@ -221,15 +230,32 @@ fn a_watch_resumed_past_a_compaction_relists_and_takes_the_lease_back() {
     let own = wait_for("h0 to take its lease back", Duration::from_secs(10), || {
         bed.leases().into_iter().find(|(k, _)| *k == key_of(sn0))
     });
-    println!("watch resumed past compaction to rev {rev}: re-listed and healed {:?} after resume", t.elapsed());
-    assert!(own.1.contains(&format!("\"{}\"", bed.hosts[0].ip)), "{own:?}");
+    println!(
+        "watch resumed past compaction to rev {rev}: re-listed and healed {:?} after resume",
+        t.elapsed()
+    );
+    assert!(
+        own.1.contains(&format!("\"{}\"", bed.hosts[0].ip)),
+        "{own:?}"
+    );
     let after = scrape();
-    assert_eq!(metric(&after, "flannel_watch_compactions_total"), 1, "{after}");
+    assert_eq!(
+        metric(&after, "flannel_watch_compactions_total"),
+        1,
+        "{after}"
+    );
     assert!(metric(&after, "flannel_watch_resyncs_total") > resyncs_before);
-    assert_eq!(metric(&after, "flannel_peers"), 1, "only 10.5.201.0/24 is a peer now");
+    assert_eq!(
+        metric(&after, "flannel_peers"),
+        1,
+        "only 10.5.201.0/24 is a peer now"
+    );
     let log = bed.log(0);
     assert!(log.contains("compacted away"), "{log}");
-    assert!(log.contains("our lease is missing after the re-list"), "{log}");
+    assert!(
+        log.contains("our lease is missing after the re-list"),
+        "{log}"
+    );
     assert!(log.contains("peer added subnet=10.5.201.0/24"), "{log}");
     assert!(log.contains(&format!("peer removed subnet={sn1}")), "{log}");
 }
@@ -261,10 +287,14 @@ fn twenty_daemons_started_at_once_get_distinct_subnets() {
     // per-peer lines of a big list are only logged at debug).
     for i in 0..20 {
         let ns = bed.ns(i);
-        wait_for(&format!("h{i} to know 19 peers"), Duration::from_secs(10), || {
-            let m = http_get(&ns, 9112, "/metrics")?.1;
-            (metric(&m, "flannel_peers") == 19).then_some(())
-        });
+        wait_for(
+            &format!("h{i} to know 19 peers"),
+            Duration::from_secs(10),
+            || {
+                let m = http_get(&ns, 9112, "/metrics")?.1;
+                (metric(&m, "flannel_peers") == 19).then_some(())
+            },
+        );
     }
     let dst = bed.tun_addr(19);
     wait_for("h0 -> h19", Duration::from_secs(10), || {
@@ -346,11 +376,15 @@ fn reservations_are_kept_permanent_and_never_taken_by_others() {
 
 /// The lease with `ip` as its PublicIP, once one exists.
 fn wait_lease_of(bed: &Bed, ip: Ipv4Addr) -> (String, String) {
-    wait_for(&format!("a lease for {ip}"), Duration::from_secs(20), || {
-        bed.leases()
-            .into_iter()
-            .find(|(_, v)| v.contains(&format!("\"{ip}\"")))
-    })
+    wait_for(
+        &format!("a lease for {ip}"),
+        Duration::from_secs(20),
+        || {
+            bed.leases()
+                .into_iter()
+                .find(|(_, v)| v.contains(&format!("\"{ip}\"")))
+        },
+    )
 }
 
 #[test]
@@ -359,9 +393,9 @@ fn the_previous_subnet_is_reused_after_a_public_ip_change() {
     let first = bed.start_ready(0);
     bed.stop(0, libc::SIGTERM);
     bed.del(&key_of(first)); // as if it had expired
-    // Same subnet.env, a different PublicIP: the old subnet is free, so
-    // reused. Wait for the new daemon's own write in etcd, not for the
-    // subnet.env the first run left behind.
+                             // Same subnet.env, a different PublicIP: the old subnet is free, so
+                             // reused. Wait for the new daemon's own write in etcd, not for the
+                             // subnet.env the first run left behind.
     let new_ip = Ipv4Addr::new(192, 168, 100, 123);
     bed.start(0, &[&format!("--public-ip={new_ip}")]);
     let (key, _) = wait_lease_of(&bed, new_ip);
@@ -377,14 +411,24 @@ fn the_previous_subnet_is_reused_after_a_public_ip_change() {
     let env = std::fs::read_to_string(&file).unwrap();
     let env: String = env
         .lines()
-        .map(|l| if l.starts_with("FLANNEL_SUBNET=") { "FLANNEL_SUBNET=10.5.230.1/24".to_string() } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with("FLANNEL_SUBNET=") {
+                "FLANNEL_SUBNET=10.5.230.1/24".to_string()
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&file, env + "\n").unwrap();
     let other_ip = Ipv4Addr::new(192, 168, 100, 124);
     bed.start(0, &[&format!("--public-ip={other_ip}")]);
     let (key, _) = wait_lease_of(&bed, other_ip);
-    assert_eq!(key, format!("{PREFIX}/subnets/10.5.230.0-24"), "subnet.env's {prev} not reused");
+    assert_eq!(
+        key,
+        format!("{PREFIX}/subnets/10.5.230.0-24"),
+        "subnet.env's {prev} not reused"
+    );
 }
 
 #[test]
@@ -414,25 +458,45 @@ fn a_failed_renewal_is_retried_until_etcd_answers() {
     let mut bed = Bed::new(1);
     let _ = std::fs::remove_file(&bed.hosts[0].subnet_file);
     // A 6 s TTL (hidden test flag): renewed every 3 s, retried every 1.5 s.
-    bed.start(0, &["--subnet-lease-ttl=6", &format!("--healthz-port={PORT}")]);
+    bed.start(
+        0,
+        &["--subnet-lease-ttl=6", &format!("--healthz-port={PORT}")],
+    );
     let sn = bed.wait_subnet(0);
     let ns0 = bed.ns(0);
-    let renewals = || metric(&http_get(&ns0, PORT, "/metrics").expect("metrics").1, "flannel_lease_renewals_total");
-    wait_for("a first renewal", Duration::from_secs(10), || (renewals() >= 1).then_some(()));
+    let renewals = || {
+        metric(
+            &http_get(&ns0, PORT, "/metrics").expect("metrics").1,
+            "flannel_lease_renewals_total",
+        )
+    };
+    wait_for("a first renewal", Duration::from_secs(10), || {
+        (renewals() >= 1).then_some(())
+    });
     bed.stop_etcd();
     wait_for("a renewal to fail", Duration::from_secs(15), || {
-        bed.log(0).contains(&format!("renewing lease {sn} failed")).then_some(())
+        bed.log(0)
+            .contains(&format!("renewing lease {sn} failed"))
+            .then_some(())
     });
     let before = renewals();
     bed.start_etcd();
     let t = Instant::now();
-    wait_for("the retried renewal to succeed", Duration::from_secs(15), || {
-        (renewals() > before).then_some(())
-    });
-    println!("renewal failed while etcd was down; succeeded {:?} after etcd returned", t.elapsed());
+    wait_for(
+        "the retried renewal to succeed",
+        Duration::from_secs(15),
+        || (renewals() > before).then_some(()),
+    );
+    println!(
+        "renewal failed while etcd was down; succeeded {:?} after etcd returned",
+        t.elapsed()
+    );
     let log = bed.log(0);
     let failed_at = log.find(&format!("renewing lease {sn} failed")).unwrap();
     assert!(log[failed_at..].contains("lease renewed"), "{log}");
-    assert!(bed.lease_id(&key_of(sn)).is_some_and(|id| id != 0), "lease gone or without TTL");
+    assert!(
+        bed.lease_id(&key_of(sn)).is_some_and(|id| id != 0),
+        "lease gone or without TTL"
+    );
     assert!(bed.is_running(0));
 }

@@ -66,20 +66,30 @@ fn drops(m: &str, reason: &str) -> u64 {
 fn settled(scrape: &dyn Fn() -> String) -> String {
     let key = |m: &str| REASONS.map(|r| drops(m, r));
     let mut prev = scrape();
-    wait_for("the drop counters to settle", Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(50));
-        let m = scrape();
-        let same = key(&m) == key(&prev);
-        prev = m.clone();
-        same.then_some(m)
-    })
+    wait_for(
+        "the drop counters to settle",
+        Duration::from_secs(10),
+        || {
+            std::thread::sleep(Duration::from_millis(50));
+            let m = scrape();
+            let same = key(&m) == key(&prev);
+            prev = m.clone();
+            same.then_some(m)
+        },
+    )
 }
 
 /// Datagrams the kernel of namespace `ns` dropped at full UDP receive buffers.
 fn rcvbuf_errors(ns: &str) -> u64 {
     sh(&["ip", "netns", "exec", ns, "nstat", "-az", "UdpRcvbufErrors"])
         .lines()
-        .find_map(|l| l.strip_prefix("UdpRcvbufErrors")?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| {
+            l.strip_prefix("UdpRcvbufErrors")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -240,12 +250,19 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
             // The phase is over when every datagram sent is accounted for
             // (counted by us, or dropped by the kernel at a full socket
             // buffer) and our drop counters have stopped moving.
-            let after = wait_for(&format!("{name}: all {sent} datagrams accounted for"), Duration::from_secs(20), || {
-                let m = settled(&scrape);
-                let ours: u64 = REASONS.iter().map(|r| drops(&m, r) - drops(&before, r)).sum();
-                let kernel = rcvbuf_errors(&ns0) - rcvbuf_before;
-                (ours + kernel >= sent as u64).then_some(m)
-            });
+            let after = wait_for(
+                &format!("{name}: all {sent} datagrams accounted for"),
+                Duration::from_secs(20),
+                || {
+                    let m = settled(&scrape);
+                    let ours: u64 = REASONS
+                        .iter()
+                        .map(|r| drops(&m, r) - drops(&before, r))
+                        .sum();
+                    let kernel = rcvbuf_errors(&ns0) - rcvbuf_before;
+                    (ours + kernel >= sent as u64).then_some(m)
+                },
+            );
             let d = |m: &str| metric(&after, m) - metric(&before, m);
             let received = d(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#);
             let expected = drops(&after, reason) - drops(&before, reason);

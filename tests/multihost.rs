@@ -475,20 +475,38 @@ fn the_environment_file_a_prefix_and_a_backend_port_are_honoured() {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let sn = wait_child_lease(&format!("h{i}'s lease"), &mut child, &h.subnet_file.clone(), &log);
+        let sn = wait_child_lease(
+            &format!("h{i}'s lease"),
+            &mut child,
+            &h.subnet_file.clone(),
+            &log,
+        );
         assert!(
-            "10.7.0.0/16".parse::<ipnetwork::Ipv4Network>().unwrap().contains(sn.network()),
+            "10.7.0.0/16"
+                .parse::<ipnetwork::Ipv4Network>()
+                .unwrap()
+                .contains(sn.network()),
             "{sn} is not in the prefix's Network"
         );
         subnets.push(sn);
         children.push(child);
     }
     // The leases are under the prefix, and only there.
-    let under = String::from_utf8_lossy(&bed.etcdctl(&["get", "--prefix", "/my/overlay/subnets/", "--keys-only"]).stdout).into_owned();
+    let under = String::from_utf8_lossy(
+        &bed.etcdctl(&["get", "--prefix", "/my/overlay/subnets/", "--keys-only"])
+            .stdout,
+    )
+    .into_owned();
     for sn in &subnets {
-        assert!(under.contains(&format!("/my/overlay/subnets/{}-24", sn.network())), "{under}");
+        assert!(
+            under.contains(&format!("/my/overlay/subnets/{}-24", sn.network())),
+            "{under}"
+        );
     }
-    assert!(bed.leases().is_empty(), "leases written under the default prefix");
+    assert!(
+        bed.leases().is_empty(),
+        "leases written under the default prefix"
+    );
     // The tunnel works, on port 8999 and not on 8285.
     let dst = subnets[1].network();
     wait_for("h0 -> h1 over port 8999", Duration::from_secs(10), || {
@@ -498,7 +516,10 @@ fn the_environment_file_a_prefix_and_a_backend_port_are_honoured() {
     assert!(udp.contains(":8999 "), "{udp}");
     assert!(!udp.contains(":8285 "), "{udp}");
     // The probe listens on 127.0.0.1:9115.
-    assert_eq!(http_get(&bed.ns(0), 9115, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(
+        http_get(&bed.ns(0), 9115, "/healthz").map(|r| r.0),
+        Some(200)
+    );
     for c in &mut children {
         assert!(term_child(c));
     }

@@ -133,9 +133,17 @@ fn tcp_and_udp_arrive_intact_with_offloads_on_and_off() {
         // The modes are what they say: with auto, this kernel (6.x) gives
         // TUN TSO and USO and UDP GSO and GRO; off gives none. Without this
         // a silent fallback would turn the offload tests into plain ones.
-        let want = if mode == "--offload=auto" { [1; 4] } else { [0; 4] };
+        let want = if mode == "--offload=auto" {
+            [1; 4]
+        } else {
+            [0; 4]
+        };
         for i in 0..2 {
-            assert_eq!(offloads(&bed, i), want, "{mode}: h{i}'s [tun_tso, tun_uso, udp_gso, udp_gro]");
+            assert_eq!(
+                offloads(&bed, i),
+                want,
+                "{mode}: h{i}'s [tun_tso, tun_uso, udp_gso, udp_gro]"
+            );
         }
         for (a, b) in [(0, 1), (1, 0)] {
             let data = pattern(16 << 20, 7 + a as u64);
@@ -149,7 +157,10 @@ fn tcp_and_udp_arrive_intact_with_offloads_on_and_off() {
         for gso in [false, true] {
             let n = 4000;
             let got = udp_flood(&bed, 0, 1, n, 1200, gso);
-            assert_eq!(got, n, "{mode} gso={gso}: datagrams lost in a windowed flood");
+            assert_eq!(
+                got, n,
+                "{mode} gso={gso}: datagrams lost in a windowed flood"
+            );
         }
         for i in 0..2 {
             assert!(bed.stop(i, libc::SIGTERM).unwrap().success());
@@ -222,7 +233,11 @@ fn a_plain_udp_peer_sees_only_ordinary_checksummed_packets_within_mtu() {
     // exactly the NAT case the escape hatch is for.
     let port = format!("--healthz-port={PORT}");
     bed.start_ready_with(0, &["--offload=auto", "--accept-unknown-peers", &port]);
-    assert_eq!(offloads(&bed, 0), [1; 4], "h0 must send GSO super-packets here");
+    assert_eq!(
+        offloads(&bed, 0),
+        [1; 4],
+        "h0 must send GSO super-packets here"
+    );
     let relay_ip = bed.hosts[2].ip;
     bed.start_ready_with(
         1,
@@ -349,9 +364,10 @@ fn kernel_tun_drops(bed: &Bed) -> u64 {
     let mut total = 0;
     for i in 0..bed.hosts.len() {
         let ns = bed.ns(i);
-        let link: serde_json::Value =
-            serde_json::from_str(&sh(&["ip", "-n", &ns, "-s", "-j", "link", "show", "flannel0"]))
-                .unwrap();
+        let link: serde_json::Value = serde_json::from_str(&sh(&[
+            "ip", "-n", &ns, "-s", "-j", "link", "show", "flannel0",
+        ]))
+        .unwrap();
         let st = &link[0]["stats64"];
         total += st["rx"]["dropped"].as_u64().unwrap() + st["tx"]["dropped"].as_u64().unwrap();
         let q: serde_json::Value = serde_json::from_str(&sh(&[

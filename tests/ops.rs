@@ -408,7 +408,11 @@ fn icmp_errors_are_rate_limited() {
     let sent = metric(&m, "flannel_icmp_sent_total");
     let limited = metric(&m, "flannel_icmp_ratelimited_total");
     println!("20000 packets to an unleased subnet sent in {secs:.2} s, {offenders} reached the daemon: {sent} ICMP errors sent, {limited} rate-limited");
-    assert_eq!(sent + limited, offenders, "each offender answered or counted");
+    assert_eq!(
+        sent + limited,
+        offenders,
+        "each offender answered or counted"
+    );
     assert!(limited > 0, "a flood must hit the limit");
     assert!(sent >= 50, "at least the burst is answered");
     // Everything happened within `total` seconds of the flood's start.

@@ -27,11 +27,27 @@ fn iperf(bed: &Bed, from: usize, to: usize, bytes: &str, args: &[&str]) -> (bool
     // The server needs a moment to listen: retry the connection, not sleep.
     let out = wait_for("iperf3 to connect", Duration::from_secs(10), || {
         let out = Command::new("timeout")
-            .args(["60", "ip", "netns", "exec", &bed.ns(from), "iperf3", "-c", &dst, "-p", "5301", "-n", bytes, "-f", "g"])
+            .args([
+                "60",
+                "ip",
+                "netns",
+                "exec",
+                &bed.ns(from),
+                "iperf3",
+                "-c",
+                &dst,
+                "-p",
+                "5301",
+                "-n",
+                bytes,
+                "-f",
+                "g",
+            ])
             .args(args)
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
         if text.contains("unable to connect") || text.contains("Connection refused") {
             return None;
         }
@@ -62,7 +78,10 @@ impl Drop for ChildGuard {
 
 fn drops(bed: &Bed, i: usize, dir: &str, reason: &str) -> u64 {
     let m = http_get(&bed.ns(i), PORT, "/metrics").expect("metrics").1;
-    metric(&m, &format!(r#"flannel_dropped_packets_total{{direction="{dir}",reason="{reason}"}}"#))
+    metric(
+        &m,
+        &format!(r#"flannel_dropped_packets_total{{direction="{dir}",reason="{reason}"}}"#),
+    )
 }
 
 #[test]
@@ -75,11 +94,18 @@ fn small_tcp_segments_are_carried_in_both_modes() {
             let t = Instant::now();
             let (ok, gbit, out) = iperf(&bed, 0, 1, "8M", &["-M", mss]);
             assert!(ok, "{mode} -M {mss}: iperf3 failed:\n{out}");
-            println!("{mode} MSS {mss}: 8 MB in {:?} ({gbit} Gbit/s)", t.elapsed());
+            println!(
+                "{mode} MSS {mss}: 8 MB in {:?} ({gbit} Gbit/s)",
+                t.elapsed()
+            );
             for i in 0..2 {
                 for dir in ["egress", "ingress"] {
                     for reason in ["malformed", "send_error", "tun_write_error"] {
-                        assert_eq!(drops(&bed, i, dir, reason), 0, "{mode} -M {mss}: h{i} {dir} {reason}");
+                        assert_eq!(
+                            drops(&bed, i, dir, reason),
+                            0,
+                            "{mode} -M {mss}: h{i} {dir} {reason}"
+                        );
                     }
                 }
             }
@@ -152,7 +178,12 @@ fn send_icmp_from_hub(bed: &Bed, to: std::net::Ipv4Addr, icmp: Vec<u8>) {
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             )
         };
-        assert_eq!(rc, icmp.len() as isize, "{}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            icmp.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: closing our own fd.
         unsafe { libc::close(fd) };
     })
@@ -160,30 +191,70 @@ fn send_icmp_from_hub(bed: &Bed, to: std::net::Ipv4Addr, icmp: Vec<u8>) {
 
 /// The path MTU each host has cached towards the other, from `ip route get`.
 fn cached_mtu(bed: &Bed, from: usize, to: usize) -> String {
-    sh(&["ip", "-n", &bed.ns(from), "route", "get", &bed.hosts[to].ip.to_string()])
+    sh(&[
+        "ip",
+        "-n",
+        &bed.ns(from),
+        "route",
+        "get",
+        &bed.hosts[to].ip.to_string(),
+    ])
 }
 
 #[test]
 fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
     let _heavy = heavy();
     let port = format!("--healthz-port={PORT}");
-    for case in [SmallPath::RouteMtu, SmallPath::RouteMtuLock, SmallPath::FragNeeded] {
+    for case in [
+        SmallPath::RouteMtu,
+        SmallPath::RouteMtuLock,
+        SmallPath::FragNeeded,
+    ] {
         for mode in MODES {
             let bed = two_hosts(&[mode, &port]);
             for (a, b) in [(0, 1), (1, 0)] {
                 let peer = bed.hosts[b].ip.to_string();
                 match case {
                     SmallPath::RouteMtu => {
-                        sh(&["ip", "-n", &bed.ns(a), "route", "add", &peer, "dev", "eth0", "mtu", "1400"]);
+                        sh(&[
+                            "ip",
+                            "-n",
+                            &bed.ns(a),
+                            "route",
+                            "add",
+                            &peer,
+                            "dev",
+                            "eth0",
+                            "mtu",
+                            "1400",
+                        ]);
                     }
                     SmallPath::RouteMtuLock => {
-                        sh(&["ip", "-n", &bed.ns(a), "route", "add", &peer, "dev", "eth0", "mtu", "lock", "1400"]);
+                        sh(&[
+                            "ip",
+                            "-n",
+                            &bed.ns(a),
+                            "route",
+                            "add",
+                            &peer,
+                            "dev",
+                            "eth0",
+                            "mtu",
+                            "lock",
+                            "1400",
+                        ]);
                     }
                     SmallPath::FragNeeded => {
-                        send_icmp_from_hub(&bed, bed.hosts[a].ip, frag_needed(bed.hosts[a].ip, bed.hosts[b].ip, 1400));
+                        send_icmp_from_hub(
+                            &bed,
+                            bed.hosts[a].ip,
+                            frag_needed(bed.hosts[a].ip, bed.hosts[b].ip, 1400),
+                        );
                         let (ns, p) = (bed.ns(a), peer.clone());
                         wait_for("the path MTU to be learned", Duration::from_secs(5), || {
-                            sh(&["ip", "-n", &ns, "route", "get", &p]).contains("mtu 1400").then_some(())
+                            sh(&["ip", "-n", &ns, "route", "get", &p])
+                                .contains("mtu 1400")
+                                .then_some(())
                         });
                     }
                 }
@@ -193,7 +264,11 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
                 let t = Instant::now();
                 let got = tcp_transfer(&bed, a, b, data.clone());
                 let secs = t.elapsed().as_secs_f64();
-                assert!(got == data, "{case:?} {mode}: 16 MB h{a} -> h{b} corrupted or short ({} bytes)", got.len());
+                assert!(
+                    got == data,
+                    "{case:?} {mode}: 16 MB h{a} -> h{b} corrupted or short ({} bytes)",
+                    got.len()
+                );
                 println!(
                     "{case:?} {mode}: 16 MB h{a} -> h{b} intact in {secs:.2} s ({:.2} Gbit/s); route: {}",
                     16.0 * 8.0 * 1.048576 / 1000.0 / secs,
@@ -204,15 +279,28 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
                 let m = http_get(&bed.ns(i), PORT, "/metrics").expect("metrics").1;
                 let fallbacks = metric(&m, "flannel_gso_fallbacks_total");
                 let off = metric(&m, "flannel_gso_off_peers");
-                let send_errors = metric(&m, r#"flannel_dropped_packets_total{direction="egress",reason="send_error"}"#);
+                let send_errors = metric(
+                    &m,
+                    r#"flannel_dropped_packets_total{direction="egress",reason="send_error"}"#,
+                );
                 println!("{case:?} {mode}: h{i} gso_fallbacks={fallbacks} gso_off_peers={off} send_errors={send_errors}");
-                assert_eq!(send_errors, 0, "{case:?} {mode}: h{i} lost datagrams to send errors");
+                assert_eq!(
+                    send_errors, 0,
+                    "{case:?} {mode}: h{i} lost datagrams to send errors"
+                );
                 if mode == "--offload=auto" {
                     // The refused GSO sends were resent, and the peer remembered.
                     assert!(fallbacks >= 1, "{case:?}: h{i} never fell back from GSO");
-                    assert!(off >= 1, "{case:?}: h{i} keeps no GSO-off entry for its peer");
+                    assert!(
+                        off >= 1,
+                        "{case:?}: h{i} keeps no GSO-off entry for its peer"
+                    );
                 } else {
-                    assert_eq!((fallbacks, off), (0, 0), "{case:?}: no GSO with offloads off");
+                    assert_eq!(
+                        (fallbacks, off),
+                        (0, 0),
+                        "{case:?}: no GSO with offloads off"
+                    );
                 }
             }
         }
@@ -232,7 +320,10 @@ fn a_tun_deleted_under_the_daemon_makes_it_exit_non_zero() {
         let status = wait_for("the daemon to exit", Duration::from_secs(10), || {
             bed.exit_status(0)
         });
-        println!("{mode}: TUN deleted, daemon exited {status} after {:?}", t.elapsed());
+        println!(
+            "{mode}: TUN deleted, daemon exited {status} after {:?}",
+            t.elapsed()
+        );
         assert!(!status.success(), "{mode}: exit status {status}");
         let log = bed.log(0);
         assert!(log.contains("data path failed"), "{mode}: {log}");
@@ -254,7 +345,10 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
     use std::sync::{Arc, Mutex};
     let _heavy = heavy();
     for (flag, want) in [
-        ("--udp-source-ports=per-worker", BTreeSet::from([8286u16, 8287])),
+        (
+            "--udp-source-ports=per-worker",
+            BTreeSet::from([8286u16, 8287]),
+        ),
         ("--udp-source-ports=fixed", BTreeSet::from([8285u16])),
     ] {
         let mut bed = Bed::new(3);
@@ -263,10 +357,16 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
         bed.start_ready_with(0, &["--workers=2", flag, "--accept-unknown-peers"]);
         bed.start_ready_with(
             1,
-            &["--workers=1", "--accept-unknown-peers", &format!("--public-ip={relay_ip}")],
+            &[
+                "--workers=1",
+                "--accept-unknown-peers",
+                &format!("--public-ip={relay_ip}"),
+            ],
         );
         let relay = in_ns(&bed.ns(2), || UdpSocket::bind("0.0.0.0:8285").unwrap());
-        relay.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        relay
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let ports = Arc::new(Mutex::new(BTreeSet::new()));
         let worker = {
@@ -274,7 +374,9 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = relay.recv_from(&mut buf) else { continue };
+                    let Ok((n, from)) = relay.recv_from(&mut buf) else {
+                        continue;
+                    };
                     if from.ip() == std::net::IpAddr::V4(h0_ip) {
                         ports.lock().unwrap().insert(from.port());
                     }
@@ -283,14 +385,19 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
             })
         };
         let dst = bed.tun_addr(1);
-        wait_for("h0 -> h1 through the plain relay", Duration::from_secs(10), || {
-            bed.ping(0, dst).then_some(())
-        });
+        wait_for(
+            "h0 -> h1 through the plain relay",
+            Duration::from_secs(10),
+            || bed.ping(0, dst).then_some(()),
+        );
         // 16 connections: each hashes to one of h0's two TUN queues, so
         // both workers carry some (all on one: a 2^-15 chance).
         for k in 0..16 {
             let data = pattern(256 << 10, k);
-            assert!(tcp_transfer(&bed, 0, 1, data.clone()) == data, "{flag}: transfer {k}");
+            assert!(
+                tcp_transfer(&bed, 0, 1, data.clone()) == data,
+                "{flag}: transfer {k}"
+            );
         }
         stop.store(true, Ordering::Relaxed);
         worker.join().unwrap();
@@ -309,9 +416,19 @@ fn combined_worker_threads_carry_traffic_both_ways() {
         let bed = two_hosts(&[mode, "--worker-threads=combined"]);
         for (a, b) in [(0, 1), (1, 0)] {
             let data = pattern(16 << 20, 40 + a as u64);
-            assert!(tcp_transfer(&bed, a, b, data.clone()) == data, "{mode}: h{a} -> h{b}");
+            assert!(
+                tcp_transfer(&bed, a, b, data.clone()) == data,
+                "{mode}: h{a} -> h{b}"
+            );
         }
-        let threads = sh(&["ps", "-T", "-o", "comm=", "-p", &bed.daemon_pid(0).to_string()]);
+        let threads = sh(&[
+            "ps",
+            "-T",
+            "-o",
+            "comm=",
+            "-p",
+            &bed.daemon_pid(0).to_string(),
+        ]);
         assert!(threads.contains("worker-0"), "{threads}");
         assert!(!threads.contains("tun-to-udp"), "{threads}");
     }

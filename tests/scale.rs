@@ -152,8 +152,14 @@ fn five_thousand_leases_then_a_hundred_updates_a_second() {
     assert!(rss < 40.0, "RSS {rss:.1} MB with 5000 leases");
     // The data path forwarded in both phases: the lease churn never left
     // it without a route table (not a speed floor: 100 of ~10^5 packets).
-    assert!(idle_n >= 100, "only {idle_n} packets forwarded before the updates");
-    assert!(busy_n >= 100, "only {busy_n} packets forwarded during the updates");
+    assert!(
+        idle_n >= 100,
+        "only {idle_n} packets forwarded before the updates"
+    );
+    assert!(
+        busy_n >= 100,
+        "only {busy_n} packets forwarded during the updates"
+    );
     assert!(bed.is_running(0));
     let _ = bed.stop(0, libc::SIGTERM);
 }

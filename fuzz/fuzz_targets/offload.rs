@@ -2,7 +2,7 @@
 //! every segment it makes is a valid IPv4 packet, and coalescing the
 //! segments never panics either.
 #![no_main]
-use flannel::offload::{coalesce, coalesce_run, gso_split, VnetHdr, VNET_HDR_LEN};
+use flannel::datapath::offload::{coalesce, coalesce_run, gso_split, VnetHdr, VNET_HDR_LEN};
 use flannel::wire::Ipv4Packet;
 use libfuzzer_sys::fuzz_target;
 

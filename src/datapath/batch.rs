@@ -166,7 +166,10 @@ pub struct Sent {
 /// MTU (EINVAL), over the size limits (EMSGSIZE), or an IPsec/xfrm path
 /// that cannot segment (EIO).
 fn gso_refusal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO)
+    )
 }
 
 // SAFETY: the raw pointers inside are only meaningful during a syscall made
@@ -562,14 +565,24 @@ mod tests {
             m.queue(k * 100, len, to);
         }
         assert_eq!(m.queued(), 10);
-        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), Sent { sent: 10, failed: 0, fallbacks: 0 });
+        assert_eq!(
+            m.send(tx.as_raw_fd(), &mut main, &mut []),
+            Sent {
+                sent: 10,
+                failed: 0,
+                fallbacks: 0
+            }
+        );
         assert_eq!(m.queued(), 0, "send clears the batch");
         let (slots, got) = recv_all(&rx, 10);
         assert_eq!(got, 10);
         let from = tx.local_addr().unwrap();
         for k in 0..10 {
             assert_eq!(slots.len[k], 20 + k * 7);
-            assert!(slots.packet(k).iter().all(|&b| b == k as u8 + 1), "datagram {k}");
+            assert!(
+                slots.packet(k).iter().all(|&b| b == k as u8 + 1),
+                "datagram {k}"
+            );
             assert_eq!(std::net::SocketAddr::V4(slots.addr[k]), from);
             assert_eq!(slots.gso[k], 0);
         }
@@ -618,7 +631,14 @@ mod tests {
         m.queue(100, 100, SocketAddrV4::new(Ipv4Addr::BROADCAST, to.port()));
         m.queue(200, 100, to);
         assert!(!m.has_room(1), "three message slots, three queued");
-        assert_eq!(m.send(tx.as_raw_fd(), &mut main, &mut []), Sent { sent: 2, failed: 1, fallbacks: 0 });
+        assert_eq!(
+            m.send(tx.as_raw_fd(), &mut main, &mut []),
+            Sent {
+                sent: 2,
+                failed: 1,
+                fallbacks: 0
+            }
+        );
         assert_eq!(recv_all(&rx, 2).1, 2);
     }
 

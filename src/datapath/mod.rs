@@ -10,21 +10,25 @@
 //! IPv4 packet per datagram.
 
 pub mod batch;
+pub mod offload;
 pub mod tun;
+pub mod udp;
 
 use crate::forward::{egress, ingress, Counters, DropReason, Egress, IcmpLimit, Ingress, Tally};
-use crate::offload::{self, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
 use crate::routes::RouteTable;
 use crate::wire::{self, Ipv4Packet};
-use batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT, SOL_UDP, UDP_GRO, UDP_SEGMENT};
+use batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT};
+use offload::{VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tun::{Tun, TunFlags};
+pub use udp::bind_udp;
+use udp::send_socket;
 
 /// `--offload`: use kernel offloads when available, or never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -169,11 +173,7 @@ pub fn open(
     for (k, t) in tuns.into_iter().enumerate() {
         let s = bind_udp(bind, multi_queue)?;
         if mode == OffloadMode::Auto {
-            let fd = s.as_raw_fd();
-            let gro = batch::set_int_opt(fd, SOL_UDP, UDP_GRO, 1).is_ok();
-            // Probe UDP_SEGMENT by setting a socket default, then clear it.
-            let gso = batch::set_int_opt(fd, SOL_UDP, UDP_SEGMENT, 1400).is_ok()
-                && batch::set_int_opt(fd, SOL_UDP, UDP_SEGMENT, 0).is_ok();
+            let (gro, gso) = udp::enable_offloads(&s);
             if k == 0 {
                 caps.udp_gro = gro;
                 caps.udp_gso = gso;
@@ -197,40 +197,6 @@ pub fn open(
         queues,
         source_ports,
     })
-}
-
-/// A worker's send socket on `port` (the next free one above it if taken:
-/// any port keeps the flow entropy; the peers ignore it).
-fn send_socket(bind: SocketAddrV4, port: u16) -> io::Result<UdpSocket> {
-    match bind_udp(SocketAddrV4::new(*bind.ip(), port), false) {
-        Ok(s) => Ok(s),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let s = bind_udp(SocketAddrV4::new(*bind.ip(), 0), false)?;
-            tracing::warn!(
-                port,
-                used = s.local_addr().map(|a| a.port()).unwrap_or(0),
-                "a worker's source port is taken; sending from another"
-            );
-            Ok(s)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Binds a backend UDP socket to `addr:port`, non-blocking.
-pub fn bind_udp(addr: SocketAddrV4, reuse_port: bool) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-    // Bigger buffers absorb bursts between batches; failure only costs speed.
-    let _ = s.set_recv_buffer_size(4 << 20);
-    let _ = s.set_send_buffer_size(4 << 20);
-    if reuse_port {
-        s.set_reuse_port(true)?;
-    }
-    s.bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
 }
 
 /// What all workers share with the control plane.
@@ -401,14 +367,16 @@ impl Datapath {
             });
             let spawn = |name: String, run: fn(&Worker, &StopFd) -> io::Result<()>| {
                 let (w, st, f) = (w.clone(), stop.clone(), failure.clone());
-                std::thread::Builder::new().name(name.clone()).spawn(move || {
-                    guarded(name, f, || {
-                        if let Some(c) = cpu {
-                            pin_to_cpu(c);
-                        }
-                        run(&w, &st)
+                std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || {
+                        guarded(name, f, || {
+                            if let Some(c) = cpu {
+                                pin_to_cpu(c);
+                            }
+                            run(&w, &st)
+                        })
                     })
-                })
             };
             match shared.threads {
                 WorkerThreads::Split => {
@@ -583,9 +551,21 @@ fn run_combined(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut egress = tun_to_udp(w);
     let mut ingress = udp_to_tun(w);
     let mut fds = [
-        libc::pollfd { fd: w.tun.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: w.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: stop.0.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: w.tun.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: w.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
         for f in &mut fds {
@@ -742,8 +722,13 @@ fn tun_to_udp_offload(w: &Worker) -> Drain<'_> {
                         hoff = 0;
                     }
                     let pkt = &rx.packet(i)[VNET_HDR_LEN..];
-                    offload::write_split_headers(pkt, &plan, chunk.clone(), &mut headers[hoff..hoff + bytes])
-                        .expect("room checked above");
+                    offload::write_split_headers(
+                        pkt,
+                        &plan,
+                        chunk.clone(),
+                        &mut headers[hoff..hoff + bytes],
+                    )
+                    .expect("room checked above");
                     for c in chunk.clone().step_by(per) {
                         let segs = c..(c + per).min(chunk.end);
                         let gso = if segs.len() > 1 {
@@ -819,7 +804,9 @@ impl GsoOff {
         self.until.retain(|&(_, t)| t > now);
         let expired = (before - self.until.len()) as u64;
         if expired > 0 {
-            self.counters.gso_off_peers.fetch_sub(expired, Ordering::Relaxed);
+            self.counters
+                .gso_off_peers
+                .fetch_sub(expired, Ordering::Relaxed);
         }
         !self.until.iter().any(|&(p, _)| p == ip)
     }

@@ -442,9 +442,10 @@ impl GroTable {
                 self.items.push((i, 1));
                 continue;
             };
-            let found = self.open.iter().position(|r| {
-                r.hlen == s.hlen && same_flow(packet(r.head), p, r.hlen)
-            });
+            let found = self
+                .open
+                .iter()
+                .position(|r| r.hlen == s.hlen && same_flow(packet(r.head), p, r.hlen));
             if let Some(j) = found {
                 let r = &mut self.open[j];
                 if s.seq == r.next_seq
@@ -737,7 +738,12 @@ mod tests {
         p[22..24].copy_from_slice(&6000u16.to_be_bytes());
         p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
         p[28..].copy_from_slice(payload);
-        let ps = fold(pseudo_header_sum(&p[12..16], &p[16..20], PROTO_UDP, (len - 20) as u16));
+        let ps = fold(pseudo_header_sum(
+            &p[12..16],
+            &p[16..20],
+            PROTO_UDP,
+            (len - 20) as u16,
+        ));
         p[26..28].copy_from_slice(&ps.to_be_bytes());
         p
     }
@@ -756,7 +762,10 @@ mod tests {
     /// Each segment's UDP checksum, verified over its pseudo-header.
     fn udp_checksum_ok(seg: &[u8]) -> bool {
         let t = &seg[20..];
-        fold(sum(t, pseudo_header_sum(&seg[12..16], &seg[16..20], 17, t.len() as u16))) == 0xffff
+        fold(sum(
+            t,
+            pseudo_header_sum(&seg[12..16], &seg[16..20], 17, t.len() as u16),
+        )) == 0xffff
     }
 
     #[test]
@@ -894,20 +903,36 @@ mod tests {
         // nothing; the table makes one super-packet per flow.
         let a = flow_segments(1, 8 * 1000, 1000, 12);
         let b = flow_segments(2, 8 * 1000, 1000, 12);
-        let batch: Vec<&[u8]> = a.iter().zip(&b).flat_map(|(x, y)| [&x[..], &y[..]]).collect();
+        let batch: Vec<&[u8]> = a
+            .iter()
+            .zip(&b)
+            .flat_map(|(x, y)| [&x[..], &y[..]])
+            .collect();
         assert_eq!(coalesce_run(batch.iter().copied()), 1);
         let mut g = GroTable::new();
         g.group(batch.len(), |i| batch[i]);
         assert_eq!(g.items(), 2);
-        assert_eq!(g.item(0).collect::<Vec<_>>(), vec![0, 2, 4, 6, 8, 10, 12, 14]);
-        assert_eq!(g.item(1).collect::<Vec<_>>(), vec![1, 3, 5, 7, 9, 11, 13, 15]);
+        assert_eq!(
+            g.item(0).collect::<Vec<_>>(),
+            vec![0, 2, 4, 6, 8, 10, 12, 14]
+        );
+        assert_eq!(
+            g.item(1).collect::<Vec<_>>(),
+            vec![1, 3, 5, 7, 9, 11, 13, 15]
+        );
         // A non-TCP packet in between stays on its own, in place.
         let mut with_udp = batch.clone();
-        let udp = [0x45u8, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 5, 1, 0, 10, 5, 2, 0, 0, 1, 0, 2, 0, 8, 0, 0];
+        let udp = [
+            0x45u8, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 5, 1, 0, 10, 5, 2, 0, 0, 1, 0, 2, 0, 8,
+            0, 0,
+        ];
         with_udp.insert(3, &udp);
         g.group(with_udp.len(), |i| with_udp[i]);
         assert_eq!(g.items(), 3);
-        assert_eq!(g.item(0).collect::<Vec<_>>(), vec![0, 2, 5, 7, 9, 11, 13, 15]);
+        assert_eq!(
+            g.item(0).collect::<Vec<_>>(),
+            vec![0, 2, 5, 7, 9, 11, 13, 15]
+        );
         assert_eq!(g.item(2).collect::<Vec<_>>(), vec![3]);
         // A gap in one flow starts a new item for that flow only.
         let mut gap = batch.clone();

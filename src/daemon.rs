@@ -510,9 +510,32 @@ pub async fn run<S: LeaseStore>(
     let public_ip = opts.public_ip.unwrap_or(ext.addr);
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 
-    let text = retry("reading the network config", || store.get_config()).await?;
-    let Some(text) = text else {
-        bail!("flannel config not found in etcd store: write the network config JSON to <prefix>/config");
+    tokio::pin!(shutdown);
+    // flannel retries every second until <prefix>/config exists (operators
+    // start flanneld before writing it): wait, say so once, stay not ready.
+    let mut said = false;
+    let text = loop {
+        let got = tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down while waiting for the network config");
+                return Ok(());
+            }
+            got = retry("reading the network config", || store.get_config()) => got?,
+        };
+        if let Some(text) = got {
+            if said {
+                tracing::info!("the network config appeared");
+            }
+            break text;
+        }
+        if !said {
+            tracing::warn!("no network config in etcd yet (<prefix>/config); retrying every second until it is written");
+            said = true;
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     };
     let cfg = NetworkConfig::parse(&text).context("invalid network config in etcd")?;
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
@@ -640,11 +663,11 @@ pub async fn run<S: LeaseStore>(
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut resync_at: Option<Instant> = None;
     let mut outage_since: Option<Instant> = None;
-    tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             why = dp.failed() => {
+                stats.failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 // A dead queue would black-hole part of the traffic while
                 // the rest flows: exit non-zero so the supervisor restarts us.
                 break Err(anyhow::anyhow!("the data path failed ({why}); exiting so that the service manager restarts flanneld"));

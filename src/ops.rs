@@ -18,8 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Control-plane state and counters, shared with the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// The lease is held and the TUN is up.
+    /// The lease is held, the TUN is up and subnet.env written (/readyz).
     pub ready: AtomicBool,
+    /// A data-path thread has failed (/healthz says 503 until the exit).
+    pub failed: AtomicBool,
     pub peers: AtomicU64,
     pub etcd_reconnects: AtomicU64,
     pub lease_renewals: AtomicU64,
@@ -234,7 +236,9 @@ pub fn render(r: &Registry) -> String {
     out
 }
 
-/// Serves `GET /healthz` (200 when ready, 503 otherwise) and `GET /metrics`.
+/// Serves `GET /healthz` (liveness: 200 unless the data path failed),
+/// `GET /readyz` (200 once the lease is held, the TUN up and subnet.env
+/// written) and `GET /metrics`.
 pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, stats: Arc<Stats>) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /healthz and /metrics");
@@ -267,10 +271,21 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, s
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, ctype, body) = match (method, path) {
-                ("GET", "/healthz") if stats.ready.load(Ordering::Relaxed) => {
+                // Liveness, as flannel's /healthz: the process serves and
+                // its data path is alive (a dead data path exits the daemon).
+                ("GET", "/healthz") if !stats.failed.load(Ordering::Relaxed) => {
                     ("200 OK", "text/plain", "ok\n".to_string())
                 }
                 ("GET", "/healthz") => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "data path failed\n".to_string(),
+                ),
+                // Readiness: lease held, TUN up, subnet.env written.
+                ("GET", "/readyz") if stats.ready.load(Ordering::Relaxed) => {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                }
+                ("GET", "/readyz") => (
                     "503 Service Unavailable",
                     "text/plain",
                     "not ready\n".to_string(),

@@ -31,20 +31,23 @@ fn inner_udp(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) -> Vec<u8> {
 fn health_and_metrics_follow_the_daemon_and_the_traffic() {
     let mut bed = Bed::new(2);
     bed.stop_etcd();
-    // etcd away: the daemon waits, /healthz says 503.
+    // etcd away: the daemon waits; it is alive (/healthz 200, liveness as
+    // flannel's) but not ready (/readyz 503).
     let _ = std::fs::remove_file(&bed.hosts[0].subnet_file);
     bed.start(0, &[&format!("--healthz-port={PORT}")]);
     let ns0 = bed.ns(0);
-    let (code, _) = wait_for("/healthz to answer", Duration::from_secs(10), || {
-        http_get(&ns0, PORT, "/healthz")
+    let (code, _) = wait_for("/readyz to answer", Duration::from_secs(10), || {
+        http_get(&ns0, PORT, "/readyz")
     });
     assert_eq!(code, 503, "not ready while etcd is away");
+    assert_eq!(http_get(&ns0, PORT, "/healthz").map(|r| r.0), Some(200), "alive while waiting");
     bed.start_etcd();
     bed.wait_subnet(0);
     bed.start_ready(1);
-    wait_for("/healthz 200", Duration::from_secs(10), || {
-        (http_get(&ns0, PORT, "/healthz")?.0 == 200).then_some(())
+    wait_for("/readyz 200", Duration::from_secs(10), || {
+        (http_get(&ns0, PORT, "/readyz")?.0 == 200).then_some(())
     });
+    assert_eq!(http_get(&ns0, PORT, "/healthz").map(|r| r.0), Some(200));
     let dst = bed.tun_addr(1);
     wait_for("h0 -> h1", Duration::from_secs(10), || {
         bed.ping(0, dst).then_some(())

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod docker;
 pub mod forward;
+pub mod goflags;
 pub mod iface;
 pub mod lease;
 pub mod masq;

@@ -88,13 +88,13 @@ struct Cli {
 
     /// Masquerade traffic from the overlay to the outside (flannel's FLANNEL-POSTRTG
     /// rules in the nat table; pod-to-pod traffic keeps its source).
-    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value_t = false,
-          default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     ip_masq: bool,
 
     /// Add ACCEPT rules for the Network to the FORWARD chain (FLANNEL-FWD).
-    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value_t = true,
-          default_missing_value = "true", action = clap::ArgAction::Set)]
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value = "true",
+          default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     iptables_forward_rules: bool,
 
     /// Seconds between checks that our iptables rules are still in place (restored if not).
@@ -105,7 +105,8 @@ struct Cli {
     /// Do not configure the TUN (address, MTU, up, route): use one an administrator
     /// created and configured beforehand (`ip tuntap add name flannel0 mode tun user …`,
     /// with --tun-name). flanneld then needs no capability at run time.
-    #[arg(long, env = "FLANNELD_NO_NETLINK_CONFIG")]
+    #[arg(long, env = "FLANNELD_NO_NETLINK_CONFIG", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     no_netlink_config: bool,
 
     /// Address to serve /healthz and /metrics on.
@@ -142,7 +143,8 @@ struct Cli {
     /// the PublicIP of the peer that leases the inner source. For peers behind NAT,
     /// whose packets arrive from another address; it lets anyone who can reach the
     /// UDP port inject packets into this host's subnet.
-    #[arg(long, env = "FLANNELD_ACCEPT_UNKNOWN_PEERS")]
+    #[arg(long, env = "FLANNELD_ACCEPT_UNKNOWN_PEERS", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     accept_unknown_peers: bool,
 
     /// Where our datagrams come from (the destination is always the peer's
@@ -170,7 +172,8 @@ struct Cli {
     worker_threads: flannel::datapath::WorkerThreads,
 
     /// Pin worker k's two threads to CPU k.
-    #[arg(long, env = "FLANNELD_PIN_WORKERS")]
+    #[arg(long, env = "FLANNELD_PIN_WORKERS", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     pin_workers: bool,
 
     /// Lease TTL in seconds (flannel: 24 h). For tests of renewal.
@@ -288,12 +291,36 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Go's `strconv.ParseBool`, for boolean flags and their FLANNELD_* variables.
+fn go_bool(s: &str) -> Result<bool, String> {
+    flannel::goflags::parse_bool(s)
+}
+
+/// Warns once about each FLANNELD_* variable that names no flag of ours (a
+/// Go flanneld setting we do not have, or a typo): it is not applied.
+fn warn_unknown_env() {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .filter_map(|e| e.to_str().map(str::to_string))
+        .collect();
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+    for name in flannel::goflags::unknown_env(std::env::vars(), &known) {
+        tracing::warn!(
+            "{name} is set but is not a flanneld setting this version knows; it is ignored"
+        );
+    }
+}
+
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli = Cli::parse_from(flannel::goflags::normalize(std::env::args_os()));
     if let Some(cmd) = cli.command.take() {
         return mk_docker_opts(cmd);
     }
     init_logs(cli.verbosity, cli.log_format);
+    warn_unknown_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

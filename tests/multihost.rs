@@ -535,7 +535,9 @@ fn a_missing_config_is_waited_for() {
     bed.start(0, &[&format!("--healthz-port={P}")]);
     let ns0 = bed.ns(0);
     wait_for("the wait to be logged", Duration::from_secs(10), || {
-        bed.log(0).contains("no network config in etcd yet").then_some(())
+        bed.log(0)
+            .contains("no network config in etcd yet")
+            .then_some(())
     });
     // Alive (/healthz 200) but not ready (/readyz 503); nothing leased.
     assert_eq!(http_get(&ns0, P, "/healthz").map(|r| r.0), Some(200));
@@ -545,7 +547,9 @@ fn a_missing_config_is_waited_for() {
     // A second one, stopped while waiting: a clean exit, nothing left.
     bed.start(1, &[]);
     wait_for("h1 to wait", Duration::from_secs(10), || {
-        bed.log(1).contains("no network config in etcd yet").then_some(())
+        bed.log(1)
+            .contains("no network config in etcd yet")
+            .then_some(())
     });
     assert!(bed.stop(1, libc::SIGTERM).unwrap().success());
     // The config appears: h0 leases, readies, and says it once.
@@ -555,7 +559,60 @@ fn a_missing_config_is_waited_for() {
         (http_get(&ns0, P, "/readyz")?.0 == 200).then_some(())
     });
     let log = bed.log(0);
-    assert_eq!(log.matches("no network config in etcd yet").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("no network config in etcd yet").count(),
+        1,
+        "{log}"
+    );
     assert!(log.contains("the network config appeared"), "{log}");
     assert_eq!(bed.leases().len(), 1);
+}
+
+/// An operator's Go flanneld options work unchanged: single-dash long
+/// flags (`-flag=value` and `-flag value`), ParseBool spellings in flags and
+/// FLANNELD_* variables, and an unknown FLANNELD_* variable is named in a
+/// warning instead of being silently ignored.
+#[test]
+fn go_style_flags_and_booleans_are_accepted() {
+    let bed = Bed::new(1);
+    let h = &bed.hosts[0];
+    let log = bed.dir.join("go-flags.log");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &h.ns])
+        .arg(flanneld_bin())
+        .arg(format!("-etcd-endpoints={}", bed.endpoint))
+        .args(["-subnet-file", &h.subnet_file.display().to_string()])
+        .args(["-iface", "eth0", "-ip-masq=T"])
+        .env("FLANNELD_IPTABLES_FORWARD_RULES", "0")
+        .env("FLANNELD_NO_SUCH_SETTING", "1")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let sn = wait_child_lease(
+        "a lease with Go-style flags",
+        &mut child,
+        &h.subnet_file.clone(),
+        &log,
+    );
+    let ns = bed.ns(0);
+    // -ip-masq=T: flannel's nat rules; FLANNELD_IPTABLES_FORWARD_RULES=0: no FORWARD rules.
+    wait_for("the masquerade rules", Duration::from_secs(10), || {
+        sh(&["ip", "netns", "exec", &ns, "iptables-save", "-t", "nat"])
+            .contains("FLANNEL-POSTRTG")
+            .then_some(())
+    });
+    assert!(
+        !sh(&["ip", "netns", "exec", &ns, "iptables-save", "-t", "filter"]).contains("FLANNEL-FWD")
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("FLANNELD_NO_SUCH_SETTING is set but is not a flanneld setting"),
+        "{text}"
+    );
+    assert!(std::fs::read_to_string(&h.subnet_file)
+        .unwrap()
+        .contains("FLANNEL_IPMASQ=true"));
+    println!("Go-style flags: lease {sn}");
+    assert!(term_child(&mut child));
 }

@@ -40,7 +40,11 @@ fn health_and_metrics_follow_the_daemon_and_the_traffic() {
         http_get(&ns0, PORT, "/readyz")
     });
     assert_eq!(code, 503, "not ready while etcd is away");
-    assert_eq!(http_get(&ns0, PORT, "/healthz").map(|r| r.0), Some(200), "alive while waiting");
+    assert_eq!(
+        http_get(&ns0, PORT, "/healthz").map(|r| r.0),
+        Some(200),
+        "alive while waiting"
+    );
     bed.start_etcd();
     bed.wait_subnet(0);
     bed.start_ready(1);

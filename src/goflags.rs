@@ -49,10 +49,7 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 }
 
 /// The `FLANNELD_*` variables in `env` that name no setting we know, sorted.
-pub fn unknown_env<'a>(
-    env: impl IntoIterator<Item = (String, String)>,
-    known: &[&'a str],
-) -> Vec<String> {
+pub fn unknown_env(env: impl IntoIterator<Item = (String, String)>, known: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = env
         .into_iter()
         .map(|(k, _)| k)

@@ -506,7 +506,7 @@ pub async fn run<S: LeaseStore>(
             .with_context(|| format!("binding --healthz-ip/--healthz-port {addr}"))?;
         tokio::spawn(ops::serve(listener, registry, stats.clone()));
     }
-    let ext = crate::iface::find_external(&opts.ifaces)?;
+    let ext = crate::iface::find_external(&opts.ifaces, opts.public_ip)?;
     let public_ip = opts.public_ip.unwrap_or(ext.addr);
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 

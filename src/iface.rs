@@ -80,8 +80,12 @@ pub fn mtu(name: &str) -> io::Result<u32> {
 }
 
 /// Picks the external interface as flannel does: the first `--iface` entry
-/// (a name or an address) that exists, else the default route's interface.
-pub fn find_external(ifaces: &[String]) -> anyhow::Result<ExternalIface> {
+/// (a name or an address) that exists, else the interface that owns
+/// `--public-ip`, else the default route's interface.
+pub fn find_external(
+    ifaces: &[String],
+    public_ip: Option<Ipv4Addr>,
+) -> anyhow::Result<ExternalIface> {
     use anyhow::{bail, Context};
     let addrs = ipv4_addresses().context("listing interface addresses")?;
     let pick = |name: &str, addr: Ipv4Addr| -> anyhow::Result<ExternalIface> {
@@ -105,6 +109,14 @@ pub fn find_external(ifaces: &[String]) -> anyhow::Result<ExternalIface> {
             "none of --iface {:?} is an interface (or address) with an IPv4 address here",
             ifaces
         );
+    }
+    // As flannel: without --iface, --public-ip picks the interface that owns
+    // it. A PublicIP no interface has (a NAT address) falls back to the
+    // default route's interface.
+    if let Some(ip) = public_ip {
+        if let Some((n, a)) = addrs.iter().find(|(_, a)| *a == ip) {
+            return pick(n, *a);
+        }
     }
     let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
     let Some(name) = default_route_iface(&routes) else {

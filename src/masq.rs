@@ -153,8 +153,17 @@ fn feed(program: &str, args: &[&str], input: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long `iptables-restore` waits for the xtables lock that kube-proxy,
+/// Docker or firewalld may hold (Go flanneld passes `--wait` too); bounded,
+/// so a stuck holder delays a resync instead of blocking it for ever.
+const XTABLES_WAIT_SECS: &str = "5";
+
 fn restore(input: &str) -> std::io::Result<()> {
-    feed("iptables-restore", &["--noflush"], input)
+    feed(
+        "iptables-restore",
+        &[&format!("--wait={XTABLES_WAIT_SECS}"), "--noflush"],
+        input,
+    )
 }
 
 /// Makes the host match `want`; returns how many tables had to be fixed.

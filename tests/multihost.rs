@@ -616,3 +616,22 @@ fn go_style_flags_and_booleans_are_accepted() {
     println!("Go-style flags: lease {sn}");
     assert!(term_child(&mut child));
 }
+
+/// `--public-ip` without `--iface` picks the interface that owns that
+/// address (as flannel does), not the default route's.
+#[test]
+fn public_ip_alone_picks_the_interface_that_owns_it() {
+    let mut bed = Bed::new(1);
+    let ns = bed.ns(0);
+    sh(&["ip", "-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    sh(&["ip", "-n", &ns, "addr", "add", "10.77.0.1/24", "dev", "d0"]);
+    sh(&["ip", "-n", &ns, "link", "set", "d0", "up"]);
+    let sn = bed.start_ready_with(0, &["--public-ip=10.77.0.1"]);
+    let log = bed.log(0);
+    assert!(log.contains("iface=d0"), "{log}");
+    let udp = sh(&["ip", "netns", "exec", &ns, "ss", "-Huln"]);
+    assert!(udp.contains("10.77.0.1:8285"), "{udp}");
+    let lease = &bed.leases()[0];
+    assert_eq!(lease.0, key_of(sn));
+    assert!(lease.1.contains("\"10.77.0.1\""), "{lease:?}");
+}

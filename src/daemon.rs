@@ -32,6 +32,10 @@ const ACQUIRE_TRIES: usize = 10;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub ifaces: Vec<String>,
+    /// `--iface-regex`: patterns matched against addresses, then names.
+    pub iface_regex: Vec<String>,
+    /// `--iface-can-reach`: the interface the route to this address uses.
+    pub iface_can_reach: Option<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
     pub subnet_file: PathBuf,
     pub renew_margin: Duration,
@@ -506,7 +510,12 @@ pub async fn run<S: LeaseStore>(
             .with_context(|| format!("binding --healthz-ip/--healthz-port {addr}"))?;
         tokio::spawn(ops::serve(listener, registry, stats.clone()));
     }
-    let ext = crate::iface::find_external(&opts.ifaces, opts.public_ip)?;
+    let ext = crate::iface::find_external(&crate::iface::Selection {
+        ifaces: opts.ifaces.clone(),
+        regexes: opts.iface_regex.clone(),
+        can_reach: opts.iface_can_reach,
+        public_ip: opts.public_ip,
+    })?;
     let public_ip = opts.public_ip.unwrap_or(ext.addr);
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 

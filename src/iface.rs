@@ -79,60 +79,193 @@ pub fn mtu(name: &str) -> io::Result<u32> {
     Ok(unsafe { ifr.ifr_ifru.ifru_mtu } as u32)
 }
 
-/// Picks the external interface as flannel does: the first `--iface` entry
-/// (a name or an address) that exists, else the interface that owns
+/// How to pick the external interface (flannel's flags, in its order of
+/// precedence): `--iface` names or addresses, else `--iface-regex`
+/// patterns, else `--iface-can-reach`, else the interface that owns
 /// `--public-ip`, else the default route's interface.
-pub fn find_external(
-    ifaces: &[String],
-    public_ip: Option<Ipv4Addr>,
-) -> anyhow::Result<ExternalIface> {
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub ifaces: Vec<String>,
+    pub regexes: Vec<String>,
+    pub can_reach: Option<Ipv4Addr>,
+    pub public_ip: Option<Ipv4Addr>,
+}
+
+/// What the host has, for [`choose`]: (name, address) pairs in kernel
+/// order, the default route's interface, and the local address the kernel
+/// would use towards `--iface-can-reach`.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    pub addrs: Vec<(String, Ipv4Addr)>,
+    pub default_iface: Option<String>,
+    pub reach_src: Option<Ipv4Addr>,
+}
+
+/// The external interface's (name, address) by [`Selection`]'s rules; a
+/// pure function. A regex matches an interface's address first (as flannel
+/// checks IPs before names), then its name.
+pub fn choose(sel: &Selection, host: &Host) -> anyhow::Result<(String, Ipv4Addr)> {
     use anyhow::{bail, Context};
-    let addrs = ipv4_addresses().context("listing interface addresses")?;
-    let pick = |name: &str, addr: Ipv4Addr| -> anyhow::Result<ExternalIface> {
-        Ok(ExternalIface {
-            name: name.to_string(),
-            addr,
-            mtu: mtu(name).with_context(|| format!("reading the MTU of {name}"))?,
-        })
-    };
-    if !ifaces.is_empty() {
-        for want in ifaces {
-            if let Ok(ip) = want.parse::<Ipv4Addr>() {
-                if let Some((n, a)) = addrs.iter().find(|(_, a)| *a == ip) {
-                    return pick(n, *a);
-                }
-            } else if let Some((n, a)) = addrs.iter().find(|(n, _)| n == want) {
-                return pick(n, *a);
+    let by_addr = |ip: Ipv4Addr| host.addrs.iter().find(|(_, a)| *a == ip).cloned();
+    if !sel.ifaces.is_empty() {
+        for want in &sel.ifaces {
+            let hit = match want.parse::<Ipv4Addr>() {
+                Ok(ip) => by_addr(ip),
+                Err(_) => host.addrs.iter().find(|(n, _)| n == want).cloned(),
+            };
+            if let Some(hit) = hit {
+                return Ok(hit);
             }
         }
         bail!(
             "none of --iface {:?} is an interface (or address) with an IPv4 address here",
-            ifaces
+            sel.ifaces
         );
     }
-    // As flannel: without --iface, --public-ip picks the interface that owns
-    // it. A PublicIP no interface has (a NAT address) falls back to the
-    // default route's interface.
-    if let Some(ip) = public_ip {
-        if let Some((n, a)) = addrs.iter().find(|(_, a)| *a == ip) {
-            return pick(n, *a);
+    if !sel.regexes.is_empty() {
+        for pattern in &sel.regexes {
+            let re = regex::Regex::new(pattern).with_context(|| {
+                format!("--iface-regex {pattern:?} is not a valid regular expression")
+            })?;
+            let hit = host
+                .addrs
+                .iter()
+                .find(|(_, a)| re.is_match(&a.to_string()))
+                .or_else(|| host.addrs.iter().find(|(n, _)| re.is_match(n)));
+            if let Some(hit) = hit {
+                return Ok(hit.clone());
+            }
         }
+        bail!(
+            "no interface name or IPv4 address matches --iface-regex {:?}",
+            sel.regexes
+        );
     }
-    let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-    let Some(name) = default_route_iface(&routes) else {
+    if let Some(dst) = sel.can_reach {
+        let Some(src) = host.reach_src else {
+            bail!("no route to --iface-can-reach {dst}");
+        };
+        return by_addr(src).with_context(|| {
+            format!("--iface-can-reach {dst}: the route's source {src} is on no interface")
+        });
+    }
+    // A PublicIP no interface has (a NAT address) falls back to the
+    // default route's interface.
+    if let Some(hit) = sel.public_ip.and_then(by_addr) {
+        return Ok(hit);
+    }
+    let Some(name) = &host.default_iface else {
         bail!(
             "no default route to find the external interface: pass --iface NAME or --iface ADDRESS"
         );
     };
-    let Some((_, a)) = addrs.iter().find(|(n, _)| *n == name) else {
-        bail!("default route interface {name} has no IPv4 address: pass --iface");
+    host.addrs
+        .iter()
+        .find(|(n, _)| n == name)
+        .cloned()
+        .with_context(|| {
+            format!("default route interface {name} has no IPv4 address: pass --iface")
+        })
+}
+
+/// The local address the kernel would send from towards `dst` (a UDP
+/// connect: no packet is sent).
+fn source_towards(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.connect((dst, 9))?;
+    match s.local_addr()? {
+        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+        _ => Err(io::Error::other("not IPv4")),
+    }
+}
+
+/// Picks the external interface (see [`Selection`]) on this host.
+pub fn find_external(sel: &Selection) -> anyhow::Result<ExternalIface> {
+    use anyhow::Context;
+    let host = Host {
+        addrs: ipv4_addresses().context("listing interface addresses")?,
+        default_iface: std::fs::read_to_string("/proc/net/route")
+            .ok()
+            .and_then(|r| default_route_iface(&r)),
+        reach_src: sel.can_reach.and_then(|d| source_towards(d).ok()),
     };
-    pick(&name, *a)
+    let (name, addr) = choose(sel, &host)?;
+    Ok(ExternalIface {
+        mtu: mtu(&name).with_context(|| format!("reading the MTU of {name}"))?,
+        name,
+        addr,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host() -> Host {
+        Host {
+            addrs: vec![
+                ("lo".into(), Ipv4Addr::new(127, 0, 0, 1)),
+                ("eth0".into(), Ipv4Addr::new(192, 168, 1, 5)),
+                ("ens7".into(), Ipv4Addr::new(10, 0, 0, 5)),
+                ("wg0".into(), Ipv4Addr::new(172, 20, 0, 1)),
+            ],
+            default_iface: Some("eth0".into()),
+            reach_src: Some(Ipv4Addr::new(172, 20, 0, 1)),
+        }
+    }
+
+    fn pick(sel: Selection) -> anyhow::Result<String> {
+        choose(&sel, &host()).map(|(n, _)| n)
+    }
+
+    #[test]
+    fn external_interface_follows_flannels_precedence() {
+        let s = |f: fn(&mut Selection)| {
+            let mut x = Selection::default();
+            f(&mut x);
+            x
+        };
+        assert_eq!(pick(s(|_| {})).unwrap(), "eth0");
+        assert_eq!(
+            pick(s(|x| x.ifaces = vec!["nope".into(), "10.0.0.5".into()])).unwrap(),
+            "ens7"
+        );
+        assert!(pick(s(|x| x.ifaces = vec!["nope".into()])).is_err());
+        // Regexes: addresses first, then names; the first regex that matches wins.
+        assert_eq!(
+            pick(s(|x| x.regexes = vec!["^10\\.".into()])).unwrap(),
+            "ens7"
+        );
+        assert_eq!(
+            pick(s(|x| x.regexes = vec!["^zz".into(), "^ens".into()])).unwrap(),
+            "ens7"
+        );
+        assert!(pick(s(|x| x.regexes = vec!["^zz".into()])).is_err());
+        let bad = pick(s(|x| x.regexes = vec!["(".into()])).unwrap_err();
+        assert!(format!("{bad:#}").contains("--iface-regex"), "{bad:#}");
+        // --iface wins over the regex, the regex over --iface-can-reach.
+        assert_eq!(
+            pick(s(|x| {
+                x.ifaces = vec!["eth0".into()];
+                x.regexes = vec!["^ens".into()];
+            }))
+            .unwrap(),
+            "eth0"
+        );
+        assert_eq!(
+            pick(s(|x| x.can_reach = Some(Ipv4Addr::new(172, 20, 9, 9)))).unwrap(),
+            "wg0"
+        );
+        // --public-ip picks its owner; an address nobody has falls back.
+        assert_eq!(
+            pick(s(|x| x.public_ip = Some(Ipv4Addr::new(10, 0, 0, 5)))).unwrap(),
+            "ens7"
+        );
+        assert_eq!(
+            pick(s(|x| x.public_ip = Some(Ipv4Addr::new(203, 0, 113, 7)))).unwrap(),
+            "eth0"
+        );
+    }
 
     #[test]
     fn default_route_is_found_in_proc_net_route() {

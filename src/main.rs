@@ -69,6 +69,17 @@ struct Cli {
     #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
     iface: Vec<String>,
 
+    /// Regular expressions matched against each interface's IPv4 address, then
+    /// its name (repeatable or comma-separated); the first that matches picks
+    /// the external interface. Used when --iface is not given.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    iface_regex: Vec<String>,
+
+    /// Use the interface the kernel would use to reach this address. Used when
+    /// neither --iface nor --iface-regex is given.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    iface_can_reach: Option<Ipv4Addr>,
+
     /// IP address other hosts use to reach this one (default: the interface's address).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     public_ip: Option<Ipv4Addr>,
@@ -343,6 +354,8 @@ fn main() -> ExitCode {
     };
     let opts = Options {
         ifaces: cli.iface,
+        iface_regex: cli.iface_regex,
+        iface_can_reach: cli.iface_can_reach,
         public_ip: cli.public_ip,
         subnet_file: cli.subnet_file,
         renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),

@@ -617,21 +617,51 @@ fn go_style_flags_and_booleans_are_accepted() {
     assert!(term_child(&mut child));
 }
 
-/// `--public-ip` without `--iface` picks the interface that owns that
-/// address (as flannel does), not the default route's.
+/// The external interface is picked as flannel picks it: `--public-ip`
+/// alone by the interface that owns it, `--iface-regex` by address or name,
+/// `--iface-can-reach` by the route to that address, never just the default
+/// route's interface when one of them says otherwise.
 #[test]
-fn public_ip_alone_picks_the_interface_that_owns_it() {
+fn the_external_interface_follows_public_ip_regex_and_can_reach() {
     let mut bed = Bed::new(1);
     let ns = bed.ns(0);
-    sh(&["ip", "-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    sh(&[
+        "ip", "-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
     sh(&["ip", "-n", &ns, "addr", "add", "10.77.0.1/24", "dev", "d0"]);
     sh(&["ip", "-n", &ns, "link", "set", "d0", "up"]);
-    let sn = bed.start_ready_with(0, &["--public-ip=10.77.0.1"]);
-    let log = bed.log(0);
-    assert!(log.contains("iface=d0"), "{log}");
-    let udp = sh(&["ip", "netns", "exec", &ns, "ss", "-Huln"]);
-    assert!(udp.contains("10.77.0.1:8285"), "{udp}");
-    let lease = &bed.leases()[0];
-    assert_eq!(lease.0, key_of(sn));
-    assert!(lease.1.contains("\"10.77.0.1\""), "{lease:?}");
+    sh(&["ip", "-n", &ns, "link", "set", "d1", "up"]);
+    sh(&["ip", "-n", &ns, "route", "add", "10.78.0.0/16", "dev", "d0"]);
+    for args in [
+        vec!["--public-ip=10.77.0.1"],
+        vec!["--iface-regex=^nomatch$,^d0$"],
+        vec!["--iface-regex=^10\\.77\\."],
+        vec!["--iface-can-reach=10.78.1.1"],
+    ] {
+        let sn = bed.start_ready_with(0, &args);
+        let log = bed.log(0);
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("using external interface"))
+            .unwrap_or("");
+        assert!(line.contains("iface=d0"), "{args:?}: {line}");
+        let udp = sh(&["ip", "netns", "exec", &ns, "ss", "-Huln"]);
+        assert!(udp.contains("10.77.0.1:8285"), "{args:?}: {udp}");
+        let lease = bed
+            .leases()
+            .into_iter()
+            .find(|(k, _)| *k == key_of(sn))
+            .unwrap();
+        assert!(lease.1.contains("\"10.77.0.1\""), "{args:?}: {lease:?}");
+        assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    }
+    // A regex that matches nothing is a clear error.
+    let out = bed
+        .flanneld_cmd(0, &["--iface-regex=^zz"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--iface-regex"), "{err}");
 }

@@ -10,7 +10,9 @@ use serde_json::{json, Map, Value};
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
-pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: [&str; 7] = [
+    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+];
 
 /// CNI error codes (SPEC.md, "Error").
 pub mod code {
@@ -20,6 +22,8 @@ pub mod code {
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// Plugin-specific (≥ 100): CHECK found the container's network broken.
+    pub const CHECK_FAILED: u32 = 100;
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +57,9 @@ pub struct NetConf {
     pub data_dir: String,
     pub delegate: Map<String, Value>,
     pub ipam: Map<String, Value>,
+    /// Runtime arguments (portMappings, bandwidth, …) the runtime put in our
+    /// config; passed on to the delegate.
+    pub runtime_config: Option<Value>,
 }
 
 impl NetConf {
@@ -102,6 +109,7 @@ impl NetConf {
             data_dir: s("dataDir", DEFAULT_DATA_DIR),
             delegate: obj("delegate")?,
             ipam: obj("ipam")?,
+            runtime_config: o.get("runtimeConfig").filter(|v| !v.is_null()).cloned(),
         })
     }
 }
@@ -150,7 +158,44 @@ pub fn parse_flannel_env(text: &str) -> Result<FlannelEnv, CniError> {
 /// `ipMasq` = !FLANNEL_IPMASQ, `mtu` = FLANNEL_MTU unless given; IPAM
 /// `host-local` (unless given) with one range, FLANNEL_SUBNET, and a route
 /// to FLANNEL_NETWORK added to any routes given.
-pub fn delegate_config(n: &NetConf, f: &FlannelEnv) -> Value {
+/// As flannel's plugin, a delegate may not set `name` (it is the network's)
+/// or `ipam` (flannel's `ipam` key sets it); and its `type` must be a plain
+/// plugin name, as libcni requires, so it cannot run a program outside
+/// CNI_PATH.
+pub fn delegate_config(n: &NetConf, f: &FlannelEnv) -> Result<Value, CniError> {
+    for k in ["name", "ipam"] {
+        if n.delegate.contains_key(k) {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("\"delegate\" may not set \"{k}\""),
+                if k == "ipam" {
+                    "set it with the top-level \"ipam\" key"
+                } else {
+                    ""
+                },
+            ));
+        }
+    }
+    if let Some(t) = n.delegate.get("type") {
+        let ok = t.as_str().is_some_and(valid_plugin_type);
+        if !ok {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("delegate type {t} is not a plugin name"),
+                "a plugin name has no '/' and is not '.' or '..'",
+            ));
+        }
+    }
+    Ok(render_delegate(n, f))
+}
+
+/// A plugin name libcni would look up in CNI_PATH: not empty, no path
+/// separator, not `.` or `..`, no NUL.
+pub fn valid_plugin_type(t: &str) -> bool {
+    !t.is_empty() && !t.contains('/') && !t.contains('\0') && t != "." && t != ".."
+}
+
+fn render_delegate(n: &NetConf, f: &FlannelEnv) -> Value {
     let mut d = n.delegate.clone();
     d.insert("name".into(), json!(n.name));
     d.entry("type").or_insert(json!("bridge"));
@@ -178,6 +223,9 @@ pub fn delegate_config(n: &NetConf, f: &FlannelEnv) -> Value {
     }
     ipam.insert("routes".into(), Value::Array(routes));
     d.insert("ipam".into(), Value::Object(ipam));
+    if let Some(rc) = &n.runtime_config {
+        d.insert("runtimeConfig".into(), rc.clone());
+    }
     Value::Object(d)
 }
 
@@ -209,7 +257,7 @@ mod tests {
             NetConf::parse(br#"{"cniVersion":"1.0.0","name":"cbr0","type":"flannel"}"#).unwrap();
         assert_eq!(n.subnet_file, "/run/flannel/subnet.env");
         assert_eq!(n.data_dir, "/var/lib/cni/flannel");
-        let d = delegate_config(&n, &parse_flannel_env(ENV).unwrap());
+        let d = delegate_config(&n, &parse_flannel_env(ENV).unwrap()).unwrap();
         assert_eq!(
             d,
             json!({
@@ -231,7 +279,7 @@ mod tests {
         .unwrap();
         let mut env = parse_flannel_env(ENV).unwrap();
         env.ipmasq = Some(true);
-        let d = delegate_config(&n, &env);
+        let d = delegate_config(&n, &env).unwrap();
         assert_eq!(d["ipMasq"], json!(false));
         assert_eq!(d["mtu"], json!(1400));
         assert_eq!(d["isGateway"], json!(false));
@@ -249,9 +297,41 @@ mod tests {
         let n = NetConf::parse(br#"{"name":"cbr0","type":"flannel","delegate":{"type":"ptp"}}"#)
             .unwrap();
         let env = parse_flannel_env(&ENV.replace("IPMASQ=false", "IPMASQ=true")).unwrap();
-        let d = delegate_config(&n, &env);
+        let d = delegate_config(&n, &env).unwrap();
         assert_eq!(d["ipMasq"], json!(false));
         assert!(d.get("isGateway").is_none(), "isGateway is for bridge only");
+    }
+
+    #[test]
+    fn delegate_name_ipam_and_odd_types_are_refused_runtime_config_passed_on() {
+        let env = parse_flannel_env(ENV).unwrap();
+        let conf = |delegate: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.1.0","name":"cbr0","type":"flannel","delegate":{delegate},
+                    "runtimeConfig":{{"portMappings":[{{"hostPort":8080,"containerPort":80,"protocol":"tcp"}}]}}}}"#)
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        for bad in [
+            r#"{"name":"x"}"#,
+            r#"{"ipam":{"type":"dhcp"}}"#,
+            r#"{"type":"../evil/x"}"#,
+            r#"{"type":"/bin/sh"}"#,
+            r#"{"type":".."}"#,
+            r#"{"type":""}"#,
+            r#"{"type":7}"#,
+        ] {
+            let e = delegate_config(&conf(bad), &env).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
+        }
+        let d = delegate_config(&conf(r#"{"type":"bridge"}"#), &env).unwrap();
+        assert_eq!(
+            d["runtimeConfig"]["portMappings"][0]["hostPort"],
+            json!(8080)
+        );
+        assert_eq!(d["cniVersion"], json!("1.1.0"));
+        assert!(valid_plugin_type("bridge") && valid_plugin_type("my-plugin.v2"));
     }
 
     #[test]

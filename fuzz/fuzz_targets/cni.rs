@@ -11,8 +11,11 @@ fuzz_target!(|data: &[u8]| {
     let (conf, env) = data.split_at(split);
     let env = String::from_utf8_lossy(env);
     if let (Ok(n), Ok(f)) = (NetConf::parse(conf), parse_flannel_env(&env)) {
-        let d = delegate_config(&n, &f);
-        assert!(d.get("type").is_some() && d["ipam"].get("type").is_some());
+        if let Ok(d) = delegate_config(&n, &f) {
+            let ty = d.get("type").and_then(|t| t.as_str()).expect("a type");
+            assert!(flannel::cni::valid_plugin_type(ty), "{ty:?}");
+            assert!(d["ipam"].get("type").is_some());
+        }
     }
     let vars = parse_env(&env);
     for flags in 0..8u8 {

@@ -16,6 +16,13 @@ fn env(name: &str) -> Result<String, CniError> {
 /// Runs the delegate plugin `ty` from CNI_PATH with `conf` on stdin; its
 /// stdout (a result or a CNI error) is returned with whether it succeeded.
 fn delegate(ty: &str, conf: &[u8]) -> Result<(bool, Vec<u8>), CniError> {
+    if !cni::valid_plugin_type(ty) {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("delegate type {ty:?} is not a plugin name"),
+            "",
+        ));
+    }
     let path = env("CNI_PATH")?;
     let bin = std::env::split_paths(&path)
         .map(|d| d.join(ty))
@@ -51,6 +58,42 @@ fn delegate(ty: &str, conf: &[u8]) -> Result<(bool, Vec<u8>), CniError> {
     Ok((out.status.success(), out.stdout))
 }
 
+/// Runs the delegate with config `d`. CNI 1.1.0 changed no result format
+/// (it added verbs), so when the delegate is older (Debian's bookworm
+/// plugins stop at 1.0.0) it gets the config as 1.0.0 and its answer is
+/// relabelled 1.1.0 for the runtime.
+fn delegate_versioned(ty: &str, d: &Value) -> Result<(bool, Vec<u8>), CniError> {
+    let want = d["cniVersion"].as_str().unwrap_or("");
+    if want == "1.1.0" && !delegate_supports(ty, want) {
+        let mut older = d.clone();
+        older["cniVersion"] = Value::from("1.0.0");
+        let (ok, out) = delegate(ty, &serde_json::to_vec(&older).expect("JSON"))?;
+        let out = match serde_json::from_slice::<Value>(&out) {
+            Ok(mut v) if v.get("cniVersion").is_some() => {
+                v["cniVersion"] = Value::from(want);
+                serde_json::to_vec(&v).expect("JSON")
+            }
+            _ => out,
+        };
+        return Ok((ok, out));
+    }
+    delegate(ty, &serde_json::to_vec(d).expect("JSON"))
+}
+
+/// Whether the delegate's VERSION answer lists `version`.
+fn delegate_supports(ty: &str, version: &str) -> bool {
+    let saved = std::env::var_os("CNI_COMMAND");
+    std::env::set_var("CNI_COMMAND", "VERSION");
+    let r = delegate(ty, br#"{"cniVersion":"1.0.0"}"#);
+    if let Some(c) = saved {
+        std::env::set_var("CNI_COMMAND", c);
+    }
+    r.ok()
+        .and_then(|(_, out)| serde_json::from_slice::<Value>(&out).ok())
+        .and_then(|v| v["supportedVersions"].as_array().cloned())
+        .is_some_and(|a| a.iter().any(|x| x == version))
+}
+
 fn scratch(conf: &NetConf) -> Result<PathBuf, CniError> {
     let id = env("CNI_CONTAINERID")?;
     if !cni::valid_container_id(&id) {
@@ -80,46 +123,63 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
                 )
             })?;
             let fenv = cni::parse_flannel_env(&text)?;
-            let d = cni::delegate_config(&conf, &fenv);
+            let d = cni::delegate_config(&conf, &fenv)?;
             let bytes = serde_json::to_vec(&d).expect("JSON");
             let file = scratch(&conf)?;
-            // Saved for DEL (flannel's plugin does the same), 0600 in a 0700 dir.
+            // Saved for DEL (flannel's plugin does the same), 0600 in a 0700
+            // dir, written to a temporary file and renamed: a crash mid-write
+            // never leaves a half file that would make DEL fail.
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&conf.data_dir)
                 .map_err(|e| io_err("creating dataDir", e))?;
+            let tmp = file.with_extension("tmp");
             std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&file)
-                .and_then(|mut f| f.write_all(&bytes))
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+                .and_then(|_| std::fs::rename(&tmp, &file))
                 .map_err(|e| io_err("saving the delegate config", e))?;
             let ty = d["type"].as_str().unwrap_or("bridge").to_string();
-            let (ok, out) = delegate(&ty, &bytes)?;
+            let (ok, out) = delegate_versioned(&ty, &d)?;
             Ok((out, ok))
         }
         "DEL" => {
             let file = scratch(&conf)?;
-            let bytes = match std::fs::read(&file) {
-                Ok(b) => b,
+            let saved = match std::fs::read(&file) {
+                Ok(b) => serde_json::from_slice::<Value>(&b).ok(),
                 // Already gone (or never added): DEL must succeed.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok((Vec::new(), true))
                 }
-                Err(e) => return Err(io_err("reading the saved delegate config", e)),
+                Err(_) => None,
             };
-            let d: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                CniError::new(
-                    code::DECODE,
-                    "saved delegate config is corrupt",
-                    e.to_string(),
-                )
-            })?;
+            // An unreadable or corrupt saved config: clean up what we can
+            // with the delegate config rendered from today's subnet.env.
+            let d = match saved {
+                Some(d) => d,
+                None => {
+                    eprintln!("flannel: the saved delegate config {} is unreadable; deleting with one rendered from the subnet file", file.display());
+                    match std::fs::read_to_string(&conf.subnet_file)
+                        .ok()
+                        .and_then(|t| cni::parse_flannel_env(&t).ok())
+                        .and_then(|f| cni::delegate_config(&conf, &f).ok())
+                    {
+                        Some(d) => d,
+                        None => {
+                            eprintln!("flannel: no subnet file either; removing the saved config, the delegate's state may remain");
+                            let _ = std::fs::remove_file(&file);
+                            return Ok((Vec::new(), true));
+                        }
+                    }
+                }
+            };
             let ty = d["type"].as_str().unwrap_or("bridge").to_string();
-            let (ok, out) = delegate(&ty, &bytes)?;
+            let (ok, out) = delegate_versioned(&ty, &d)?;
             if ok {
                 let _ = std::fs::remove_file(&file);
             }
@@ -127,24 +187,30 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
         }
         "CHECK" => {
             let file = scratch(&conf)?;
-            let bytes = std::fs::read(&file).map_err(|e| {
-                CniError::new(3, "container unknown to the flannel plugin", e.to_string())
-            })?;
-            let mut d: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                CniError::new(
-                    code::DECODE,
-                    "saved delegate config is corrupt",
+            if let Err(e) = std::fs::metadata(&file) {
+                return Err(CniError::new(
+                    3,
+                    "container unknown to the flannel plugin",
                     e.to_string(),
-                )
-            })?;
-            let ours: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
-            if let Some(prev) = ours.get("prevResult") {
-                d["prevResult"] = prev.clone();
+                ));
             }
-            d["cniVersion"] = Value::String(conf.cni_version.clone());
-            let ty = d["type"].as_str().unwrap_or("bridge").to_string();
-            let (ok, out) = delegate(&ty, &serde_json::to_vec(&d).expect("JSON"))?;
-            Ok((out, ok))
+            // flannel's plugin answers success without looking; we check
+            // that the container still has its interface and addresses.
+            let ours: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
+            let ifname = env("CNI_IFNAME")?;
+            let netns = env("CNI_NETNS")?;
+            let want: Vec<String> = ours["prevResult"]["ips"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|ip| ip["address"].as_str())
+                        .filter_map(|a| a.split('/').next())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            check_container(&netns, &ifname, &want)?;
+            Ok((Vec::new(), true))
         }
         other => Err(CniError::new(
             code::INVALID_ENV,
@@ -155,6 +221,59 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
 }
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+/// CHECK: in the container's network namespace, `ifname` exists and holds
+/// every address of the cached result. Runs on a thread that enters the
+/// namespace (setns affects only the calling thread).
+fn check_container(netns: &str, ifname: &str, want: &[String]) -> Result<(), CniError> {
+    let (netns, ifname, want) = (netns.to_string(), ifname.to_string(), want.to_vec());
+    std::thread::spawn(move || -> Result<(), CniError> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&netns).map_err(|e| {
+            CniError::new(
+                code::INVALID_ENV,
+                format!("opening CNI_NETNS {netns}"),
+                e.to_string(),
+            )
+        })?;
+        // SAFETY: setns on a valid namespace fd, for this thread only.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io_err(
+                "entering the container's network namespace",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let addrs = flannel::iface::ipv4_addresses().map_err(|e| io_err("listing addresses", e))?;
+        let have: Vec<String> = addrs
+            .iter()
+            .filter(|(n, _)| *n == ifname)
+            .map(|(_, a)| a.to_string())
+            .collect();
+        if have.is_empty() && flannel::iface::mtu(&ifname).is_err() {
+            return Err(CniError::new(
+                code::CHECK_FAILED,
+                format!("interface {ifname} not found in the container"),
+                netns,
+            ));
+        }
+        if let Some(missing) = want.iter().find(|a| !have.contains(a)) {
+            return Err(CniError::new(
+                code::CHECK_FAILED,
+                format!("address {missing} is not on {ifname} in the container"),
+                format!("has {have:?}"),
+            ));
+        }
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(CniError::new(
+            code::IO,
+            "checking the container panicked",
+            "",
+        ))
+    })
+}
 
 fn main() -> ExitCode {
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();

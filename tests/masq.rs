@@ -263,3 +263,103 @@ fn run(nft: bool) {
         );
     }
 }
+
+/// The capabilities `dist/flanneld.service` grants, as `setpriv` arguments
+/// (e.g. `-all,+net_admin,+net_raw`).
+fn unit_caps() -> String {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/flanneld.service"
+    ))
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities in the unit");
+    let bound = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit");
+    assert_eq!(line, bound, "ambient and bounding sets differ");
+    let mut s = "-all".to_string();
+    for c in line.split_whitespace() {
+        s.push_str(&format!(
+            ",+{}",
+            c.trim_start_matches("CAP_").to_lowercase()
+        ));
+    }
+    s
+}
+
+/// `--ip-masq` with exactly the unit's capabilities, on the nft-based
+/// iptables and on legacy iptables (`iptables-legacy-restore` first in
+/// PATH, as on a legacy host): the rules are applied either way.
+#[test]
+fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
+    let caps = unit_caps();
+    for legacy in [false, true] {
+        let bed = Bed::new(1);
+        let h = &bed.hosts[0];
+        let bin = bed.dir.join("legacy-bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for (name, target) in [
+            ("iptables-restore", "/usr/sbin/iptables-legacy-restore"),
+            ("iptables-save", "/usr/sbin/iptables-legacy-save"),
+        ] {
+            let _ = std::os::unix::fs::symlink(target, bin.join(name));
+        }
+        let path = if legacy {
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            )
+        } else {
+            std::env::var("PATH").unwrap_or_default()
+        };
+        let log = bed.dir.join(format!("caps-{legacy}.log"));
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns, "setpriv"])
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg("--")
+            .arg(flanneld_bin())
+            .arg(format!("--etcd-endpoints={}", bed.endpoint))
+            .arg(format!("--subnet-file={}", h.subnet_file.display()))
+            .args(["--ip-masq", "--iptables-resync=1"])
+            .env("PATH", &path)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_child_lease(
+            "a lease with the unit's capabilities",
+            &mut child,
+            &h.subnet_file.clone(),
+            &log,
+        );
+        let ns = bed.ns(0);
+        let save = if legacy {
+            "iptables-legacy-save"
+        } else {
+            "iptables-save"
+        };
+        wait_for(
+            &format!("the rules (legacy: {legacy})"),
+            Duration::from_secs(10),
+            || {
+                sh(&["ip", "netns", "exec", &ns, save, "-t", "nat"])
+                    .contains("FLANNEL-POSTRTG")
+                    .then_some(())
+            },
+        );
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !text.contains("applying iptables rules failed"),
+            "legacy {legacy}: {text}"
+        );
+        assert!(term_child(&mut child));
+        assert!(!sh(&["ip", "netns", "exec", &ns, save, "-t", "nat"]).contains("FLANNEL-POSTRTG"));
+    }
+}

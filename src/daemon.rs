@@ -41,6 +41,8 @@ pub struct Options {
     pub renew_margin: Duration,
     pub lease_ttl: Duration,
     pub ip_masq: bool,
+    /// Masquerade without randomised source ports.
+    pub ip_masq_fully_random_disable: bool,
     pub iptables_forward_rules: bool,
     pub iptables_resync: Duration,
     pub tun_name: String,
@@ -308,6 +310,13 @@ fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Opt
         opts.iptables_forward_rules,
         cfg.enable_nftables,
     )
+    .map(|r| {
+        if opts.ip_masq_fully_random_disable {
+            r.without_random_fully()
+        } else {
+            r
+        }
+    })
 }
 
 impl<S: LeaseStore> Control<'_, S> {

@@ -103,6 +103,12 @@ struct Cli {
           default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     ip_masq: bool,
 
+    /// Masquerade without `--random-fully` (flannel's flag, for hosts whose
+    /// kernel or middleboxes mishandle randomised source ports).
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
+    ip_masq_fully_random_disable: bool,
+
     /// Add ACCEPT rules for the Network to the FORWARD chain (FLANNEL-FWD).
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value = "true",
           default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
@@ -361,6 +367,7 @@ fn main() -> ExitCode {
         renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),
         lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
         ip_masq: cli.ip_masq,
+        ip_masq_fully_random_disable: cli.ip_masq_fully_random_disable,
         iptables_forward_rules: cli.iptables_forward_rules,
         iptables_resync: Duration::from_secs(cli.iptables_resync),
         tun_name: cli.tun_name,

@@ -334,6 +334,26 @@ impl RuleSet {
         })
     }
 
+    /// The same rules masquerading without `--random-fully` /
+    /// `fully-random` (flannel's `--ip-masq-fully-random-disable`, for
+    /// kernels or middleboxes that mishandle randomised source ports).
+    pub fn without_random_fully(self) -> Self {
+        match self {
+            RuleSet::Iptables(mut t) => {
+                for table in &mut t {
+                    for r in &mut table.rules {
+                        *r = r.replace(" --random-fully", "");
+                    }
+                }
+                RuleSet::Iptables(t)
+            }
+            RuleSet::Nft { script, rules } => RuleSet::Nft {
+                script: script.replace(" fully-random", ""),
+                rules,
+            },
+        }
+    }
+
     /// Makes the host match; returns whether anything had to be fixed.
     pub fn ensure(&self) -> std::io::Result<bool> {
         match self {
@@ -436,5 +456,35 @@ mod nft_tests {
             RuleSet::Iptables(t) => assert_eq!(t.len(), 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn fully_random_can_be_disabled_on_both_backends() {
+        let (n, s) = (
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.34.0/24".parse().unwrap(),
+        );
+        let text = |r: RuleSet| match r {
+            RuleSet::Iptables(t) => t
+                .iter()
+                .flat_map(|t| t.rules.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            RuleSet::Nft { script, .. } => script,
+        };
+        let ipt = RuleSet::new(n, s, true, true, false).unwrap();
+        assert_eq!(text(ipt.clone()).matches("--random-fully").count(), 2);
+        let off = text(ipt.without_random_fully());
+        assert!(
+            !off.contains("random-fully") && off.matches("-j MASQUERADE").count() == 2,
+            "{off}"
+        );
+        let nft = RuleSet::new(n, s, true, true, true).unwrap();
+        assert_eq!(text(nft.clone()).matches("fully-random").count(), 2);
+        let off = text(nft.without_random_fully());
+        assert!(
+            !off.contains("fully-random") && off.matches(" masquerade comment").count() == 2,
+            "{off}"
+        );
     }
 }

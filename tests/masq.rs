@@ -328,6 +328,12 @@ fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
             .arg(format!("--etcd-endpoints={}", bed.endpoint))
             .arg(format!("--subnet-file={}", h.subnet_file.display()))
             .args(["--ip-masq", "--iptables-resync=1"])
+            // And flannel's --ip-masq-fully-random-disable, on one backend.
+            .args(if legacy {
+                &["--ip-masq-fully-random-disable"][..]
+            } else {
+                &[][..]
+            })
             .env("PATH", &path)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -353,6 +359,12 @@ fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
                     .contains("FLANNEL-POSTRTG")
                     .then_some(())
             },
+        );
+        let nat = sh(&["ip", "netns", "exec", &ns, save, "-t", "nat"]);
+        assert_eq!(
+            nat.matches("--random-fully").count(),
+            if legacy { 0 } else { 2 },
+            "{nat}"
         );
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(

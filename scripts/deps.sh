@@ -33,6 +33,8 @@ NEEDS=(
   openssl:openssl                                   # test certificates
   setpriv:util-linux                                # non-root test
   unshare:util-linux
+  flock:util-linux                                  # xtables lock test
+  /usr/sbin/iptables-legacy-restore:iptables        # legacy-iptables tests
   sysctl:procps
   ps:procps
   iptables:iptables                                 # --ip-masq tests

@@ -375,3 +375,79 @@ fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
         assert!(!sh(&["ip", "netns", "exec", &ns, save, "-t", "nat"]).contains("FLANNEL-POSTRTG"));
     }
 }
+
+/// kube-proxy or Docker holding the xtables lock while flanneld applies its
+/// rules (legacy iptables, where the lock exists): the rules go in once the
+/// lock is free, with no failed attempt. The lock is the host's
+/// (/run/xtables.lock), held here for 2 s.
+#[test]
+fn a_busy_xtables_lock_delays_the_rules_instead_of_failing_them() {
+    let bed = Bed::new(1);
+    let h = &bed.hosts[0];
+    let bin = bed.dir.join("legacy-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (name, target) in [
+        ("iptables-restore", "/usr/sbin/iptables-legacy-restore"),
+        ("iptables-save", "/usr/sbin/iptables-legacy-save"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, bin.join(name));
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut holder = std::process::Command::new("flock")
+        .args(["/run/xtables.lock", "sleep", "2"])
+        .spawn()
+        .unwrap();
+    wait_for("the lock to be held", Duration::from_secs(5), || {
+        let free = std::process::Command::new("flock")
+            .args(["-n", "/run/xtables.lock", "true"])
+            .status()
+            .unwrap()
+            .success();
+        (!free).then_some(())
+    });
+    let log = bed.dir.join("lock.log");
+    let t = Instant::now();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &h.ns])
+        .arg(flanneld_bin())
+        .arg(format!("--etcd-endpoints={}", bed.endpoint))
+        .arg(format!("--subnet-file={}", h.subnet_file.display()))
+        .args(["--ip-masq", "--iptables-forward-rules=false"])
+        .env("PATH", &path)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_child_lease(
+        "a lease while the lock is busy",
+        &mut child,
+        &h.subnet_file.clone(),
+        &log,
+    );
+    let ns = bed.ns(0);
+    wait_for("the rules after the lock", Duration::from_secs(15), || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "iptables-legacy-save",
+            "-t",
+            "nat",
+        ])
+        .contains("FLANNEL-POSTRTG")
+        .then_some(())
+    });
+    println!(
+        "rules applied {:?} after start, the lock held for 2 s",
+        t.elapsed()
+    );
+    let _ = holder.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("applying iptables rules failed"), "{text}");
+    assert!(term_child(&mut child));
+}

@@ -264,6 +264,24 @@ fn run(nft: bool) {
     }
 }
 
+/// A PATH whose `iptables-restore`/`iptables-save` are the legacy ones, as
+/// on a legacy-iptables host.
+fn legacy_path(bed: &Bed) -> String {
+    let bin = bed.dir.join("legacy-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (name, target) in [
+        ("iptables-restore", "/usr/sbin/iptables-legacy-restore"),
+        ("iptables-save", "/usr/sbin/iptables-legacy-save"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, bin.join(name));
+    }
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// The capabilities `dist/flanneld.service` grants, as `setpriv` arguments
 /// (e.g. `-all,+net_admin,+net_raw`).
 fn unit_caps() -> String {
@@ -300,20 +318,8 @@ fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
     for legacy in [false, true] {
         let bed = Bed::new(1);
         let h = &bed.hosts[0];
-        let bin = bed.dir.join("legacy-bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for (name, target) in [
-            ("iptables-restore", "/usr/sbin/iptables-legacy-restore"),
-            ("iptables-save", "/usr/sbin/iptables-legacy-save"),
-        ] {
-            let _ = std::os::unix::fs::symlink(target, bin.join(name));
-        }
         let path = if legacy {
-            format!(
-                "{}:{}",
-                bin.display(),
-                std::env::var("PATH").unwrap_or_default()
-            )
+            legacy_path(&bed)
         } else {
             std::env::var("PATH").unwrap_or_default()
         };
@@ -384,19 +390,7 @@ fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
 fn a_busy_xtables_lock_delays_the_rules_instead_of_failing_them() {
     let bed = Bed::new(1);
     let h = &bed.hosts[0];
-    let bin = bed.dir.join("legacy-bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for (name, target) in [
-        ("iptables-restore", "/usr/sbin/iptables-legacy-restore"),
-        ("iptables-save", "/usr/sbin/iptables-legacy-save"),
-    ] {
-        let _ = std::os::unix::fs::symlink(target, bin.join(name));
-    }
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = legacy_path(&bed);
     let mut holder = std::process::Command::new("flock")
         .args(["/run/xtables.lock", "sleep", "2"])
         .spawn()

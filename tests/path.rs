@@ -214,35 +214,15 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
             let bed = two_hosts(&[mode, &port]);
             for (a, b) in [(0, 1), (1, 0)] {
                 let peer = bed.hosts[b].ip.to_string();
+                let ns_a = bed.ns(a);
                 match case {
-                    SmallPath::RouteMtu => {
-                        sh(&[
-                            "ip",
-                            "-n",
-                            &bed.ns(a),
-                            "route",
-                            "add",
-                            &peer,
-                            "dev",
-                            "eth0",
-                            "mtu",
-                            "1400",
-                        ]);
-                    }
-                    SmallPath::RouteMtuLock => {
-                        sh(&[
-                            "ip",
-                            "-n",
-                            &bed.ns(a),
-                            "route",
-                            "add",
-                            &peer,
-                            "dev",
-                            "eth0",
-                            "mtu",
-                            "lock",
-                            "1400",
-                        ]);
+                    SmallPath::RouteMtu | SmallPath::RouteMtuLock => {
+                        let lock = matches!(case, SmallPath::RouteMtuLock);
+                        let mut args = vec!["ip", "-n", &ns_a, "route", "add", &peer];
+                        args.extend(["dev", "eth0", "mtu"]);
+                        args.extend(lock.then_some("lock"));
+                        args.push("1400");
+                        sh(&args);
                     }
                     SmallPath::FragNeeded => {
                         send_icmp_from_hub(

@@ -272,20 +272,18 @@ impl StopFd {
     }
 }
 
+/// A `pollfd` waiting for `fd` to be readable.
+fn pollin(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 /// Waits until `fd` is readable; false when stop was signalled.
 fn wait_readable(fd: RawFd, stop: &StopFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    let mut fds = [pollin(fd), pollin(stop.0.as_raw_fd())];
     loop {
         // SAFETY: two valid pollfds.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -551,21 +549,9 @@ fn run_combined(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut egress = tun_to_udp(w);
     let mut ingress = udp_to_tun(w);
     let mut fds = [
-        libc::pollfd {
-            fd: w.tun.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: w.sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        pollin(w.tun.as_raw_fd()),
+        pollin(w.sock.as_raw_fd()),
+        pollin(stop.0.as_raw_fd()),
     ];
     loop {
         for f in &mut fds {

@@ -324,32 +324,27 @@ fn ip_masq_works_with_exactly_the_units_capabilities_on_nft_and_legacy() {
             std::env::var("PATH").unwrap_or_default()
         };
         let log = bed.dir.join(format!("caps-{legacy}.log"));
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &h.ns, "setpriv"])
-            .arg(format!("--inh-caps={caps}"))
-            .arg(format!("--ambient-caps={caps}"))
-            .arg(format!("--bounding-set={caps}"))
-            .arg("--")
-            .arg(flanneld_bin())
-            .arg(format!("--etcd-endpoints={}", bed.endpoint))
-            .arg(format!("--subnet-file={}", h.subnet_file.display()))
-            .args(["--ip-masq", "--iptables-resync=1"])
-            // And flannel's --ip-masq-fully-random-disable, on one backend.
-            .args(if legacy {
-                &["--ip-masq-fully-random-disable"][..]
-            } else {
-                &[][..]
-            })
-            .env("PATH", &path)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        wait_child_lease(
-            "a lease with the unit's capabilities",
-            &mut child,
-            &h.subnet_file.clone(),
+        let (mut child, _) = spawn_until_lease(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &h.ns, "setpriv"])
+                .arg(format!("--inh-caps={caps}"))
+                .arg(format!("--ambient-caps={caps}"))
+                .arg(format!("--bounding-set={caps}"))
+                .arg("--")
+                .arg(flanneld_bin())
+                .arg(format!("--etcd-endpoints={}", bed.endpoint))
+                .arg(format!("--subnet-file={}", h.subnet_file.display()))
+                .args(["--ip-masq", "--iptables-resync=1"])
+                // And flannel's --ip-masq-fully-random-disable, on one backend.
+                .args(if legacy {
+                    &["--ip-masq-fully-random-disable"][..]
+                } else {
+                    &[][..]
+                })
+                .env("PATH", &path),
             &log,
+            &h.subnet_file.clone(),
+            "a lease with the unit's capabilities",
         );
         let ns = bed.ns(0);
         let save = if legacy {
@@ -405,22 +400,17 @@ fn a_busy_xtables_lock_delays_the_rules_instead_of_failing_them() {
     });
     let log = bed.dir.join("lock.log");
     let t = Instant::now();
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &h.ns])
-        .arg(flanneld_bin())
-        .arg(format!("--etcd-endpoints={}", bed.endpoint))
-        .arg(format!("--subnet-file={}", h.subnet_file.display()))
-        .args(["--ip-masq", "--iptables-forward-rules=false"])
-        .env("PATH", &path)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_child_lease(
-        "a lease while the lock is busy",
-        &mut child,
-        &h.subnet_file.clone(),
+    let (mut child, _) = spawn_until_lease(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(flanneld_bin())
+            .arg(format!("--etcd-endpoints={}", bed.endpoint))
+            .arg(format!("--subnet-file={}", h.subnet_file.display()))
+            .args(["--ip-masq", "--iptables-forward-rules=false"])
+            .env("PATH", &path),
         &log,
+        &h.subnet_file.clone(),
+        "a lease while the lock is busy",
     );
     let ns = bed.ns(0);
     wait_for("the rules after the lock", Duration::from_secs(15), || {

@@ -459,25 +459,20 @@ fn the_environment_file_a_prefix_and_a_backend_port_are_honoured() {
     for i in 0..2 {
         let h = &bed.hosts[i];
         let log = bed.dir.join(format!("env-h{i}.log"));
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &h.ns])
-            .arg(flanneld_bin())
-            .env("FLANNELD_ETCD_ENDPOINTS", &bed.endpoint)
-            .env("FLANNELD_ETCD_PREFIX", "/my/overlay")
-            .env("FLANNELD_SUBNET_FILE", &h.subnet_file)
-            .env("FLANNELD_IFACE", "eth0")
-            .env("FLANNELD_PUBLIC_IP", h.ip.to_string())
-            .env("FLANNELD_HEALTHZ_IP", "127.0.0.1")
-            .env("FLANNELD_HEALTHZ_PORT", "9115")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let sn = wait_child_lease(
-            &format!("h{i}'s lease"),
-            &mut child,
-            &h.subnet_file.clone(),
+        let (child, sn) = spawn_until_lease(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &h.ns])
+                .arg(flanneld_bin())
+                .env("FLANNELD_ETCD_ENDPOINTS", &bed.endpoint)
+                .env("FLANNELD_ETCD_PREFIX", "/my/overlay")
+                .env("FLANNELD_SUBNET_FILE", &h.subnet_file)
+                .env("FLANNELD_IFACE", "eth0")
+                .env("FLANNELD_PUBLIC_IP", h.ip.to_string())
+                .env("FLANNELD_HEALTHZ_IP", "127.0.0.1")
+                .env("FLANNELD_HEALTHZ_PORT", "9115"),
             &log,
+            &h.subnet_file.clone(),
+            &format!("h{i}'s lease"),
         );
         assert!(
             "10.7.0.0/16"
@@ -577,23 +572,18 @@ fn go_style_flags_and_booleans_are_accepted() {
     let bed = Bed::new(1);
     let h = &bed.hosts[0];
     let log = bed.dir.join("go-flags.log");
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &h.ns])
-        .arg(flanneld_bin())
-        .arg(format!("-etcd-endpoints={}", bed.endpoint))
-        .args(["-subnet-file", &h.subnet_file.display().to_string()])
-        .args(["-iface", "eth0", "-ip-masq=T"])
-        .env("FLANNELD_IPTABLES_FORWARD_RULES", "0")
-        .env("FLANNELD_NO_SUCH_SETTING", "1")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let sn = wait_child_lease(
-        "a lease with Go-style flags",
-        &mut child,
-        &h.subnet_file.clone(),
+    let (mut child, sn) = spawn_until_lease(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(flanneld_bin())
+            .arg(format!("-etcd-endpoints={}", bed.endpoint))
+            .args(["-subnet-file", &h.subnet_file.display().to_string()])
+            .args(["-iface", "eth0", "-ip-masq=T"])
+            .env("FLANNELD_IPTABLES_FORWARD_RULES", "0")
+            .env("FLANNELD_NO_SUCH_SETTING", "1"),
         &log,
+        &h.subnet_file.clone(),
+        "a lease with Go-style flags",
     );
     let ns = bed.ns(0);
     // -ip-masq=T: flannel's nat rules; FLANNELD_IPTABLES_FORWARD_RULES=0: no FORWARD rules.

@@ -989,3 +989,20 @@ pub fn two_hosts(args: &[&str]) -> Bed {
     });
     bed
 }
+
+/// Spawns a flanneld command built outside the bed with its output in
+/// `log`, and waits until it has written a subnet to `subnet_file`.
+pub fn spawn_until_lease(
+    cmd: &mut Command,
+    log: &Path,
+    subnet_file: &Path,
+    what: &str,
+) -> (Child, ipnetwork::Ipv4Network) {
+    let mut child = cmd
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let sn = wait_child_lease(what, &mut child, subnet_file, log);
+    (child, sn)
+}

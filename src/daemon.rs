@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// UDP (8) + IPv4 (20) header bytes the tunnel adds.
-pub const ENCAP_OVERHEAD: u32 = 28;
+pub const ENCAP_OVERHEAD: u32 = crate::wire::ENCAP_OVERHEAD as u32;
 /// Tries at creating a lease before giving up (flannel: 10).
 const ACQUIRE_TRIES: usize = 10;
 

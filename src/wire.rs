@@ -1,12 +1,16 @@
-//! IPv4 and ICMP wire code: a checked zero-copy view over a packet buffer,
-//! TTL decrement with an incremental checksum update, and the ICMP error
-//! builder. Pure and fuzzed; no accessor can panic after `new_checked`.
+//! IPv4, TCP, UDP and ICMP wire code: a checked zero-copy view over a packet
+//! buffer, TTL decrement with an incremental checksum update, header setters
+//! and checksum fill for the offload code, small TCP/UDP header views, the
+//! encapsulation's sizes as named constants, and the ICMP error builder.
+//! Pure and fuzzed; no accessor can panic after `new_checked`.
 
 use std::net::Ipv4Addr;
 
 mod field {
     pub const VER_IHL: usize = 0;
+    pub const TOS: usize = 1;
     pub const TOTAL_LEN: std::ops::Range<usize> = 2..4;
+    pub const IDENT: std::ops::Range<usize> = 4..6;
     pub const FLAGS_FRAG: std::ops::Range<usize> = 6..8;
     pub const TTL: usize = 8;
     pub const PROTOCOL: usize = 9;
@@ -16,6 +20,18 @@ mod field {
 }
 
 pub const IPV4_MIN_HEADER: usize = 20;
+pub const IPV4_MAX_HEADER: usize = 60;
+pub const UDP_HEADER: usize = 8;
+pub const TCP_MIN_HEADER: usize = 20;
+pub const TCP_MAX_HEADER: usize = 60;
+/// Longest IPv4 + TCP header: the most header bytes one segment needs.
+pub const MAX_HEADER_LEN: usize = IPV4_MAX_HEADER + TCP_MAX_HEADER;
+/// Largest IPv4 packet.
+pub const MAX_PACKET: usize = 65535;
+/// What the udp backend adds in front of each packet on the underlay: an
+/// IPv4 header without options and a UDP header. The TUN's MTU is the
+/// underlay's less this.
+pub const ENCAP_OVERHEAD: usize = IPV4_MIN_HEADER + UDP_HEADER;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -124,7 +140,57 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     }
 }
 
+impl<T: AsRef<[u8]>> Ipv4Packet<T> {
+    pub fn tos(&self) -> u8 {
+        self.buf.as_ref()[field::TOS]
+    }
+
+    pub fn ident(&self) -> u16 {
+        let b = &self.buf.as_ref()[field::IDENT];
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    /// The flags and fragment offset word (DF, MF, offset).
+    pub fn flags_frag(&self) -> u16 {
+        let b = &self.buf.as_ref()[field::FLAGS_FRAG];
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    /// A fragment (MF set or a non-zero offset).
+    pub fn is_fragment(&self) -> bool {
+        self.flags_frag() & 0x3fff != 0
+    }
+
+    /// Source and destination address bytes (8, for flow comparisons).
+    pub fn addrs(&self) -> &[u8] {
+        &self.buf.as_ref()[field::SRC.start..field::DST.end]
+    }
+
+    /// The TCP/UDP pseudo-header sum for a transport part of `l4_len` bytes.
+    pub fn pseudo_sum(&self, l4_len: u16) -> u64 {
+        let b = self.buf.as_ref();
+        pseudo_header_sum(&b[field::SRC], &b[field::DST], self.protocol(), l4_len)
+    }
+}
+
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    pub fn set_total_len(&mut self, len: u16) {
+        self.buf.as_mut()[field::TOTAL_LEN].copy_from_slice(&len.to_be_bytes());
+    }
+
+    pub fn set_ident(&mut self, id: u16) {
+        self.buf.as_mut()[field::IDENT].copy_from_slice(&id.to_be_bytes());
+    }
+
+    /// Computes and writes the header checksum over `header_len()` bytes.
+    pub fn fill_checksum(&mut self) {
+        let hl = self.header_len();
+        let b = self.buf.as_mut();
+        b[field::CHECKSUM].copy_from_slice(&[0, 0]);
+        let ck = checksum(&b[..hl]);
+        b[field::CHECKSUM].copy_from_slice(&ck.to_be_bytes());
+    }
+
     /// Decrements the TTL and patches the header checksum incrementally
     /// (RFC 1624), as flannel's proxy does. Returns the new TTL.
     pub fn decrement_ttl(&mut self) -> u8 {
@@ -194,6 +260,116 @@ pub fn checksum_adjust(old_checksum: u16, old_word: u16, new_word: u16) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// TCP header flag bits (byte 13).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
+
+/// A view of a TCP header (the buffer starts at the header; the caller
+/// has checked it holds [`TCP_MIN_HEADER`] bytes, and `header_len()` bytes
+/// before using the options).
+#[derive(Debug)]
+pub struct TcpHeader<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> TcpHeader<T> {
+    /// Byte offset of the checksum field in the TCP header.
+    pub const CHECKSUM_AT: usize = 16;
+
+    pub fn new_unchecked(buf: T) -> Self {
+        TcpHeader { buf }
+    }
+
+    pub fn ports(&self) -> &[u8] {
+        &self.buf.as_ref()[0..4]
+    }
+
+    pub fn seq(&self) -> u32 {
+        let b = self.buf.as_ref();
+        u32::from_be_bytes([b[4], b[5], b[6], b[7]])
+    }
+
+    /// The data offset in bytes.
+    pub fn header_len(&self) -> usize {
+        ((self.buf.as_ref()[12] >> 4) as usize) * 4
+    }
+
+    pub fn flags(&self) -> u8 {
+        self.buf.as_ref()[13]
+    }
+
+    /// Ack number and data offset: what must match for segments to coalesce.
+    pub fn ack_and_offset(&self) -> &[u8] {
+        &self.buf.as_ref()[8..13]
+    }
+
+    pub fn window(&self) -> &[u8] {
+        &self.buf.as_ref()[14..16]
+    }
+
+    pub fn options(&self) -> &[u8] {
+        &self.buf.as_ref()[TCP_MIN_HEADER..self.header_len()]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpHeader<T> {
+    pub fn set_seq(&mut self, seq: u32) {
+        self.buf.as_mut()[4..8].copy_from_slice(&seq.to_be_bytes());
+    }
+
+    pub fn set_flags(&mut self, flags: u8) {
+        self.buf.as_mut()[13] = flags;
+    }
+
+    pub fn set_checksum(&mut self, ck: u16) {
+        let at = Self::CHECKSUM_AT;
+        self.buf.as_mut()[at..at + 2].copy_from_slice(&ck.to_be_bytes());
+    }
+
+    /// Fills the checksum over this header and `payload`, which follows it
+    /// on the wire, given the pseudo-header sum.
+    pub fn fill_checksum(&mut self, pseudo: u64, payload: &[u8]) {
+        self.set_checksum(0);
+        let ck = !fold(sum(payload, sum(self.buf.as_ref(), pseudo)));
+        self.set_checksum(ck);
+    }
+}
+
+/// A view of a UDP header (8 bytes; the caller has checked the length).
+#[derive(Debug)]
+pub struct UdpHeader<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpHeader<T> {
+    pub fn new_unchecked(buf: T) -> Self {
+        UdpHeader { buf }
+    }
+
+    pub fn set_len(&mut self, len: u16) {
+        self.buf.as_mut()[4..6].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Fills the checksum over this header and `payload`, given the
+    /// pseudo-header sum. A computed 0 is sent as 0xffff (0 means "no
+    /// checksum" in UDP over IPv4).
+    pub fn fill_checksum(&mut self, pseudo: u64, payload: &[u8]) {
+        let b = self.buf.as_mut();
+        b[6..8].copy_from_slice(&[0, 0]);
+        let ck = !fold(sum(payload, sum(&b[..UDP_HEADER], pseudo)));
+        let ck = if ck == 0 { 0xffff } else { ck };
+        b[6..8].copy_from_slice(&ck.to_be_bytes());
+    }
 }
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -351,6 +527,37 @@ pub(crate) mod tests {
             assert!(v.header_checksum_ok(), "ttl {ttl}");
             assert_eq!(v.ttl(), ttl - 1);
         }
+    }
+
+    #[test]
+    fn setters_and_checksum_fills_give_valid_headers() {
+        let mut p = udp_packet([10, 5, 1, 2], [10, 5, 2, 3], 64, b"payload!");
+        let mut ip = Ipv4Packet::new_unchecked(&mut p[..IPV4_MIN_HEADER]);
+        ip.set_ident(0xbeef);
+        ip.set_total_len(36);
+        ip.fill_checksum();
+        assert!(ip.header_checksum_ok());
+        assert_eq!((ip.ident(), ip.total_len()), (0xbeef, 36));
+        let pseudo = ip.pseudo_sum(16);
+        let (h, rest) = p[IPV4_MIN_HEADER..].split_at_mut(UDP_HEADER);
+        let mut u = UdpHeader::new_unchecked(&mut *h);
+        u.set_len(16);
+        u.fill_checksum(pseudo, rest);
+        // A filled checksum verifies: the sum over everything folds to 0xffff.
+        assert_eq!(fold(sum(rest, sum(h, pseudo))), 0xffff);
+
+        // TCP: 20-byte header, sequence and flags set, checksum verifies.
+        let mut t = [0u8; 24];
+        t[12] = 5 << 4;
+        let mut th = TcpHeader::new_unchecked(&mut t[..20]);
+        th.set_seq(0x0102_0304);
+        th.set_flags(tcp_flags::ACK | tcp_flags::PSH);
+        assert_eq!((th.seq(), th.header_len()), (0x0102_0304, 20));
+        let data = b"data";
+        th.fill_checksum(7, data);
+        assert_eq!(fold(sum(data, sum(&t[..20], 7))), 0xffff);
+        assert_eq!(ENCAP_OVERHEAD, 28);
+        assert_eq!(MAX_HEADER_LEN, 120);
     }
 
     #[test]

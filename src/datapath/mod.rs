@@ -18,7 +18,7 @@ use crate::forward::{egress, ingress, Counters, DropReason, Egress, IcmpLimit, I
 use crate::routes::RouteTable;
 use crate::wire::{self, Ipv4Packet};
 use batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT};
-use offload::{VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
+use offload::{SegmentPiece, Segments, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tun::{Tun, TunFlags};
+use tun::Tun;
 pub use udp::bind_udp;
 use udp::send_socket;
 
@@ -100,73 +100,18 @@ pub fn open(
     sources: SourcePorts,
 ) -> io::Result<Devices> {
     let workers = workers.max(1);
-    let multi_queue = workers > 1;
-    let mut caps = Caps::default();
-    // A pre-created single-queue device (a fixed name, no %d) refuses
-    // IFF_MULTI_QUEUE: use one queue.
-    let multi_queue = multi_queue
-        && (pattern.contains('%') || {
-            let probe = TunFlags {
-                vnet_hdr: false,
-                multi_queue: true,
-            };
-            match Tun::create(pattern, probe) {
-                // EINVAL (kept as the kind; the message names the device).
-                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                    tracing::warn!("{pattern} is a single-queue TUN: using one worker");
-                    false
-                }
-                _ => true, // the probe closes again (or the error repeats below)
-            }
-        });
+    let multi_queue = workers > 1 && Tun::takes_multi_queue(pattern);
     let workers = if multi_queue { workers } else { 1 };
-    let first = match mode {
-        OffloadMode::Off => None,
-        OffloadMode::Auto => {
-            let t = Tun::create(
-                pattern,
-                TunFlags {
-                    vnet_hdr: true,
-                    multi_queue,
-                },
-            )?;
-            let base = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-            if t.set_offload(base | libc::TUN_F_USO4 | libc::TUN_F_USO6)
-                .is_ok()
-            {
-                caps.tun_offload = true;
-                caps.tun_uso = true;
-                Some(t)
-            } else if t.set_offload(base).is_ok() {
-                caps.tun_offload = true;
-                Some(t)
-            } else {
-                None // dropped: the device goes away
-            }
-        }
-    };
-    let first = match first {
-        Some(t) => t,
-        None => Tun::create(
-            pattern,
-            TunFlags {
-                vnet_hdr: false,
-                multi_queue,
-            },
-        )?,
+    let (first, offloads) = Tun::open_offloaded(pattern, multi_queue, mode == OffloadMode::Auto)?;
+    let mut caps = Caps {
+        tun_offload: offloads.tso,
+        tun_uso: offloads.uso,
+        ..Caps::default()
     };
     let mut tuns = vec![first];
     for _ in 1..workers {
         let q = tuns[0].attach()?;
-        if caps.tun_offload {
-            let f = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-            let uso = if caps.tun_uso {
-                libc::TUN_F_USO4 | libc::TUN_F_USO6
-            } else {
-                0
-            };
-            q.set_offload(f | uso)?;
-        }
+        q.set_offloads(offloads)?;
         tuns.push(q);
     }
     let mut queues = Vec::with_capacity(workers);
@@ -515,16 +460,6 @@ fn unsent(v: Egress, t: &mut Tally) -> Option<(u8, u8)> {
 
 type Drain<'a> = Box<dyn FnMut() -> io::Result<()> + 'a>;
 
-/// The egress drain of a worker: reads the TUN until it is empty (or a
-/// batch is not full) and sends what it read.
-fn tun_to_udp(w: &Worker) -> Drain<'_> {
-    if w.tun.vnet_hdr() {
-        tun_to_udp_offload(w)
-    } else {
-        tun_to_udp_plain(w)
-    }
-}
-
 /// One thread per direction: each sleeps in poll() on its own descriptor.
 fn run_split_egress(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut drain = tun_to_udp(w);
@@ -578,63 +513,35 @@ fn run_combined(w: &Worker, stop: &StopFd) -> io::Result<()> {
     }
 }
 
-/// One read per packet, one `sendmmsg` per batch of up to 64.
-fn tun_to_udp_plain(w: &Worker) -> Drain<'_> {
-    let mut slots = Slots::new(BATCH, SLOT);
-    let mut mmsg = Mmsg::new(BATCH, BATCH);
-    let mut icmp = Icmp::new();
-    let sock = w.tx.as_raw_fd();
-    Box::new(move || {
-        loop {
-            let n = read_tun(&w.tun, &mut slots)?;
-            if n == 0 {
-                break;
-            }
-            let mut t = Tally {
-                tun_rx_packets: n as u64,
-                ..Tally::default()
-            };
-            let routes = w.shared.routes.load();
-            for i in 0..n {
-                let v = egress(slots.packet_mut(i), &routes);
-                if let Egress::Send(peer) = v {
-                    t.udp_tx_bytes += slots.len[i] as u64;
-                    mmsg.queue(slots.start(i), slots.len[i], peer);
-                } else if let Some(answer) = unsent(v, &mut t) {
-                    icmp_reply(w, slots.packet(i), answer, &mut icmp, &mut t);
-                }
-            }
-            flush(&mut mmsg, sock, slots.bytes_mut(), &mut [], &mut t);
-            w.shared.counters.egress.add(&t);
-            w.shared.counters.tx_batch(n);
-            if n < slots.count() {
-                break;
-            }
-        }
-        Ok(())
-    })
-}
-
 /// Segments whose headers are built and queued at a time: one GSO send's worth.
 const CHUNK: usize = MAX_GSO_SEGMENTS;
 /// Bytes of segment headers built per batch before it must be flushed:
-/// 16 chunks of the largest header (IPv4 + TCP with options, 120 bytes).
-const HEADER_AREA: usize = 16 * CHUNK * 120;
+/// 16 chunks of the longest header.
+const HEADER_AREA: usize = 16 * CHUNK * wire::MAX_HEADER_LEN;
 /// Messages and iovecs per egress batch with offloads.
 const OFFLOAD_MSGS: usize = 16 * CHUNK;
 
-/// Super-packets from the TUN, cut into MTU-sized packets without copying
-/// the payload: each segment is gathered from its freshly built header and
-/// its slice of the super-packet, and a run of segments to one peer goes
-/// out as one UDP GSO message (or one message per segment without GSO).
-/// A super-packet of any size (a small MSS makes over a thousand segments)
+/// The egress drain of a worker: reads the TUN until it is empty (or a
+/// batch is not full) and sends what it read, with one loop for every kind
+/// of packet: each becomes its [`Segments`] — a plain packet one segment
+/// sent as it is, a TSO/USO super-packet (with a vnet TUN) MTU-sized
+/// segments gathered from a freshly built header and their slice of the
+/// payload, without copying it. A run of segments to one peer goes out as
+/// one UDP GSO message (or one message per segment without GSO). A
+/// super-packet of any size (a small MSS makes over a thousand segments)
 /// is handled a chunk at a time; the batch is flushed whenever its message
 /// slots, iovecs or header area would overflow.
-fn tun_to_udp_offload(w: &Worker) -> Drain<'_> {
-    let mut rx = Slots::new(OFFLOAD_BATCH, SLOT);
-    let mut headers = vec![0u8; HEADER_AREA];
+fn tun_to_udp(w: &Worker) -> Drain<'_> {
+    let vnet = if w.tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
+    let (batch, msgs, area) = if vnet > 0 {
+        (OFFLOAD_BATCH, OFFLOAD_MSGS, HEADER_AREA)
+    } else {
+        (BATCH, BATCH, 0)
+    };
+    let mut rx = Slots::new(batch, SLOT);
+    let mut headers = vec![0u8; area];
     let mut hoff = 0;
-    let mut mmsg = Mmsg::new(OFFLOAD_MSGS, 2 * OFFLOAD_MSGS);
+    let mut mmsg = Mmsg::new(msgs, 2 * msgs);
     let mut icmp = Icmp::new();
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.tx.as_raw_fd();
@@ -650,13 +557,20 @@ fn tun_to_udp_offload(w: &Worker) -> Drain<'_> {
             };
             let routes = w.shared.routes.load();
             for i in 0..n {
-                let start = rx.start(i) + VNET_HDR_LEN;
+                let start = rx.start(i) + vnet;
                 let raw = rx.packet_mut(i);
-                let Ok(hdr) = VnetHdr::decode(raw) else {
-                    t.drop(DropReason::Malformed);
-                    continue;
+                let hdr = if vnet > 0 {
+                    match VnetHdr::decode(raw) {
+                        Ok(h) => h,
+                        Err(_) => {
+                            t.drop(DropReason::Malformed);
+                            continue;
+                        }
+                    }
+                } else {
+                    VnetHdr::default()
                 };
-                let pkt = &mut raw[VNET_HDR_LEN..];
+                let pkt = &mut raw[vnet..];
                 if hdr.gso_type == GSO_NONE
                     && hdr.flags & offload::F_NEEDS_CSUM != 0
                     && offload::complete_checksum(pkt, &hdr).is_err()
@@ -671,63 +585,41 @@ fn tun_to_udp_offload(w: &Worker) -> Drain<'_> {
                     }
                     continue;
                 };
-                if hdr.gso_type == GSO_NONE {
-                    let len = pkt.len();
-                    if !mmsg.has_room_for(1, 1) {
-                        flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
-                        gso_off.refused(&mmsg.gso_refused);
-                        hoff = 0;
-                    }
-                    t.udp_tx_bytes += len as u64;
-                    mmsg.queue(start, len, peer);
+                let Ok(segs) = Segments::of(pkt, &hdr) else {
+                    t.drop(DropReason::Malformed);
                     continue;
-                }
-                let plan = match offload::split_plan(pkt, &hdr) {
-                    Ok(p) => p,
-                    Err(_) => {
-                        t.drop(DropReason::Malformed);
-                        continue;
-                    }
                 };
-                t.udp_tx_bytes += plan.total() as u64;
+                t.udp_tx_bytes += segs.total() as u64;
                 // One GSO send carries at most 64 segments and 64 KB.
-                let per = if w.caps.udp_gso && plan.count > 1 && gso_off.allows(*peer.ip()) {
-                    MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / plan.seg_len()).max(1)
+                let per = if w.caps.udp_gso && segs.count() > 1 && gso_off.allows(*peer.ip()) {
+                    MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / segs.seg_len()).max(1)
                 } else {
                     1
                 };
                 let mut first = 0;
-                while first < plan.count {
-                    let chunk = first..(first + CHUNK).min(plan.count);
-                    let bytes = chunk.len() * plan.hlen;
-                    if !mmsg.has_room_for(chunk.len().div_ceil(per), 2 * chunk.len())
+                while first < segs.count() {
+                    let chunk = first..(first + CHUNK).min(segs.count());
+                    let bytes = segs.header_bytes(chunk.len());
+                    if !mmsg.has_room_for(chunk.len().div_ceil(per), segs.pieces_for(chunk.len()))
                         || hoff + bytes > headers.len()
                     {
                         flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
                         gso_off.refused(&mmsg.gso_refused);
                         hoff = 0;
                     }
-                    let pkt = &rx.packet(i)[VNET_HDR_LEN..];
-                    offload::write_split_headers(
-                        pkt,
-                        &plan,
-                        chunk.clone(),
-                        &mut headers[hoff..hoff + bytes],
-                    )
-                    .expect("room checked above");
+                    let pkt = &rx.packet(i)[vnet..];
+                    segs.write_headers(pkt, chunk.clone(), &mut headers[hoff..hoff + bytes])
+                        .expect("room checked above");
                     for c in chunk.clone().step_by(per) {
-                        let segs = c..(c + per).min(chunk.end);
-                        let gso = if segs.len() > 1 {
-                            plan.seg_len() as u16
+                        let run = c..(c + per).min(chunk.end);
+                        let gso = if run.len() > 1 {
+                            segs.seg_len() as u16
                         } else {
                             0
                         };
-                        let pieces = segs.flat_map(|k| {
-                            let d = plan.data(k);
-                            [
-                                (Buf::Aux, hoff + (k - chunk.start) * plan.hlen, plan.hlen),
-                                (Buf::Main, start + d.start, d.len()),
-                            ]
+                        let pieces = segs.pieces(run, chunk.start).map(|p| match p {
+                            SegmentPiece::Header(at, len) => (Buf::Aux, hoff + at, len),
+                            SegmentPiece::Payload(r) => (Buf::Main, start + r.start, r.len()),
                         });
                         mmsg.queue_gather(pieces, peer, gso);
                     }

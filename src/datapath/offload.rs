@@ -7,7 +7,12 @@
 //! Offloads are local to this host: every datagram on the wire is still one
 //! ordinary IPv4 packet with correct checksums.
 
-use crate::wire::{fold, pseudo_header_sum, sum, PROTO_TCP, PROTO_UDP};
+use crate::wire::tcp_flags::{ACK, CWR, ECE, FIN, PSH, RST, SYN, URG};
+pub use crate::wire::MAX_PACKET;
+use crate::wire::{
+    fold, sum, Ipv4Packet, TcpHeader, UdpHeader, IPV4_MIN_HEADER, MAX_HEADER_LEN, PROTO_TCP,
+    PROTO_UDP, TCP_MAX_HEADER, TCP_MIN_HEADER, UDP_HEADER,
+};
 
 pub const VNET_HDR_LEN: usize = 10;
 pub const F_NEEDS_CSUM: u8 = 1;
@@ -18,15 +23,6 @@ pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
 /// The most segments one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS).
 pub const MAX_GSO_SEGMENTS: usize = 64;
-/// Largest IPv4 packet.
-pub const MAX_PACKET: usize = 65535;
-
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_PSH: u8 = 0x08;
-const TCP_ACK: u8 = 0x10;
-const TCP_URG: u8 = 0x20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OffloadError {
@@ -145,32 +141,32 @@ impl SplitPlan {
 /// headers are then written a range at a time ([`write_split_headers`]).
 pub fn split_plan(pkt: &[u8], hdr: &VnetHdr) -> Result<SplitPlan, OffloadError> {
     let bad = OffloadError::BadPacket;
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+    if pkt.len() < IPV4_MIN_HEADER || pkt[0] >> 4 != 4 {
         return Err(bad);
     }
-    let iph = ((pkt[0] & 0x0f) as usize) * 4;
-    let proto = pkt[9];
+    let ip = Ipv4Packet::new_unchecked(pkt);
+    let iph = ip.header_len();
     let tcp = match hdr.gso_type & !GSO_ECN {
-        GSO_TCPV4 if proto == PROTO_TCP => true,
-        GSO_UDP_L4 if proto == PROTO_UDP => false,
+        GSO_TCPV4 if ip.protocol() == PROTO_TCP => true,
+        GSO_UDP_L4 if ip.protocol() == PROTO_UDP => false,
         t => return Err(OffloadError::GsoType(t)),
     };
-    if iph < 20 || hdr.csum_start as usize != iph {
+    if iph < IPV4_MIN_HEADER || hdr.csum_start as usize != iph {
         return Err(bad);
     }
     // Do not trust hdr_len (it can cover the whole first packet on the
     // forwarding path): derive it from the transport header.
     let th = if tcp {
-        if pkt.len() < iph + 20 {
+        if pkt.len() < iph + TCP_MIN_HEADER {
             return Err(bad);
         }
-        let l = ((pkt[iph + 12] >> 4) as usize) * 4;
-        if !(20..=60).contains(&l) {
+        let l = TcpHeader::new_unchecked(&pkt[iph..]).header_len();
+        if !(TCP_MIN_HEADER..=TCP_MAX_HEADER).contains(&l) {
             return Err(bad);
         }
         l
     } else {
-        8
+        UDP_HEADER
     };
     let hlen = iph + th;
     let gso = hdr.gso_size as usize;
@@ -203,46 +199,149 @@ pub fn write_split_headers(
     if segs.end > plan.count || out.len() < segs.len() * hlen {
         return Err(OffloadError::NoRoom);
     }
-    let (iph, tcp, gso) = (plan.iph, plan.tcp, plan.gso);
+    let (iph, gso) = (plan.iph, plan.gso);
     let th = hlen - iph;
-    let proto = pkt[9];
-    let id = u16::from_be_bytes([pkt[4], pkt[5]]);
-    let seq = u32::from_be_bytes([pkt[iph + 4], pkt[iph + 5], pkt[iph + 6], pkt[iph + 7]]);
-    let csum_at = if tcp { 16 } else { 6 };
+    let id = Ipv4Packet::new_unchecked(pkt).ident();
+    let seq = TcpHeader::new_unchecked(&pkt[iph..]).seq();
     for (j, k) in segs.enumerate() {
         let data = &pkt[plan.data(k)];
-        let len = hlen + data.len();
         let o = &mut out[j * hlen..(j + 1) * hlen];
         o.copy_from_slice(&pkt[..hlen]);
-        // IPv4 header.
-        o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        o[4..6].copy_from_slice(&id.wrapping_add(k as u16).to_be_bytes());
-        o[10] = 0;
-        o[11] = 0;
-        let ck = !fold(sum(&o[..iph], 0));
-        o[10..12].copy_from_slice(&ck.to_be_bytes());
         let (ip, t) = o.split_at_mut(iph);
-        // Transport header.
-        if tcp {
-            t[4..8].copy_from_slice(&seq.wrapping_add((k * gso) as u32).to_be_bytes());
+        let mut ip = Ipv4Packet::new_unchecked(ip);
+        ip.set_total_len((hlen + data.len()) as u16);
+        ip.set_ident(id.wrapping_add(k as u16));
+        ip.fill_checksum();
+        let pseudo = ip.pseudo_sum((th + data.len()) as u16);
+        if plan.tcp {
+            let mut t = TcpHeader::new_unchecked(t);
+            t.set_seq(seq.wrapping_add((k * gso) as u32));
+            let mut flags = t.flags();
             if k + 1 != plan.count {
-                t[13] &= !(TCP_FIN | TCP_PSH);
+                flags &= !(FIN | PSH);
             }
             if k != 0 {
-                t[13] &= !0x80;
+                flags &= !CWR;
             }
+            t.set_flags(flags);
+            t.fill_checksum(pseudo, data);
         } else {
-            t[4..6].copy_from_slice(&((th + data.len()) as u16).to_be_bytes());
+            let mut u = UdpHeader::new_unchecked(t);
+            u.set_len((th + data.len()) as u16);
+            u.fill_checksum(pseudo, data);
         }
-        t[csum_at] = 0;
-        t[csum_at + 1] = 0;
-        let pseudo = pseudo_header_sum(&ip[12..16], &ip[16..20], proto, (th + data.len()) as u16);
-        let ck = !fold(sum(data, sum(t, pseudo)));
-        // UDP: a computed 0 is sent as 0xffff (0 means "no checksum").
-        let ck = if !tcp && ck == 0 { 0xffff } else { ck };
-        t[csum_at..csum_at + 2].copy_from_slice(&ck.to_be_bytes());
     }
     Ok(())
+}
+
+/// What one packet read from the TUN becomes on the wire: a plain packet
+/// is one segment sent as it is; a TSO/USO super-packet is cut into
+/// segments, each a header built apart followed by its slice of the
+/// payload. The TUN → UDP loop walks this, a chunk of segments at a time,
+/// whatever the packet was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segments {
+    /// The packet as it is (`len` bytes).
+    Whole(usize),
+    /// A super-packet's segments.
+    Split(SplitPlan),
+}
+
+/// One piece of a segment: header bytes built in the header area (offset
+/// relative to where its chunk's headers start, length), or payload bytes
+/// of the packet read (a range in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentPiece {
+    Header(usize, usize),
+    Payload(std::ops::Range<usize>),
+}
+
+impl Segments {
+    /// The segments of `pkt` as its vnet header describes it (no vnet
+    /// header, or `GSO_NONE`: the packet whole).
+    pub fn of(pkt: &[u8], hdr: &VnetHdr) -> Result<Self, OffloadError> {
+        if hdr.gso_type == GSO_NONE {
+            Ok(Segments::Whole(pkt.len()))
+        } else {
+            split_plan(pkt, hdr).map(Segments::Split)
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        match self {
+            Segments::Whole(_) => 1,
+            Segments::Split(p) => p.count,
+        }
+    }
+
+    /// Bytes sent in all.
+    pub fn total(&self) -> usize {
+        match self {
+            Segments::Whole(len) => *len,
+            Segments::Split(p) => p.total(),
+        }
+    }
+
+    /// The UDP GSO segment size (every segment's length but the last's).
+    pub fn seg_len(&self) -> usize {
+        match self {
+            Segments::Whole(len) => *len,
+            Segments::Split(p) => p.seg_len(),
+        }
+    }
+
+    /// Header bytes `n` segments need built.
+    pub fn header_bytes(&self, n: usize) -> usize {
+        match self {
+            Segments::Whole(_) => 0,
+            Segments::Split(p) => n * p.hlen,
+        }
+    }
+
+    /// Pieces (iovecs) `n` segments take.
+    pub fn pieces_for(&self, n: usize) -> usize {
+        match self {
+            Segments::Whole(_) => n,
+            Segments::Split(_) => 2 * n,
+        }
+    }
+
+    /// Builds the headers of segments `segs` into `out`
+    /// ([`header_bytes`](Self::header_bytes) of them).
+    pub fn write_headers(
+        &self,
+        pkt: &[u8],
+        segs: std::ops::Range<usize>,
+        out: &mut [u8],
+    ) -> Result<(), OffloadError> {
+        match self {
+            Segments::Whole(_) => Ok(()),
+            Segments::Split(p) => write_split_headers(pkt, p, segs, out),
+        }
+    }
+
+    /// The pieces of segments `segs`, whose chunk's headers start with
+    /// segment `chunk_start`.
+    pub fn pieces(
+        &self,
+        segs: std::ops::Range<usize>,
+        chunk_start: usize,
+    ) -> impl Iterator<Item = SegmentPiece> + '_ {
+        let (whole, plan) = match self {
+            Segments::Whole(len) => (Some(*len), None),
+            Segments::Split(p) => (None, Some(*p)),
+        };
+        let whole = whole.map(|len| SegmentPiece::Payload(0..len)).into_iter();
+        let split = plan.into_iter().flat_map(move |p| {
+            segs.clone().flat_map(move |k| {
+                [
+                    SegmentPiece::Header((k - chunk_start) * p.hlen, p.hlen),
+                    SegmentPiece::Payload(p.data(k)),
+                ]
+            })
+        });
+        whole.chain(split)
+    }
 }
 
 /// [`split_plan`] and the headers of every segment into `headers`.
@@ -285,8 +384,8 @@ pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, Off
 }
 
 /// Room for the headers of every segment of a 64 KB super-packet even with
-/// tiny segments (at most 120 bytes of IPv4 + TCP header each).
-pub const MAX_GSO_HEADERS: usize = 120 * 1024;
+/// tiny segments (at most [`MAX_HEADER_LEN`] bytes each).
+pub const MAX_GSO_HEADERS: usize = MAX_HEADER_LEN * 1024;
 
 /// Facts about a TCP segment that GRO compares, or `None` if the packet may
 /// not be coalesced (not IPv4/TCP, options, fragments, flags other than
@@ -300,51 +399,60 @@ pub struct TcpSeg {
 }
 
 pub fn tcp_segment(p: &[u8]) -> Option<TcpSeg> {
-    if p.len() < 40 || p[0] != 0x45 || p[9] != PROTO_TCP {
+    // IPv4 without options (the header we rebuild is the first packet's).
+    if p.len() < IPV4_MIN_HEADER + TCP_MIN_HEADER || p[0] != 0x45 {
         return None;
     }
-    // No fragments (MF or offset).
-    if u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
+    let ip = Ipv4Packet::new_unchecked(p);
+    if ip.protocol() != PROTO_TCP || ip.is_fragment() {
         return None;
     }
-    let th = ((p[20 + 12] >> 4) as usize) * 4;
-    if th < 20 || p.len() <= 20 + th {
+    let t = TcpHeader::new_unchecked(&p[IPV4_MIN_HEADER..]);
+    let th = t.header_len();
+    if th < TCP_MIN_HEADER || p.len() <= IPV4_MIN_HEADER + th {
         return None;
     }
-    let flags = p[20 + 13];
-    if flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_URG | 0xc0) != 0 || flags & TCP_ACK == 0 {
+    let flags = t.flags();
+    if flags & (FIN | SYN | RST | URG | ECE | CWR) != 0 || flags & ACK == 0 {
         return None;
     }
     // The data will be handed to the kernel as CHECKSUM_PARTIAL, so check
     // it here (wireguard-go does the same).
-    let t = &p[20..];
-    if fold(sum(
-        t,
-        pseudo_header_sum(&p[12..16], &p[16..20], PROTO_TCP, t.len() as u16),
-    )) != 0xffff
-    {
+    let l4 = &p[IPV4_MIN_HEADER..];
+    if fold(sum(l4, ip.pseudo_sum(l4.len() as u16))) != 0xffff {
         return None;
     }
     Some(TcpSeg {
-        hlen: 20 + th,
-        payload: p.len() - 20 - th,
-        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-        psh: flags & TCP_PSH != 0,
+        hlen: IPV4_MIN_HEADER + th,
+        payload: p.len() - IPV4_MIN_HEADER - th,
+        seq: t.seq(),
+        psh: flags & PSH != 0,
     })
 }
 
 /// Whether `b` continues the flow of `a` for GRO: same addresses, ports,
 /// ToS, DF, TTL, ack, header length, options, window and flags except PSH.
+/// Both are segments [`tcp_segment`] accepted with header length `hlen`.
 fn same_flow(a: &[u8], b: &[u8], hlen: usize) -> bool {
-    a[1] == b[1]
-        && a[6] >> 5 == b[6] >> 5
-        && a[8] == b[8]
-        && a[12..20] == b[12..20]
-        && a[20..24] == b[20..24] // ports
-        && a[28..33] == b[28..33] // ack, data offset
-        && (a[33] & !TCP_PSH) == (b[33] & !TCP_PSH)
-        && a[34..36] == b[34..36] // window
-        && a[40..hlen] == b[40..hlen] // options
+    let (ia, ib) = (Ipv4Packet::new_unchecked(a), Ipv4Packet::new_unchecked(b));
+    let ta = TcpHeader::new_unchecked(&a[IPV4_MIN_HEADER..hlen]);
+    let tb = TcpHeader::new_unchecked(&b[IPV4_MIN_HEADER..hlen]);
+    ia.tos() == ib.tos()
+        && ia.flags_frag() >> 13 == ib.flags_frag() >> 13
+        && ia.ttl() == ib.ttl()
+        && ia.addrs() == ib.addrs()
+        && ta.ports() == tb.ports()
+        && ta.ack_and_offset() == tb.ack_and_offset()
+        && (ta.flags() & !PSH) == (tb.flags() & !PSH)
+        && ta.window() == tb.window()
+        && ta.options() == tb.options()
+}
+
+/// The same IPv4/TCP connection (addresses and ports): a packet that closes
+/// a flow's open GRO run.
+fn same_connection(a: &[u8], b: &[u8]) -> bool {
+    let span = IPV4_MIN_HEADER + 4;
+    a.len() >= span && b.len() >= span && a[12..span] == b[12..span]
 }
 
 /// Length of the run of packets starting at `pkts[0]` that can be coalesced
@@ -436,8 +544,11 @@ impl GroTable {
                 // Not coalescable (a pure ACK, FIN, a bad checksum, not
                 // TCP): on its own, and it closes its flow's open run, so
                 // nothing of that flow is written after it that came later.
-                if p.len() >= 40 && p[0] == 0x45 && p[9] == PROTO_TCP {
-                    self.open.retain(|r| packet(r.head)[12..24] != p[12..24]);
+                if p.len() >= IPV4_MIN_HEADER + TCP_MIN_HEADER
+                    && p[0] == 0x45
+                    && Ipv4Packet::new_unchecked(p).protocol() == PROTO_TCP
+                {
+                    self.open.retain(|r| !same_connection(packet(r.head), p));
                 }
                 self.items.push((i, 1));
                 continue;
@@ -555,7 +666,7 @@ where
             return Err(OffloadError::BadPacket);
         }
         len += p.len() - h;
-        last_psh = p[33] & TCP_PSH != 0;
+        last_psh = TcpHeader::new_unchecked(&p[IPV4_MIN_HEADER..]).flags() & PSH != 0;
     }
     if len > MAX_PACKET || out.len() < VNET_HDR_LEN + h {
         return Err(OffloadError::NoRoom);
@@ -565,27 +676,22 @@ where
         gso_type: GSO_TCPV4,
         hdr_len: h as u16,
         gso_size: seg.payload as u16,
-        csum_start: 20,
-        csum_offset: 16,
+        csum_start: IPV4_MIN_HEADER as u16,
+        csum_offset: TcpHeader::<&[u8]>::CHECKSUM_AT as u16,
     }
     .encode(out);
     let o = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + h];
     o.copy_from_slice(&first[..h]);
+    let (ip, t) = o.split_at_mut(IPV4_MIN_HEADER);
+    let mut ip = Ipv4Packet::new_unchecked(ip);
+    ip.set_total_len(len as u16);
+    ip.fill_checksum();
+    let mut t = TcpHeader::new_unchecked(t);
     if last_psh {
-        o[33] |= TCP_PSH;
+        t.set_flags(t.flags() | PSH);
     }
-    o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    o[10] = 0;
-    o[11] = 0;
-    let ck = !fold(sum(&o[..20], 0));
-    o[10..12].copy_from_slice(&ck.to_be_bytes());
-    let ps = fold(pseudo_header_sum(
-        &o[12..16],
-        &o[16..20],
-        PROTO_TCP,
-        (len - 20) as u16,
-    ));
-    o[36..38].copy_from_slice(&ps.to_be_bytes());
+    // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum.
+    t.set_checksum(fold(ip.pseudo_sum((len - IPV4_MIN_HEADER) as u16)));
     Ok((VNET_HDR_LEN + h, h))
 }
 
@@ -610,7 +716,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::checksum;
+    use crate::wire::{checksum, pseudo_header_sum};
 
     /// An IPv4/TCP super-packet as the kernel hands it over with TSO: full
     /// total length, TCP checksum field = pseudo-header sum.
@@ -686,7 +792,7 @@ mod tests {
     #[test]
     fn split_makes_valid_mtu_sized_packets() {
         let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
-        let p = tso_packet(&payload, 1000, 12, TCP_ACK | TCP_PSH);
+        let p = tso_packet(&payload, 1000, 12, ACK | PSH);
         let mut out = vec![0u8; 20_000];
         let s = gso_split(&p, &tso_hdr(&p, 1408), &mut out).unwrap();
         assert_eq!(s.count, 8);
@@ -714,7 +820,7 @@ mod tests {
                 u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
                 1000 + (k as u32) * 1408
             );
-            assert_eq!(t[13] & TCP_PSH != 0, k == 7, "PSH only on the last");
+            assert_eq!(t[13] & PSH != 0, k == 7, "PSH only on the last");
             data.extend_from_slice(&t[32..]);
         }
         assert_eq!(data, payload);
@@ -796,12 +902,57 @@ mod tests {
         let s = gso_split(&p, &uso_hdr(1400), &mut out).unwrap();
         assert_eq!((s.count, s.total), (2, 2800 + 56));
         // A USO header on a TCP packet (or TSO on UDP) is refused.
-        let t = tso_packet(&[1; 3000], 1, 0, TCP_ACK);
+        let t = tso_packet(&[1; 3000], 1, 0, ACK);
         assert_eq!(
             gso_split(&t, &uso_hdr(1000), &mut out),
             Err(OffloadError::GsoType(GSO_UDP_L4))
         );
         assert!(gso_split(&p, &tso_hdr(&t, 1000), &mut out).is_err());
+    }
+
+    #[test]
+    fn segments_of_a_plain_packet_and_of_a_super_packet_gather_the_same_bytes() {
+        // A plain packet: one segment, the packet itself, no headers built.
+        let plain = crate::wire::tests::udp_packet([10, 5, 1, 2], [10, 5, 2, 3], 64, b"hi");
+        let s = Segments::of(&plain, &VnetHdr::default()).unwrap();
+        assert_eq!(
+            (s.count(), s.total(), s.header_bytes(1)),
+            (1, plain.len(), 0)
+        );
+        let pieces: Vec<_> = s.pieces(0..1, 0).collect();
+        assert_eq!(pieces, vec![SegmentPiece::Payload(0..plain.len())]);
+
+        // A super-packet: gathering each segment's pieces from the header
+        // area and the packet gives what gso_split lays out, chunk by chunk.
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let p = tso_packet(&payload, 42, 12, ACK | PSH);
+        let hdr = tso_hdr(&p, 700);
+        let s = Segments::of(&p, &hdr).unwrap();
+        let mut want = vec![0u8; 20_000];
+        let split = gso_split(&p, &hdr, &mut want).unwrap();
+        assert_eq!((s.count(), s.total()), (split.count, split.total));
+        let mut got = Vec::new();
+        let chunk = 5;
+        for first in (0..s.count()).step_by(chunk) {
+            let segs = first..(first + chunk).min(s.count());
+            let mut area = vec![0u8; s.header_bytes(segs.len())];
+            s.write_headers(&p, segs.clone(), &mut area).unwrap();
+            assert_eq!(
+                s.pieces(segs.clone(), first).count(),
+                s.pieces_for(segs.len())
+            );
+            for piece in s.pieces(segs, first) {
+                match piece {
+                    SegmentPiece::Header(at, len) => got.extend_from_slice(&area[at..at + len]),
+                    SegmentPiece::Payload(r) => got.extend_from_slice(&p[r]),
+                }
+            }
+        }
+        assert_eq!(got, want[..split.total]);
+        // A plan that does not fit the vnet header is an error, not a panic.
+        let mut bad = hdr;
+        bad.csum_start = 3;
+        assert!(Segments::of(&p, &bad).is_err());
     }
 
     #[test]
@@ -824,7 +975,7 @@ mod tests {
 
     #[test]
     fn split_rejects_inconsistent_headers() {
-        let p = tso_packet(&[1; 3000], 1, 0, TCP_ACK);
+        let p = tso_packet(&[1; 3000], 1, 0, ACK);
         let mut out = vec![0u8; 8000];
         let mut h = tso_hdr(&p, 1000);
         h.gso_size = 0;
@@ -847,7 +998,7 @@ mod tests {
 
     #[test]
     fn complete_checksum_fills_in_partial() {
-        let p0 = tso_packet(&[9; 100], 5, 0, TCP_ACK);
+        let p0 = tso_packet(&[9; 100], 5, 0, ACK);
         let mut p = p0.clone();
         complete_checksum(&mut p, &tso_hdr(&p0, 0)).unwrap();
         let t = &p[20..];
@@ -863,7 +1014,7 @@ mod tests {
     #[test]
     fn coalesce_stops_at_gaps_other_flows_and_flags() {
         let payload = vec![3u8; 4000];
-        let p = tso_packet(&payload, 0, 12, TCP_ACK);
+        let p = tso_packet(&payload, 0, 12, ACK);
         let mut out = vec![0u8; 8000];
         let s = gso_split(&p, &tso_hdr(&p, 1000), &mut out).unwrap();
         let segs = segments(&out, s);
@@ -879,9 +1030,9 @@ mod tests {
         bad[60] ^= 0xff;
         assert_eq!(coalesce_run([segs[0], &bad[..]]), 1);
         // SYN is never coalesced; PSH on the first ends it.
-        let syn = tso_packet(&[1; 10], 0, 0, TCP_SYN | TCP_ACK);
+        let syn = tso_packet(&[1; 10], 0, 0, SYN | ACK);
         assert_eq!(coalesce_run([&syn[..], &syn[..]]), 1);
-        let psh = tso_packet(&[1; 10], 0, 0, TCP_PSH | TCP_ACK);
+        let psh = tso_packet(&[1; 10], 0, 0, PSH | ACK);
         assert_eq!(coalesce_run([&psh[..], segs[0]]), 1);
         assert_eq!(coalesce_run(std::iter::empty()), 0);
     }
@@ -890,7 +1041,7 @@ mod tests {
     /// `flow`) cut at `gso`, source port 40000 + flow.
     fn flow_segments(flow: usize, len: usize, gso: u16, opts: usize) -> Vec<Vec<u8>> {
         let payload: Vec<u8> = (0..len).map(|i| (i * 7 + flow * 31 + 1) as u8).collect();
-        let mut p = tso_packet(&payload, 1000 * flow as u32, opts, TCP_ACK);
+        let mut p = tso_packet(&payload, 1000 * flow as u32, opts, ACK);
         p[20..22].copy_from_slice(&(40000 + flow as u16).to_be_bytes());
         let mut out = vec![0u8; 200_000];
         let s = gso_split(&p, &tso_hdr(&p, gso), &mut out).unwrap();
@@ -1020,7 +1171,7 @@ mod tests {
             psh in proptest::prelude::any::<bool>(),
         ) {
             let payload: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
-            let flags = TCP_ACK | if psh { TCP_PSH } else { 0 };
+            let flags = ACK | if psh { PSH } else { 0 };
             let p = tso_packet(&payload, seq, opts, flags);
             proptest::prop_assume!(p.len() <= MAX_PACKET);
             let hdr = tso_hdr(&p, gso);

@@ -23,7 +23,98 @@ pub struct TunFlags {
     pub multi_queue: bool,
 }
 
+/// The offloads a TUN queue was given: TCP segmentation (with checksum
+/// offload), and UDP segmentation on kernels that have it (6.2+).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offloads {
+    pub tso: bool,
+    pub uso: bool,
+}
+
+impl Offloads {
+    fn flags(self) -> libc::c_uint {
+        let mut f = 0;
+        if self.tso {
+            f |= libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        }
+        if self.uso {
+            f |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        }
+        f
+    }
+}
+
 impl Tun {
+    /// Whether the device `pattern` names can have several queues: a
+    /// pre-created single-queue device (a fixed name, no %d) refuses
+    /// `IFF_MULTI_QUEUE` (EINVAL), and then one queue is used.
+    pub fn takes_multi_queue(pattern: &str) -> bool {
+        if pattern.contains('%') {
+            return true;
+        }
+        let probe = TunFlags {
+            vnet_hdr: false,
+            multi_queue: true,
+        };
+        match Tun::create(pattern, probe) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                tracing::warn!("{pattern} is a single-queue TUN: using one worker");
+                false
+            }
+            _ => true, // the probe closes again (or the error repeats when opening)
+        }
+    }
+
+    /// Opens the first queue, with `IFF_VNET_HDR` and the most offloads the
+    /// kernel grants when `offload` is asked for (TSO + USO, else TSO),
+    /// else (or when the kernel grants none) a plain device.
+    pub fn open_offloaded(
+        pattern: &str,
+        multi_queue: bool,
+        offload: bool,
+    ) -> io::Result<(Tun, Offloads)> {
+        if offload {
+            let t = Tun::create(
+                pattern,
+                TunFlags {
+                    vnet_hdr: true,
+                    multi_queue,
+                },
+            )?;
+            for o in [
+                Offloads {
+                    tso: true,
+                    uso: true,
+                },
+                Offloads {
+                    tso: true,
+                    uso: false,
+                },
+            ] {
+                if t.set_offloads(o).is_ok() {
+                    return Ok((t, o));
+                }
+            }
+            // Dropped: the device goes away and is made again plain.
+        }
+        let t = Tun::create(
+            pattern,
+            TunFlags {
+                vnet_hdr: false,
+                multi_queue,
+            },
+        )?;
+        Ok((t, Offloads::default()))
+    }
+
+    /// Gives this queue `o` (a queue attached later needs the same as the first).
+    pub fn set_offloads(&self, o: Offloads) -> io::Result<()> {
+        if o == Offloads::default() {
+            return Ok(());
+        }
+        self.set_offload(o.flags())
+    }
+
     /// Creates a TUN device; `%d` in `pattern` lets the kernel pick the
     /// first free number (`flannel%d` → `flannel0`, `flannel1`, …).
     /// The fd is non-blocking; the device vanishes when it is closed.

@@ -51,6 +51,7 @@ pub struct Options {
     pub pin_workers: bool,
     pub source_ports: datapath::SourcePorts,
     pub worker_threads: datapath::WorkerThreads,
+    pub busy_poll: std::time::Duration,
     pub accept_unknown_peers: bool,
     /// Use the TUN as it was configured by someone else (address, MTU, routes).
     pub no_netlink_config: bool,
@@ -644,6 +645,7 @@ pub async fn run<S: LeaseStore>(
             pin: opts.pin_workers,
             accept_unknown_peers: opts.accept_unknown_peers,
             threads: opts.worker_threads,
+            busy_poll: opts.busy_poll,
         },
     )?;
 

@@ -59,9 +59,51 @@ pub fn unknown_env(env: impl IntoIterator<Item = (String, String)>, known: &[&st
     v
 }
 
+/// A Go `time.Duration` string with one unit (`50us`, `1ms`, `2s`; `0`
+/// alone): for the latency knobs, where microseconds matter.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let at = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (use ns, us, ms or s)"))?;
+    let (n, unit) = s.split_at(at);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number with a unit"))?;
+    let ns = match unit {
+        "ns" => 1,
+        "us" | "µs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use ns, us, ms or s)"
+            ))
+        }
+    };
+    n.checked_mul(ns)
+        .map(std::time::Duration::from_nanos)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_go_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_duration("2ms"), Ok(Duration::from_millis(2)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_duration("50").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("x5us").is_err());
+    }
 
     fn norm(a: &[&str]) -> Vec<String> {
         normalize(a.iter().map(OsString::from))

@@ -178,15 +178,24 @@ struct Cli {
     )]
     udp_source_ports: flannel::datapath::SourcePorts,
 
-    /// How each worker runs its two directions: `split`, a thread each;
-    /// `combined`, one thread polling both the TUN and the socket.
+    /// How each worker runs its two directions: `combined` (the default),
+    /// one thread polling both the TUN and the socket; `split`, a thread
+    /// each. Measured: combined answers a ping in ~0.8x the time and moves
+    /// as much (see the README's latency notes).
     #[arg(
         long,
         env = "FLANNELD_WORKER_THREADS",
         value_enum,
-        default_value = "split"
+        default_value = "combined"
     )]
     worker_threads: flannel::datapath::WorkerThreads,
+
+    /// After traffic, keep polling the TUN and socket this long without
+    /// sleeping before waiting again (Go duration: 20us, 1ms; 0 never
+    /// spins). Saves the wake-up of the next packet of an exchange; an idle
+    /// daemon sleeps.
+    #[arg(long, env = "FLANNELD_BUSY_POLL", default_value = "20us", value_parser = flannel::goflags::parse_duration)]
+    busy_poll: std::time::Duration,
 
     /// Pin worker k's two threads to CPU k.
     #[arg(long, env = "FLANNELD_PIN_WORKERS", num_args = 0..=1, default_value = "false",
@@ -380,6 +389,7 @@ fn main() -> ExitCode {
         pin_workers: cli.pin_workers,
         source_ports: cli.udp_source_ports,
         worker_threads: cli.worker_threads,
+        busy_poll: cli.busy_poll,
         accept_unknown_peers: cli.accept_unknown_peers,
         no_netlink_config: cli.no_netlink_config,
         healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),

@@ -390,26 +390,53 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
 /// `--worker-threads=combined` (one thread polling the TUN and the socket):
 /// the same traffic arrives intact in both offload modes.
 #[test]
-fn combined_worker_threads_carry_traffic_both_ways() {
+fn both_thread_layouts_carry_traffic_and_idle_without_spinning() {
     let _heavy = heavy();
+    // The default (one thread per worker polling both descriptors, with a
+    // busy-poll window after traffic) and the split layout without one.
+    let layouts: [(&[&str], &str, &str); 2] = [
+        (&["--busy-poll=200us"], "worker-0", "tun-to-udp"),
+        (
+            &["--worker-threads=split", "--busy-poll=0"],
+            "tun-to-udp-0",
+            "worker-0",
+        ),
+    ];
     for mode in MODES {
-        let bed = two_hosts(&[mode, "--worker-threads=combined"]);
-        for (a, b) in [(0, 1), (1, 0)] {
-            let data = pattern(16 << 20, 40 + a as u64);
+        for (flags, has, lacks) in layouts {
+            let mut args = vec![mode];
+            args.extend_from_slice(flags);
+            let bed = two_hosts(&args);
+            for (a, b) in [(0, 1), (1, 0)] {
+                let data = pattern(8 << 20, 40 + a as u64);
+                assert!(
+                    tcp_transfer(&bed, a, b, data.clone()) == data,
+                    "{mode} {flags:?}: h{a} -> h{b}"
+                );
+            }
+            let pid = bed.daemon_pid(0);
+            let threads = sh(&["ps", "-T", "-o", "comm=", "-p", &pid.to_string()]);
+            assert!(threads.contains(has), "{flags:?}: {threads}");
+            assert!(!threads.contains(lacks), "{flags:?}: {threads}");
+            // Traffic over: the window closes and the threads sleep. A
+            // spinning thread would burn the whole second.
+            std::thread::sleep(Duration::from_millis(300));
+            let before = cpu_ticks(pid);
+            std::thread::sleep(Duration::from_secs(1));
+            let used = cpu_ticks(pid) - before;
             assert!(
-                tcp_transfer(&bed, a, b, data.clone()) == data,
-                "{mode}: h{a} -> h{b}"
+                used < 30,
+                "{mode} {flags:?}: {used} CPU ticks (1/100 s) in an idle second"
             );
         }
-        let threads = sh(&[
-            "ps",
-            "-T",
-            "-o",
-            "comm=",
-            "-p",
-            &bed.daemon_pid(0).to_string(),
-        ]);
-        assert!(threads.contains("worker-0"), "{threads}");
-        assert!(!threads.contains("tun-to-udp"), "{threads}");
     }
+}
+
+/// utime + stime of a process, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5): the 12th and 13th after the state.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }

@@ -159,6 +159,8 @@ pub struct Shared {
     pub accept_unknown_peers: bool,
     /// One thread per direction per worker, or one for both.
     pub threads: WorkerThreads,
+    /// How long a loop keeps polling without sleeping after activity.
+    pub busy_poll: Duration,
 }
 
 /// Restricts the calling thread to one CPU; failure is logged, not fatal.
@@ -196,8 +198,8 @@ impl Worker {
     }
 }
 
-/// An eventfd that tells the loops to stop.
-struct StopFd(OwnedFd);
+/// An eventfd that tells the loops to stop (and a flag a spinning loop checks).
+struct StopFd(OwnedFd, std::sync::atomic::AtomicBool);
 
 impl StopFd {
     fn new() -> io::Result<Self> {
@@ -207,10 +209,18 @@ impl StopFd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh valid fd.
-        Ok(StopFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(StopFd(
+            unsafe { OwnedFd::from_raw_fd(fd) },
+            std::sync::atomic::AtomicBool::new(false),
+        ))
+    }
+
+    fn is_set(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
     }
 
     fn signal(&self) {
+        self.1.store(true, Ordering::Relaxed);
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64.
         unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -458,13 +468,42 @@ fn unsent(v: Egress, t: &mut Tally) -> Option<(u8, u8)> {
     }
 }
 
-type Drain<'a> = Box<dyn FnMut() -> io::Result<()> + 'a>;
+/// A direction's drain: handles what is queued on its descriptor without
+/// blocking and returns how many packets (or datagrams) it read.
+type Drain<'a> = Box<dyn FnMut() -> io::Result<usize> + 'a>;
+
+/// After a drain that found work, keeps draining without sleeping until
+/// `window` passes with nothing new (`--busy-poll`): the next packet of an
+/// exchange (a ping's reply, a TCP ACK) is then picked up without a
+/// wake-up. Zero: never spins.
+fn busy_window(
+    window: Duration,
+    stop: &StopFd,
+    mut step: impl FnMut() -> io::Result<usize>,
+) -> io::Result<()> {
+    if window.is_zero() {
+        return Ok(());
+    }
+    let mut until = Instant::now() + window;
+    while !stop.is_set() {
+        if step()? > 0 {
+            until = Instant::now() + window;
+        } else if Instant::now() >= until {
+            break;
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
 
 /// One thread per direction: each sleeps in poll() on its own descriptor.
 fn run_split_egress(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut drain = tun_to_udp(w);
     while wait_readable(w.tun.as_raw_fd(), stop) {
-        drain()?;
+        if drain()? > 0 {
+            busy_window(w.shared.busy_poll, stop, &mut drain)?;
+        }
     }
     Ok(())
 }
@@ -472,7 +511,9 @@ fn run_split_egress(w: &Worker, stop: &StopFd) -> io::Result<()> {
 fn run_split_ingress(w: &Worker, stop: &StopFd) -> io::Result<()> {
     let mut drain = udp_to_tun(w);
     while wait_readable(w.sock.as_raw_fd(), stop) {
-        drain()?;
+        if drain()? > 0 {
+            busy_window(w.shared.busy_poll, stop, &mut drain)?;
+        }
     }
     Ok(())
 }
@@ -504,11 +545,15 @@ fn run_combined(w: &Worker, stop: &StopFd) -> io::Result<()> {
         if fds[2].revents != 0 {
             return Ok(());
         }
+        let mut got = 0;
         if fds[1].revents != 0 {
-            ingress()?;
+            got += ingress()?;
         }
         if fds[0].revents != 0 {
-            egress()?;
+            got += egress()?;
+        }
+        if got > 0 {
+            busy_window(w.shared.busy_poll, stop, || Ok(ingress()? + egress()?))?;
         }
     }
 }
@@ -546,11 +591,13 @@ fn tun_to_udp(w: &Worker) -> Drain<'_> {
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.tx.as_raw_fd();
     Box::new(move || {
+        let mut got = 0;
         loop {
             let n = read_tun(&w.tun, &mut rx)?;
             if n == 0 {
                 break;
             }
+            got += n;
             let mut t = Tally {
                 tun_rx_packets: n as u64,
                 ..Tally::default()
@@ -636,7 +683,7 @@ fn tun_to_udp(w: &Worker) -> Drain<'_> {
                 break;
             }
         }
-        Ok(())
+        Ok(got)
     })
 }
 
@@ -715,6 +762,7 @@ fn udp_to_tun(w: &Worker) -> Drain<'_> {
     let mut gro = offload::GroTable::new();
     let sock = w.sock.as_raw_fd();
     Box::new(move || {
+        let mut got = 0;
         loop {
             let n = match mmsg.recv(sock, &mut slots) {
                 Ok(n) => n,
@@ -729,6 +777,7 @@ fn udp_to_tun(w: &Worker) -> Drain<'_> {
             if n == 0 {
                 break;
             }
+            got += n;
             let mut t = Tally::default();
             pkts.clear();
             let routes = w.shared.routes.load();
@@ -771,7 +820,7 @@ fn udp_to_tun(w: &Worker) -> Drain<'_> {
                 break;
             }
         }
-        Ok(())
+        Ok(got)
     })
 }
 
@@ -826,6 +875,46 @@ fn write_tun(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_busy_window_spins_while_work_comes_and_ends_when_it_stops() {
+        let stop = StopFd::new().unwrap();
+        let mut calls = 0;
+        busy_window(Duration::ZERO, &stop, || {
+            calls += 1;
+            Ok(1)
+        })
+        .unwrap();
+        assert_eq!(calls, 0, "a zero window never spins");
+
+        // Work for the first 5 steps, then none: the window ends on its own.
+        let mut calls = 0;
+        busy_window(Duration::from_millis(2), &stop, || {
+            calls += 1;
+            Ok(usize::from(calls <= 5))
+        })
+        .unwrap();
+        assert!(calls > 5, "{calls}");
+
+        // Endless work: only the stop flag ends it.
+        let mut calls = 0;
+        let r = busy_window(Duration::from_millis(2), &stop, || {
+            calls += 1;
+            if calls == 1000 {
+                stop.signal();
+            }
+            Ok(1)
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls, 1000);
+
+        // An error ends it with the error.
+        let stop = StopFd::new().unwrap();
+        let r = busy_window(Duration::from_millis(2), &stop, || {
+            Err(io::Error::other("gone"))
+        });
+        assert_eq!(r.unwrap_err().to_string(), "gone");
+    }
 
     #[test]
     fn a_loop_that_ends_errs_or_panics_is_a_failure_unless_stopping() {

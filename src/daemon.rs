@@ -5,29 +5,27 @@
 use crate::config::NetworkConfig;
 use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
-use crate::lease::{self, Acquire, PeerChange, PeerSet};
+use crate::lease::keeper::{Action, Input, Keeper, KeeperStats, Settings};
+use crate::lease::store::{LeaseStore, LeaseWatch, StoreError, WatchItem};
 use crate::masq;
 use crate::netlink::{self, Netlink};
 use crate::ops::{self, Stats};
-use crate::registry::{
-    is_permanent, LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem,
-};
 use crate::routes::RouteTable;
-use crate::subnet::LeaseAttrs;
 use crate::subnet_env::{self, SubnetEnv};
 use anyhow::{bail, Context};
 use ipnetwork::Ipv4Network;
+use rand::SeedableRng;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// UDP (8) + IPv4 (20) header bytes the tunnel adds.
 pub const ENCAP_OVERHEAD: u32 = crate::wire::ENCAP_OVERHEAD as u32;
-/// Tries at creating a lease before giving up (flannel: 10).
-const ACQUIRE_TRIES: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -86,7 +84,7 @@ impl Backoff {
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<T>>,
+    Fut: Future<Output = Result<T, StoreError>>,
 {
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut logged = false;
@@ -98,10 +96,10 @@ where
                 }
                 return Ok(v);
             }
-            Err(e) if is_permanent(&e) => return Err(e.context(format!("{what}: etcd refused us"))),
+            Err(e) if e.is_permanent() => bail!("{what}: etcd refused us: {e}"),
             Err(e) => {
                 if !logged {
-                    tracing::warn!("{what} failed, retrying: {e:#}");
+                    tracing::warn!("{what} failed, retrying: {e}");
                     logged = true;
                 }
                 tokio::time::sleep(backoff.step()).await;
@@ -110,157 +108,80 @@ where
     }
 }
 
-fn decode_all(raw: &[RawLease]) -> Vec<lease::Lease> {
-    raw.iter()
-        .filter_map(|r| match lease::decode(r) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!("skipping lease: {e}");
-                None
-            }
-        })
-        .collect()
+/// Carries out the keeper's store requests, feeding each answer back,
+/// and hands its effects to the caller.
+struct Driver<'a, S: LeaseStore> {
+    store: &'a S,
+    watch: Option<S::Watch>,
+    todo: VecDeque<Action>,
 }
 
-/// Gets a subnet: flannel's choice, created with a transaction, retried on conflict.
-async fn acquire<S: LeaseStore>(
-    store: &S,
-    cfg: &NetworkConfig,
-    public_ip: Ipv4Addr,
-    previous: Option<Ipv4Network>,
-    ttl: Duration,
-) -> anyhow::Result<(Ipv4Network, Option<Duration>)> {
-    let value = LeaseAttrs::udp(public_ip).to_json();
-    for _ in 0..ACQUIRE_TRIES {
-        let (raw, _) = retry("listing leases", || store.list()).await?;
-        let leases = decode_all(&raw);
-        let plan = lease::plan_acquire(cfg, &leases, public_ip, previous, &mut rand::thread_rng())?;
-        for sn in plan.delete {
-            tracing::info!(subnet = %sn, "deleting our stale lease that no longer fits the config");
-            retry("deleting a stale lease", || store.delete(sn)).await?;
-        }
-        match plan.action {
-            Acquire::Reuse {
-                subnet,
-                reservation,
-            } => {
-                let exp = retry("writing our lease", || {
-                    store.put(subnet, value.clone(), (!reservation).then_some(ttl))
-                })
-                .await?;
-                tracing::info!(subnet = %subnet, reservation, "reusing our lease");
-                return Ok((subnet, exp));
-            }
-            Acquire::Create(subnet) => match retry("creating our lease", || {
-                store.create(subnet, value.clone(), ttl)
-            })
-            .await?
-            {
-                Some(exp) => {
-                    tracing::info!(subnet = %subnet, "acquired a new lease");
-                    return Ok((subnet, Some(exp)));
-                }
-                None => tracing::debug!(subnet = %subnet, "lost the race for a subnet, retrying"),
-            },
-        }
-    }
-    bail!("could not acquire a subnet lease: lost the race {ACQUIRE_TRIES} times")
-}
-
-/// The route table and the peer set behind it.
-struct Peers {
-    set: PeerSet,
-    stats: Arc<Stats>,
-    public_ip: Ipv4Addr,
-    routes: Arc<RouteTable>,
-    port: u16,
-}
-
-impl Peers {
-    /// One line per change; a big batch (a start-up list, a re-list) gets a
-    /// summary line at info and the details at debug.
-    fn log(changes: &[PeerChange]) {
-        let summary = changes.len() > 16;
-        if summary {
-            let added = changes
-                .iter()
-                .filter(|c| matches!(c, PeerChange::Added(..)))
-                .count();
-            let removed = changes
-                .iter()
-                .filter(|c| matches!(c, PeerChange::Removed(..)))
-                .count();
-            tracing::info!(
-                added,
-                removed,
-                moved = changes.len() - added - removed,
-                "peers changed"
-            );
-        }
-        for c in changes {
-            macro_rules! ev {
-                ($($t:tt)*) => {
-                    if summary { tracing::debug!($($t)*) } else { tracing::info!($($t)*) }
-                };
-            }
-            match c {
-                PeerChange::Added(sn, ip) => ev!(subnet = %sn, public_ip = %ip, "peer added"),
-                PeerChange::Changed(sn, ip) => ev!(subnet = %sn, public_ip = %ip, "peer moved"),
-                PeerChange::Removed(sn) => ev!(subnet = %sn, "peer removed"),
-            }
-        }
-    }
-
-    /// Swaps in a new route snapshot for the data path.
-    fn publish(&self) {
-        self.routes.store(self.set.snapshot(self.port));
-        self.stats
-            .peers
-            .store(self.set.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn resync(&mut self, raw: &[RawLease]) {
-        let changes = self.set.resync(
-            decode_all(raw)
-                .into_iter()
-                .map(|l| (l.subnet, l.attrs.public_ip)),
-        );
-        Self::log(&changes);
-        self.publish();
-    }
-
-    /// Applies lease events; returns true when our own lease was deleted or
-    /// rewritten for another host.
-    /// Config events are the caller's.
-    fn apply(&mut self, events: &[WatchEvent], own: Ipv4Network) -> bool {
-        let mut changes = Vec::new();
-        let mut own_lost = false;
-        for ev in events {
-            match ev {
-                WatchEvent::Config(_) => {}
-                WatchEvent::Put(raw) => match lease::decode(raw) {
-                    Ok(l) if l.subnet == own => {
-                        // Someone rewrote our key for another host: we lost it.
-                        if l.attrs.public_ip != self.public_ip {
-                            own_lost = true;
-                        }
+impl<S: LeaseStore> Driver<'_, S> {
+    /// Runs requests until none is left; returns the effects, in order.
+    async fn pump(&mut self, keeper: &mut Keeper) -> Vec<Action> {
+        let mut effects = Vec::new();
+        while let Some(a) = self.todo.pop_front() {
+            let input = match a {
+                Action::List => match self.store.list().await {
+                    Ok((leases, revision)) => Input::Listed { leases, revision },
+                    Err(e) => Input::Failed(e),
+                },
+                Action::Write {
+                    subnet,
+                    value,
+                    ttl,
+                    expect,
+                } => match self.store.write(subnet, value, ttl, expect).await {
+                    Ok(w) => Input::Wrote(w),
+                    Err(e) => Input::Failed(e),
+                },
+                Action::Watch { from } => match self.store.watch(from).await {
+                    Ok(w) => {
+                        self.watch = Some(w);
+                        Input::WatchStarted
                     }
-                    Ok(l) => changes.extend(self.set.upsert(l.subnet, l.attrs.public_ip)),
-                    Err(e) => tracing::warn!("skipping lease: {e}"),
+                    Err(e) => Input::Failed(e),
                 },
-                WatchEvent::Delete(key) => match crate::subnet::parse_key(key) {
-                    Ok(sn) if sn == own => own_lost = true,
-                    Ok(sn) => changes.extend(self.set.remove(sn)),
-                    Err(e) => tracing::warn!("skipping deleted key: {e}"),
-                },
-            }
+                Action::Delete { subnet, expect } => {
+                    match self.store.delete(subnet, expect).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(%subnet, "stale lease changed meanwhile; left alone")
+                        }
+                        Err(e) => tracing::warn!(%subnet, "deleting a stale lease failed: {e}"),
+                    }
+                    continue;
+                }
+                effect => {
+                    effects.push(effect);
+                    continue;
+                }
+            };
+            self.todo
+                .extend(keeper.handle(input, std::time::Instant::now()));
         }
-        if !changes.is_empty() {
-            Self::log(&changes);
-            self.publish();
-        }
-        own_lost
+        effects
     }
+
+    fn tick(&mut self, keeper: &mut Keeper) {
+        self.todo
+            .extend(keeper.handle(Input::Tick, std::time::Instant::now()));
+    }
+}
+
+/// When the keeper next wants a tick, for `sleep_until`.
+fn wakeup(keeper: &Keeper) -> Option<Instant> {
+    keeper.next_wakeup().map(Instant::from_std)
+}
+
+/// Copies the keeper's counters to the exported stats.
+fn export(k: &KeeperStats, stats: &Stats) {
+    let set = |a: &std::sync::atomic::AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+    set(&stats.lease_renewals, k.renewals);
+    set(&stats.watch_resyncs, k.relists);
+    set(&stats.watch_compactions, k.compactions);
+    set(&stats.etcd_reconnects, k.reconnects);
+    set(&stats.leases_ignored, k.ignored);
 }
 
 /// Configures the TUN as flannel's udp backend does: the subnet's /32,
@@ -282,24 +203,18 @@ fn configure_tun(
     Ok(())
 }
 
-/// The control plane's state after start-up, and what it does on events.
-struct Control<'a, S> {
+/// The control plane's state after start-up: what the keeper's effects act on.
+struct Control<'a> {
     /// The iptables/nftables rules we keep in place.
     rules: Option<masq::RuleSet>,
     rules_failing: bool,
-    store: &'a S,
     opts: &'a Options,
     cfg: NetworkConfig,
     cfg_text: String,
-    value: String,
-    public_ip: Ipv4Addr,
-    own: Ipv4Network,
-    renew_at: Option<Instant>,
-    peers: Peers,
     tun_index: u32,
     mtu: u32,
-    /// Taking our lease back failed (etcd went away): re-list when it returns.
-    lease_missing: bool,
+    routes: Arc<RouteTable>,
+    stats: Arc<Stats>,
 }
 
 /// The iptables/nftables rules the options and config ask for.
@@ -320,7 +235,15 @@ fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Opt
     })
 }
 
-impl<S: LeaseStore> Control<'_, S> {
+/// Swaps in a new route snapshot for the data path, and the peers gauge.
+fn publish(keeper: &Keeper, routes: &RouteTable, stats: &Stats, port: u16) {
+    routes.store(keeper.peers().snapshot(port));
+    stats
+        .peers
+        .store(keeper.peers().len() as u64, Ordering::Relaxed);
+}
+
+impl Control<'_> {
     /// Checks our iptables rules and restores them if someone removed them.
     async fn resync_rules(&mut self) {
         let Some(rules) = self.rules.clone() else {
@@ -341,43 +264,22 @@ impl<S: LeaseStore> Control<'_, S> {
         self.rules_failing = false;
     }
 
-    fn renew_time(&self, exp: Option<Duration>) -> Option<Instant> {
-        exp.map(|d| Instant::now() + lease::renew_delay(d, self.opts.renew_margin))
-    }
-
-    /// Re-puts our lease with a fresh TTL (flannel: a new 24 h etcd lease).
-    async fn renew(&mut self) {
-        match self
-            .store
-            .put(self.own, self.value.clone(), Some(self.opts.lease_ttl))
-            .await
-        {
-            Ok(exp) => {
-                self.renew_at = self.renew_time(exp);
-                Stats::inc(&self.peers.stats.lease_renewals);
-                tracing::info!(subnet = %self.own, ttl = ?exp, "lease renewed");
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "renewing lease {} failed, retrying in a minute: {e:#}",
-                    self.own
-                );
-                self.renew_at =
-                    Some(Instant::now() + Duration::from_secs(60).min(self.opts.lease_ttl / 4));
+    /// Carries out the keeper's effects.
+    fn apply(&mut self, keeper: &Keeper, effects: Vec<Action>) -> anyhow::Result<()> {
+        for e in effects {
+            match e {
+                Action::Publish => publish(keeper, &self.routes, &self.stats, self.cfg.port),
+                Action::Moved { from, to } => {
+                    self.move_to(from, to)?;
+                    publish(keeper, &self.routes, &self.stats, self.cfg.port);
+                }
+                Action::ConfigChanged(text) => self.config_changed(text.as_deref()),
+                Action::Fatal(why) => bail!("{why}"),
+                Action::Acquired(_) => {}
+                request => tracing::debug!("unexpected keeper action {request:?}"),
             }
         }
-    }
-
-    async fn on_events(&mut self, evs: &[WatchEvent]) -> anyhow::Result<()> {
-        for ev in evs {
-            if let WatchEvent::Config(text) = ev {
-                self.config_changed(text.as_deref());
-            }
-        }
-        if self.peers.apply(evs, self.own) {
-            tracing::warn!(subnet = %self.own, "our lease was deleted or taken over in etcd (Go flanneld would exit here); taking it back");
-            self.reacquire().await?;
-        }
+        export(&keeper.stats, &self.stats);
         Ok(())
     }
 
@@ -406,46 +308,8 @@ impl<S: LeaseStore> Control<'_, S> {
         self.cfg_text = text.to_string();
     }
 
-    /// Our lease vanished (deleted, or expired while etcd was away): take
-    /// the same subnet back if it is free, else a new one, moving the TUN
-    /// address and subnet.env with it.
-    async fn reacquire(&mut self) -> anyhow::Result<()> {
-        match self
-            .store
-            .create(self.own, self.value.clone(), self.opts.lease_ttl)
-            .await
-        {
-            Ok(Some(exp)) => {
-                self.renew_at = self.renew_time(Some(exp));
-                tracing::info!(subnet = %self.own, "lease re-created");
-                return Ok(());
-            }
-            Ok(None) => {}
-            Err(e) => {
-                // etcd went away meanwhile: the re-list after reconnecting retries.
-                self.lease_missing = true;
-                tracing::warn!("re-creating lease {} failed: {e:#}", self.own);
-                return Ok(());
-            }
-        }
-        let (new, exp) = acquire(
-            self.store,
-            &self.cfg,
-            self.public_ip,
-            Some(self.own),
-            self.opts.lease_ttl,
-        )
-        .await?;
-        self.renew_at = self.renew_time(exp);
-        if new != self.own {
-            self.move_to(new)?;
-        }
-        Ok(())
-    }
-
-    /// Re-addresses the TUN and rewrites subnet.env for a new subnet.
-    fn move_to(&mut self, new: Ipv4Network) -> anyhow::Result<()> {
-        let old = self.own;
+    /// Re-addresses the TUN and rewrites subnet.env and the rules for a new subnet.
+    fn move_to(&mut self, old: Ipv4Network, new: Ipv4Network) -> anyhow::Result<()> {
         tracing::error!(
             %old, %new,
             "our subnet was taken by another host; moved to a new subnet: workloads addressed from the old one must be restarted"
@@ -471,36 +335,9 @@ impl<S: LeaseStore> Control<'_, S> {
         }
         .write(&self.opts.subnet_file)
         .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
-        self.own = new;
         // Re-declaring our chains (or table) replaces the old subnet's rules.
         self.rules = wanted_rules(self.opts, &self.cfg, new);
-        if let Some(change) = self.peers.set.set_own(new) {
-            Peers::log(&[change]);
-        }
-        self.peers
-            .routes
-            .store(self.peers.set.snapshot(self.peers.port));
         Ok(())
-    }
-
-    /// Re-lists after a broken or compacted watch: diff the peers (removals
-    /// included) and take our lease back if it is gone. Returns the revision.
-    async fn resync(&mut self) -> anyhow::Result<Result<i64, StoreError>> {
-        let (raw, rev) = match self.store.list().await {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e)),
-        };
-        Stats::inc(&self.peers.stats.watch_resyncs);
-        self.lease_missing = false;
-        self.peers.resync(&raw);
-        if !raw
-            .iter()
-            .any(|r| crate::subnet::parse_key(&r.key) == Ok(self.own))
-        {
-            tracing::warn!(subnet = %self.own, "our lease is missing after the re-list; taking it back");
-            self.reacquire().await?;
-        }
-        Ok(Ok(rev))
     }
 }
 
@@ -560,12 +397,53 @@ pub async fn run<S: LeaseStore>(
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
 
     let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
-    let (own, expires_in) = acquire(&store, &cfg, public_ip, previous, opts.lease_ttl).await?;
-    // When to renew: `margin` before expiry; never for a reservation.
-    let renew_time = |exp: Option<Duration>| {
-        exp.map(|d| Instant::now() + lease::renew_delay(d, opts.renew_margin))
+    let (mut keeper, first) = Keeper::new(
+        Settings {
+            cfg: cfg.clone(),
+            public_ip,
+            ttl: opts.lease_ttl,
+            renew_margin: opts.renew_margin,
+            // flannel: a minute; sooner for short test TTLs.
+            renew_retry: Duration::from_secs(60).min(opts.lease_ttl / 4),
+        },
+        previous,
+        rand::rngs::StdRng::from_entropy(),
+    );
+    let mut driver = Driver {
+        store: &store,
+        watch: None,
+        todo: first.into(),
     };
-    let renew_at = renew_time(expires_in);
+    let routes = Arc::new(RouteTable::default());
+    let built = std::time::Instant::now();
+    // The keeper lists, chooses and writes our lease (and starts the watch).
+    let own = loop {
+        let effects = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            e = driver.pump(&mut keeper) => e,
+        };
+        let mut got = None;
+        for e in effects {
+            match e {
+                Action::Acquired(sn) => got = Some(sn),
+                Action::Fatal(why) => bail!("{why}"),
+                _ => {}
+            }
+        }
+        export(&keeper.stats, &stats);
+        if let Some(sn) = got {
+            break sn;
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
+        }
+    };
+    publish(&keeper, &routes, &stats, cfg.port);
+    tracing::info!(
+        peers = keeper.peers().len(), build = ?built.elapsed(),
+        "route table built from the lease list"
+    );
 
     let mtu = ext
         .mtu
@@ -620,26 +498,10 @@ pub async fn run<S: LeaseStore>(
     .write(&opts.subnet_file)
     .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
 
-    let routes = Arc::new(RouteTable::default());
-    let mut peers = Peers {
-        set: PeerSet::new(Some(own)),
-        stats: stats.clone(),
-        public_ip,
-        routes: routes.clone(),
-        port: cfg.port,
-    };
-    let (raw, rev) = retry("listing leases", || store.list()).await?;
-    let built = std::time::Instant::now();
-    peers.resync(&raw);
-    tracing::info!(
-        leases = raw.len(), peers = peers.set.len(), build = ?built.elapsed(),
-        "route table built from the initial lease list"
-    );
-
     let dp = Datapath::start(
         devices,
         Shared {
-            routes,
+            routes: routes.clone(),
             counters: counters.clone(),
             icmp_src: cfg.network.network(),
             pin: opts.pin_workers,
@@ -654,109 +516,51 @@ pub async fn run<S: LeaseStore>(
     let mut ctl = Control {
         rules: wanted_rules(&opts, &cfg, own),
         rules_failing: false,
-        store: &store,
         opts: &opts,
         cfg,
         cfg_text: text,
-        value: LeaseAttrs::udp(public_ip).to_json(),
-        public_ip,
-        own,
-        renew_at,
-        peers,
         tun_index: netlink::if_index(&tun_name)?,
         mtu,
-        lease_missing: false,
+        routes,
+        stats: stats.clone(),
     };
     // Rules before READY: a workload started on READY gets them.
     ctl.resync_rules().await;
-    stats
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    stats.ready.store(true, Ordering::Relaxed);
     ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
-    let mut watch = Some(retry("starting the watch", || store.watch(rev + 1)).await?);
-    // Every lease event up to `cursor` has been applied. After a broken watch
-    // the new one resumes from `cursor + 1` (as Go's clientv3 watch does), so
-    // an outage costs no re-list; only a compacted history, or a lease we
-    // failed to take back, forces a re-list.
-    let mut cursor = rev;
-    let mut must_relist = false;
-    let mut backoff = Backoff::new(Duration::from_secs(5));
-    let mut resync_at: Option<Instant> = None;
-    let mut outage_since: Option<Instant> = None;
     let result = loop {
+        // Store requests run here, cancelled by shutdown (never blocked by an outage).
+        let effects = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            e = driver.pump(&mut keeper) => e,
+        };
+        if let Err(e) = ctl.apply(&keeper, effects) {
+            break Err(e);
+        }
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             why = dp.failed() => {
-                stats.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                stats.failed.store(true, Ordering::Relaxed);
                 // A dead queue would black-hole part of the traffic while
                 // the rest flows: exit non-zero so the supervisor restarts us.
                 break Err(anyhow::anyhow!("the data path failed ({why}); exiting so that the service manager restarts flanneld"));
             }
-            _ = sleep_until(ctl.renew_at) => ctl.renew().await,
+            _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
             _ = rules_tick.tick() => ctl.resync_rules().await,
-            _ = sleep_until(resync_at) => {
-                // One attempt per tick, so shutdown is never blocked by an outage.
-                let relist = must_relist || ctl.lease_missing;
-                let rev = if !relist { Ok(Ok(cursor)) } else { ctl.resync().await };
-                let rev = match rev {
-                    Ok(Ok(rev)) => rev,
-                    Ok(Err(e)) => {
-                        if is_permanent(&e) {
-                            tracing::error!("etcd refuses us ({e:#}); fix the credentials, retrying");
-                        } else {
-                            tracing::debug!("re-listing failed: {e:#}");
+            item = next_item(&mut driver.watch), if driver.watch.is_some() => {
+                let input = match item {
+                    Ok(item) => {
+                        if item == WatchItem::Compacted {
+                            driver.watch = None;
                         }
-                        resync_at = Some(Instant::now() + backoff.step());
-                        continue;
+                        Input::Watch(item)
                     }
-                    Err(e) => break Err(e),
+                    Err(e) => {
+                        driver.watch = None;
+                        Input::WatchBroken(e)
+                    }
                 };
-                match store.watch(rev + 1).await {
-                    Ok(w) => {
-                        if let Some(since) = outage_since.take() {
-                            Stats::inc(&ctl.peers.stats.etcd_reconnects);
-                            tracing::info!(
-                                peers = ctl.peers.set.len(), down_for = ?since.elapsed(),
-                                from_revision = rev + 1, relisted = relist,
-                                "etcd is back: watching leases again"
-                            );
-                        }
-                        cursor = rev;
-                        must_relist = false;
-                        watch = Some(w);
-                        resync_at = None;
-                        backoff = Backoff::new(Duration::from_secs(5));
-                    }
-                    Err(e) => {
-                        tracing::debug!("restarting the watch failed: {e:#}");
-                        resync_at = Some(Instant::now() + backoff.step());
-                    }
-                }
-            }
-            item = next_item(&mut watch), if watch.is_some() => {
-                match item {
-                    Ok(WatchItem::Events { events, revision }) => {
-                        backoff = Backoff::new(Duration::from_secs(5));
-                        if let Err(e) = ctl.on_events(&events).await {
-                            break Err(e);
-                        }
-                        cursor = cursor.max(revision);
-                    }
-                    Ok(WatchItem::Compacted) => {
-                        Stats::inc(&ctl.peers.stats.watch_compactions);
-                        tracing::warn!(from_revision = cursor + 1, "the watch's revision was compacted away; re-listing leases");
-                        must_relist = true;
-                        watch = None;
-                        resync_at = Some(Instant::now());
-                    }
-                    Err(e) => {
-                        // Logged once per outage; retries are quiet until etcd is back.
-                        tracing::warn!("lease watch broke ({e:#}); the data path keeps forwarding to known peers; retrying with backoff");
-                        outage_since = Some(Instant::now());
-                        watch = None;
-                        resync_at = Some(Instant::now() + backoff.step());
-                    }
-                }
+                driver.todo.extend(keeper.handle(input, std::time::Instant::now()));
             }
         }
     };
@@ -800,10 +604,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The next watch item; a missing watch is an error that triggers a re-list.
-async fn next_item<W: LeaseWatch>(w: &mut Option<W>) -> anyhow::Result<WatchItem> {
+/// The next watch item.
+async fn next_item<W: LeaseWatch>(w: &mut Option<W>) -> Result<WatchItem, StoreError> {
     match w {
         Some(w) => w.next().await,
-        None => Err(anyhow::anyhow!("no watch")),
+        None => std::future::pending().await,
     }
 }

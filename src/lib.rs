@@ -17,7 +17,6 @@ pub mod lease;
 pub mod masq;
 pub mod netlink;
 pub mod ops;
-pub mod registry;
 pub mod routes;
 pub mod subnet;
 pub mod subnet_env;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use flannel::daemon::{self, Options};
 use flannel::datapath::OffloadMode;
-use flannel::registry::{EtcdOptions, EtcdStore};
+use flannel::lease::etcd::{EtcdOptions, EtcdStore};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -27,6 +27,8 @@ pub struct Stats {
     pub lease_renewals: AtomicU64,
     pub watch_resyncs: AtomicU64,
     pub watch_compactions: AtomicU64,
+    /// Lease keys ignored now (malformed, or not a valid lease).
+    pub leases_ignored: AtomicU64,
     /// The offloads the data path negotiated: TUN TSO, TUN USO, UDP GSO, UDP GRO.
     pub offloads: [AtomicBool; 4],
 }
@@ -180,6 +182,12 @@ impl Collector for FlannelCollector {
             "flannel_watch_resyncs",
             "Re-lists of the leases (after a compacted watch, or to take our lease back).",
             get(&s.watch_resyncs),
+        )?;
+        gauge(
+            &mut e,
+            "flannel_leases_ignored",
+            "Keys under the subnets prefix ignored now: malformed, not a SubnetLen lease inside the Network, or a PublicIP no host can have.",
+            get(&s.leases_ignored) as i64,
         )?;
         counter(
             &mut e,

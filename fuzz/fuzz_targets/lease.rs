@@ -1,6 +1,6 @@
 //! Lease keys and values from other writers: never a panic; keys round-trip.
 #![no_main]
-use flannel::registry::RawLease;
+use flannel::lease::store::RawLease;
 use flannel::subnet::{key_suffix, parse_key, LeaseAttrs};
 use libfuzzer_sys::fuzz_target;
 
@@ -14,5 +14,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(a) = LeaseAttrs::from_json(v) {
         assert_eq!(LeaseAttrs::from_json(a.to_json().as_bytes()).unwrap(), a);
     }
-    let _ = flannel::lease::decode(&RawLease { key, value: v.to_vec(), lease_id: 0 });
+    let _ = flannel::lease::decode(&RawLease { key, value: v.to_vec(), lease_id: 0, mod_revision: 0 });
 });

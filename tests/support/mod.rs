@@ -19,8 +19,12 @@ pub const DEFAULT_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The daemon under test: this build's, or `FLANNELD_TEST_BIN` (to run a
+/// test against another build, e.g. to show it fails without a fix).
 pub fn flanneld_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flanneld"))
+    std::env::var_os("FLANNELD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_flanneld")))
 }
 
 /// Runs a command, panicking with its output when it fails.

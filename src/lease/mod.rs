@@ -1,5 +1,13 @@
-//! Lease logic without I/O: which subnet to take, when to renew, and the
-//! peer set that the watch feeds (incl. the diff after a re-list).
+//! The lease core, without I/O: which subnet to take, when to renew, which
+//! leases of other writers to trust, the peer set the watch feeds, and the
+//! [`keeper`] state machine that ties them to a store through the
+//! [`store`] seam. Only [`etcd`] talks to etcd; the core never imports it.
+
+pub mod etcd;
+pub mod keeper;
+#[cfg(test)]
+pub mod memory;
+pub mod store;
 
 use crate::config::NetworkConfig;
 use crate::routes::RouteSnapshot;
@@ -22,6 +30,8 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
     /// The etcd lease id; 0 means a reservation (a key with no TTL).
     pub lease_id: i64,
+    /// The store revision of the last write to this key.
+    pub mod_revision: i64,
 }
 
 impl Lease {
@@ -89,7 +99,14 @@ pub fn plan_acquire(
         });
     }
 
-    let taken = Taken::new(leases);
+    // Only leases of the Network's shape take space: a rogue 0.0.0.0-0 or
+    // a /16 must not make the Network look full.
+    let shaped: Vec<Lease> = leases
+        .iter()
+        .filter(|l| has_lease_shape(cfg, l.subnet))
+        .cloned()
+        .collect();
+    let taken = Taken::new(&shaped);
     if let Some(prev) = previous {
         if cfg.fits(prev) && !taken.overlaps(prev) {
             return Ok(Plan {
@@ -192,6 +209,12 @@ impl PeerSet {
         }
     }
 
+    /// We no longer hold a subnet (another host took it): every lease is
+    /// a candidate peer until we hold one again.
+    pub fn clear_own(&mut self) {
+        self.own = None;
+    }
+
     pub fn set_own(&mut self, own: Ipv4Network) -> Option<PeerChange> {
         self.own = Some(own);
         self.peers.remove(&own).map(|_| PeerChange::Removed(own))
@@ -286,6 +309,7 @@ mod tests {
             subnet: sn.parse().unwrap(),
             attrs: LeaseAttrs::udp(ip.into()),
             lease_id: id,
+            mod_revision: 1,
         }
     }
 
@@ -375,14 +399,27 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_foreign_leases_block_a_subnet() {
+    fn a_foreign_lease_of_another_shape_blocks_nothing() {
         let c = cfg(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.3.0"}"#);
-        // A /23 from another writer covers 10.5.2.0 and 10.5.3.0.
-        let leases = [lease("10.5.2.0/23", [192, 168, 0, 2], 1)];
-        for seed in 0..20 {
+        // A /23 from another writer is not a lease flannel makes: it is
+        // never routed (see `validate`) and must not make 10.5.2.0 or
+        // 10.5.3.0 look taken. A /24 lease does block its subnet.
+        let leases = [
+            lease("10.5.2.0/23", [192, 168, 0, 2], 1),
+            lease("10.5.1.0/24", [192, 168, 0, 3], 1),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..40 {
             let p = plan_acquire(&c, &leases, ME, None, &mut StdRng::seed_from_u64(seed)).unwrap();
-            assert_eq!(p.action, Acquire::Create("10.5.1.0/24".parse().unwrap()));
+            let Acquire::Create(sn) = p.action else {
+                panic!()
+            };
+            seen.insert(sn.to_string());
         }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["10.5.2.0/24", "10.5.3.0/24"]
+        );
     }
 
     #[test]
@@ -442,27 +479,94 @@ mod tests {
     }
 }
 
+/// At most this much of a bad value goes into a log line.
+const SHOWN: usize = 64;
+
+/// The start of a value, for a log line: never a whole (maybe huge) value.
+pub fn excerpt(value: &[u8]) -> String {
+    if value.len() <= SHOWN {
+        format!("{:?}", String::from_utf8_lossy(value))
+    } else {
+        format!(
+            "{:?}… ({} bytes)",
+            String::from_utf8_lossy(&value[..SHOWN]),
+            value.len()
+        )
+    }
+}
+
 /// Decodes a stored lease; the error says what is wrong, for a warning.
-pub fn decode(raw: &crate::registry::RawLease) -> Result<Lease, String> {
-    let subnet = crate::subnet::parse_key(&raw.key).map_err(|e| e.to_string())?;
+pub fn decode(raw: &store::RawLease) -> Result<Lease, String> {
+    let shown = || {
+        let k = raw.key.as_bytes();
+        String::from_utf8_lossy(&k[..k.len().min(2 * SHOWN)]).into_owned()
+    };
+    let subnet = crate::subnet::parse_key(&raw.key)
+        .map_err(|e| format!("key {:?} is not a lease: {e}", shown()))?;
     let attrs = LeaseAttrs::from_json(&raw.value).map_err(|e| {
         format!(
-            "lease {} has a malformed value {:?}: {e}",
-            raw.key,
-            String::from_utf8_lossy(&raw.value)
+            "lease {} has a malformed value {}: {e}",
+            shown(),
+            excerpt(&raw.value)
         )
     })?;
     Ok(Lease {
         subnet,
         attrs,
         lease_id: raw.lease_id,
+        mod_revision: raw.mod_revision,
     })
+}
+
+/// Whether `subnet` has the shape of a lease flannel's writers make: the
+/// Network's SubnetLen, inside the Network. Anything else (the whole
+/// Network, `0.0.0.0-0`, a /25 inside another host's /24) is never routed
+/// and never counts as taken space.
+pub fn has_lease_shape(cfg: &NetworkConfig, subnet: Ipv4Network) -> bool {
+    subnet.prefix() == cfg.subnet_len && cfg.network.contains(subnet.network())
+}
+
+/// Why a lease of another writer is ignored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("{subnet} is not a /{len} inside the Network {network}")]
+    Shape {
+        subnet: Ipv4Network,
+        len: u8,
+        network: Ipv4Network,
+    },
+    #[error("its PublicIP {0} cannot be a host's address")]
+    PublicIp(Ipv4Addr),
+}
+
+/// The rules a lease must pass before it becomes a route: the Network's
+/// shape, and a PublicIP that can be a host (not unspecified, loopback,
+/// multicast, broadcast, nor inside the overlay itself, which would send
+/// the tunnel's datagrams into the tunnel).
+pub fn validate(cfg: &NetworkConfig, l: &Lease) -> Result<(), Reject> {
+    if !has_lease_shape(cfg, l.subnet) {
+        return Err(Reject::Shape {
+            subnet: l.subnet,
+            len: cfg.subnet_len,
+            network: cfg.network,
+        });
+    }
+    let ip = l.attrs.public_ip;
+    if ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || cfg.network.contains(ip)
+    {
+        return Err(Reject::PublicIp(ip));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod decode_tests {
+    use super::store::RawLease;
     use super::*;
-    use crate::registry::RawLease;
 
     #[test]
     fn decode_accepts_good_and_explains_bad() {
@@ -470,6 +574,7 @@ mod decode_tests {
             key: k.into(),
             value: v.as_bytes().to_vec(),
             lease_id: 9,
+            mod_revision: 3,
         };
         let l = decode(&raw(
             "/p/subnets/10.5.3.0-24",
@@ -481,5 +586,62 @@ mod decode_tests {
         let e = decode(&raw("/p/subnets/10.5.3.0-24", "{oops")).unwrap_err();
         assert!(e.contains("10.5.3.0-24") && e.contains("malformed"), "{e}");
         assert!(decode(&raw("/p/subnets/garbage", "{}")).is_err());
+        // A huge bad value is shown by its start and its size only.
+        let big = format!("{{{}", "x".repeat(1 << 20));
+        let e = decode(&raw("/p/subnets/10.5.3.0-24", &big)).unwrap_err();
+        assert!(e.len() < 400 && e.contains("1048577 bytes"), "{}", e.len());
+    }
+
+    #[test]
+    fn only_network_shaped_leases_with_a_host_public_ip_are_valid() {
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.44.0.0/16"}"#).unwrap();
+        let l = |sn: &str, ip: [u8; 4]| Lease {
+            subnet: sn.parse().unwrap(),
+            attrs: LeaseAttrs::udp(ip.into()),
+            lease_id: 1,
+            mod_revision: 1,
+        };
+        assert_eq!(
+            validate(&cfg, &l("10.44.85.0/24", [192, 168, 0, 2])),
+            Ok(())
+        );
+        for bad in ["10.44.0.0/16", "0.0.0.0/0", "10.44.85.0/25", "10.45.1.0/24"] {
+            assert!(
+                matches!(
+                    validate(&cfg, &l(bad, [192, 168, 0, 2])),
+                    Err(Reject::Shape { .. })
+                ),
+                "{bad}"
+            );
+        }
+        for ip in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [224, 0, 0, 5],
+            [255; 4],
+            [10, 44, 1, 1],
+        ] {
+            assert_eq!(
+                validate(&cfg, &l("10.44.85.0/24", ip)),
+                Err(Reject::PublicIp(ip.into())),
+                "{ip:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rogue_leases_never_make_the_network_look_full() {
+        use rand::SeedableRng;
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.44.0.0/16"}"#).unwrap();
+        let l = |sn: &str| Lease {
+            subnet: sn.parse().unwrap(),
+            attrs: LeaseAttrs::udp([192, 168, 9, 9].into()),
+            lease_id: 1,
+            mod_revision: 1,
+        };
+        let leases = [l("0.0.0.0/0"), l("10.44.0.0/16"), l("10.44.85.0/25")];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let plan = plan_acquire(&cfg, &leases, [192, 168, 0, 1].into(), None, &mut rng).unwrap();
+        assert!(matches!(plan.action, Acquire::Create(sn) if sn.prefix() == 24));
     }
 }

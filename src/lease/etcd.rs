@@ -1,0 +1,470 @@
+//! The etcd v3 adapter of [`LeaseStore`]: the only module that knows about
+//! etcd. Lists are paged, writes and deletes are transactions under their
+//! [`Expect`] condition, and every etcd error becomes a typed
+//! [`StoreError`] (transient or permanent).
+
+use super::store::{
+    Expect, LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem, Written,
+};
+use crate::subnet::{lease_key, subnets_prefix};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use ipnetwork::Ipv4Network;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Keys per page of a lease list; halved while a page is too large for
+/// the client (etcd values may be 1.5 MiB each).
+const PAGE: i64 = 500;
+/// Largest reply we accept: one page, or one watch response.
+const MAX_REPLY: usize = 64 << 20;
+/// How long one etcd call may take before it counts as an outage (a
+/// stopped etcd accepts connections and never answers).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Fails when the (first) certificate in a PEM file is expired or not yet
+/// valid: etcd would just drop the TLS connection, which looks like an
+/// outage from here, so say it before connecting.
+fn check_certificate_dates(pem: &[u8], path: &std::path::Path) -> anyhow::Result<()> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| {
+        anyhow::anyhow!(
+            "--etcd-certfile {} is not a PEM certificate: {e}",
+            path.display()
+        )
+    })?;
+    let cert = pem.parse_x509().map_err(|e| {
+        anyhow::anyhow!(
+            "--etcd-certfile {} is not an X.509 certificate: {e}",
+            path.display()
+        )
+    })?;
+    let v = cert.validity();
+    if !v.is_valid() {
+        anyhow::bail!(
+            "client certificate --etcd-certfile {} is not valid now: valid from {} to {}",
+            path.display(),
+            v.not_before,
+            v.not_after
+        );
+    }
+    Ok(())
+}
+
+/// Whether an error text is one that retrying cannot fix: TLS trust,
+/// certificates, authentication, permissions.
+fn permanent_text(text: &str) -> bool {
+    let text = text.to_lowercase();
+    [
+        "invalid peer certificate",
+        "certificate verify",
+        "unknownissuer",
+        "authentication failed",
+        "permission denied",
+        "user name is empty",
+        "invalid auth token",
+    ]
+    .iter()
+    .any(|k| text.contains(k))
+}
+
+/// An etcd client error as a [`StoreError`].
+pub fn classify(e: etcd_client::Error) -> StoreError {
+    let text = e.to_string();
+    let permanent = match &e {
+        etcd_client::Error::GRpcStatus(st) => {
+            matches!(
+                st.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || permanent_text(&text)
+        }
+        _ => permanent_text(&text),
+    };
+    if permanent {
+        StoreError::Permanent(text)
+    } else {
+        StoreError::Transient(text)
+    }
+}
+
+/// Runs one etcd call with a deadline, its error classified.
+async fn call<T>(
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(classify),
+        Err(_) => Err(StoreError::Transient(format!(
+            "etcd did not answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+impl EtcdStore {
+    pub async fn connect(o: &EtcdOptions) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let (Some(u), Some(p)) = (&o.username, &o.password) {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        if o.cafile.is_some() || o.certfile.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &o.cafile {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading --etcd-cafile {}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            match (&o.certfile, &o.keyfile) {
+                (Some(c), Some(k)) => {
+                    let cert = std::fs::read(c)
+                        .with_context(|| format!("reading --etcd-certfile {}", c.display()))?;
+                    check_certificate_dates(&cert, c)?;
+                    let key = std::fs::read(k)
+                        .with_context(|| format!("reading --etcd-keyfile {}", k.display()))?;
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                (None, None) => {}
+                _ => anyhow::bail!("--etcd-certfile and --etcd-keyfile must be given together"),
+            }
+            opts = opts.with_tls(tls);
+        }
+        let client = Client::connect(&o.endpoints, Some(opts))
+            .await
+            .with_context(|| format!("connecting to etcd at {}", o.endpoints.join(",")))?;
+        Ok(EtcdStore {
+            client,
+            prefix: o.prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
+        let r = call(
+            self.client
+                .clone()
+                .lease_grant(ttl.as_secs().max(1) as i64, None),
+        )
+        .await?;
+        Ok((r.id(), Duration::from_secs(r.ttl().max(0) as u64)))
+    }
+
+    /// One page of keys from `from` (inclusive) to the end of `prefix`, read
+    /// at `revision` (0: now).
+    async fn page(
+        &self,
+        from: &[u8],
+        end: &[u8],
+        revision: i64,
+        limit: i64,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let mut opts = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_limit(limit)
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_REPLY)
+            .get(from.to_vec(), Some(opts))
+            .await
+    }
+}
+
+/// The end of the key range that holds every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl LeaseStore for EtcdStore {
+    type Watch = EtcdWatch;
+
+    async fn get_config(&self) -> Result<Option<String>, StoreError> {
+        let key = format!("{}/config", self.prefix);
+        let r = call(self.client.clone().get(key, None)).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Pages through the subnets prefix at one revision, so a list of any
+    /// size (junk included) neither exceeds the client's reply limit nor
+    /// mixes two points in time.
+    async fn list(&self) -> Result<(Vec<RawLease>, i64), StoreError> {
+        let prefix = subnets_prefix(&self.prefix).into_bytes();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.clone();
+        let mut revision = 0;
+        let mut limit = PAGE;
+        let mut leases = Vec::new();
+        loop {
+            let r =
+                match tokio::time::timeout(CALL_TIMEOUT, self.page(&from, &end, revision, limit))
+                    .await
+                {
+                    Err(_) => {
+                        return Err(StoreError::Transient(format!(
+                            "etcd did not answer a list within {} s",
+                            CALL_TIMEOUT.as_secs()
+                        )))
+                    }
+                    Ok(Err(etcd_client::Error::GRpcStatus(st)))
+                        if limit > 1
+                            && (st.code() == tonic::Code::OutOfRange
+                                || st.message().contains("message length too large")) =>
+                    {
+                        limit = (limit / 2).max(1);
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(classify(e)),
+                    Ok(Ok(r)) => r,
+                };
+            if revision == 0 {
+                revision = r.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in r.kvs() {
+                leases.push(RawLease {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    value: kv.value().to_vec(),
+                    lease_id: kv.lease(),
+                    mod_revision: kv.mod_revision(),
+                });
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((leases, revision))
+    }
+
+    async fn write(
+        &self,
+        subnet: Ipv4Network,
+        value: String,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<Option<Written>, StoreError> {
+        let key = lease_key(&self.prefix, subnet);
+        let (opts, granted) = match ttl {
+            Some(ttl) => {
+                let (id, granted) = self.grant(ttl).await?;
+                (Some(PutOptions::new().with_lease(id)), Some((id, granted)))
+            }
+            None => (None, None),
+        };
+        let compare = match expect {
+            Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Expect::Revision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(key, value, opts)]);
+        let r = call(self.client.clone().txn(txn)).await?;
+        if r.succeeded() {
+            Ok(Some(Written {
+                expires_in: granted.map(|(_, d)| d),
+                revision: r.header().map(|h| h.revision()).unwrap_or(0),
+            }))
+        } else {
+            if let Some((id, _)) = granted {
+                let _ = call(self.client.clone().lease_revoke(id)).await;
+            }
+            Ok(None)
+        }
+    }
+
+    async fn delete(&self, subnet: Ipv4Network, expect: Expect) -> Result<bool, StoreError> {
+        let key = lease_key(&self.prefix, subnet);
+        let compare = match expect {
+            Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
+            Expect::Revision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(call(self.client.clone().txn(txn)).await?.succeeded())
+    }
+
+    async fn watch(&self, revision: i64) -> Result<EtcdWatch, StoreError> {
+        // The whole prefix: leases and the config key in one stream.
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
+        let stream = call(
+            self.client
+                .watch_client()
+                .max_decoding_message_size(MAX_REPLY)
+                .watch(format!("{}/", self.prefix), Some(opts)),
+        )
+        .await?;
+        Ok(EtcdWatch {
+            stream,
+            start: revision,
+            checked_start: false,
+            config_key: format!("{}/config", self.prefix),
+            subnets: subnets_prefix(&self.prefix),
+        })
+    }
+}
+
+pub struct EtcdWatch {
+    stream: etcd_client::WatchStream,
+    /// The revision the watch was asked to start from.
+    start: i64,
+    /// Whether the first response's header was checked against `start`.
+    checked_start: bool,
+    config_key: String,
+    subnets: String,
+}
+
+impl LeaseWatch for EtcdWatch {
+    async fn next(&mut self) -> Result<WatchItem, StoreError> {
+        loop {
+            let Some(resp) = self.stream.message().await.map_err(classify)? else {
+                return Err(StoreError::Transient("etcd closed the watch stream".into()));
+            };
+            if resp.compact_revision() > 0 {
+                return Ok(WatchItem::Compacted);
+            }
+            if !self.checked_start {
+                self.checked_start = true;
+                // A resumed watch on a store whose history is shorter than
+                // what we saw (a new or restored cluster) would wait for
+                // revisions that mean something else now.
+                let now = resp.header().map_or(i64::MAX, |h| h.revision());
+                if now < self.start - 1 {
+                    return Ok(WatchItem::Compacted);
+                }
+            }
+            if resp.canceled() {
+                return Err(StoreError::Transient(format!(
+                    "etcd cancelled the watch: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.events().is_empty() {
+                continue; // created / progress notifications
+            }
+            let revision = resp
+                .events()
+                .iter()
+                .filter_map(|ev| ev.kv().map(|kv| kv.mod_revision()))
+                .max()
+                .unwrap_or(0);
+            let events = resp
+                .events()
+                .iter()
+                .filter_map(|ev| {
+                    let kv = ev.kv()?;
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    if key == self.config_key {
+                        return Some(WatchEvent::Config(match ev.event_type() {
+                            EventType::Put => {
+                                Some(String::from_utf8_lossy(kv.value()).into_owned())
+                            }
+                            EventType::Delete => None,
+                        }));
+                    }
+                    if !key.starts_with(&self.subnets) {
+                        return None; // other keys under the prefix are not ours
+                    }
+                    Some(match ev.event_type() {
+                        EventType::Put => WatchEvent::Put(RawLease {
+                            key,
+                            value: kv.value().to_vec(),
+                            lease_id: kv.lease(),
+                            mod_revision: kv.mod_revision(),
+                        }),
+                        EventType::Delete => WatchEvent::Delete(key),
+                    })
+                })
+                .collect();
+            return Ok(WatchItem::Events { events, revision });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grpc(code: tonic::Code, msg: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg))
+    }
+
+    #[test]
+    fn credentials_and_trust_errors_are_permanent_outages_are_not() {
+        // Permanent: retrying cannot fix these; the operator must.
+        for (code, msg) in [
+            (tonic::Code::Unauthenticated, "invalid auth token"),
+            (tonic::Code::PermissionDenied, "permission denied"),
+            (
+                tonic::Code::Unknown,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            (
+                tonic::Code::InvalidArgument,
+                "etcdserver: user name is empty",
+            ),
+        ] {
+            assert!(classify(grpc(code, msg)).is_permanent(), "{msg}");
+        }
+        for text in [
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "tls handshake: certificate verify failed",
+        ] {
+            assert!(permanent_text(text), "{text}");
+        }
+        // Transient: etcd away, restarting, slow, or a leader election.
+        for (code, msg) in [
+            (tonic::Code::Unavailable, "connection refused"),
+            (tonic::Code::DeadlineExceeded, "context deadline exceeded"),
+            (tonic::Code::Unknown, "etcdserver: leader changed"),
+            (tonic::Code::OutOfRange, "decoded message length too large"),
+        ] {
+            assert!(!classify(grpc(code, msg)).is_permanent(), "{msg}");
+        }
+        assert!(!permanent_text(
+            "transport error: Connection refused (os error 111)"
+        ));
+    }
+
+    #[test]
+    fn a_prefix_range_ends_after_every_key_of_the_prefix() {
+        assert_eq!(prefix_end(b"/a/subnets/"), b"/a/subnets0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

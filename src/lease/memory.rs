@@ -1,0 +1,376 @@
+//! An in-memory lease store with etcd's semantics (revisions, conditional
+//! writes, TTLs, a watch log that can be compacted, outages), and a bed
+//! that runs a [`Keeper`] against it: every recovery path of the lease core
+//! is a unit test that needs no root and no etcd. The integration tests
+//! run the same paths against the real etcd.
+
+use super::keeper::{Action, Input, Keeper, Settings};
+use super::store::{Expect, RawLease, StoreError, WatchEvent, WatchItem, Written};
+use crate::config::NetworkConfig;
+use crate::subnet::{lease_key, LeaseAttrs};
+use ipnetwork::Ipv4Network;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+pub const PREFIX: &str = "/coreos.com/network";
+
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Vec<u8>,
+    lease_id: i64,
+    mod_revision: i64,
+    expires: Option<Instant>,
+}
+
+/// The store.
+#[derive(Debug, Default)]
+pub struct Memory {
+    revision: i64,
+    keys: BTreeMap<String, Entry>,
+    log: Vec<(i64, WatchEvent)>,
+    /// Revisions up to here are gone from the log.
+    compacted: i64,
+    next_lease: i64,
+    /// Every call fails (etcd unreachable).
+    pub down: bool,
+    /// Every call is refused (bad credentials).
+    pub refuse: bool,
+    /// The next this many writes fail.
+    pub failing_writes: usize,
+}
+
+impl Memory {
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    fn subnets() -> String {
+        format!("{PREFIX}/subnets/")
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.refuse {
+            return Err(StoreError::Permanent("permission denied".into()));
+        }
+        if self.down {
+            Err(StoreError::Transient("connection refused".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn bump(&mut self, ev: WatchEvent) -> i64 {
+        self.revision += 1;
+        self.log.push((self.revision, ev));
+        self.revision
+    }
+
+    /// Any writer's put (another host, an operator, junk).
+    pub fn put(&mut self, key: &str, value: &[u8], ttl: Option<Duration>, now: Instant) -> i64 {
+        let lease_id = match ttl {
+            Some(_) => {
+                self.next_lease += 1;
+                self.next_lease
+            }
+            None => 0,
+        };
+        let rev = self.revision + 1;
+        self.keys.insert(
+            key.to_string(),
+            Entry {
+                value: value.to_vec(),
+                lease_id,
+                mod_revision: rev,
+                expires: ttl.map(|t| now + t),
+            },
+        );
+        let ev = if key == format!("{PREFIX}/config") {
+            WatchEvent::Config(Some(String::from_utf8_lossy(value).into_owned()))
+        } else {
+            WatchEvent::Put(RawLease {
+                key: key.to_string(),
+                value: value.to_vec(),
+                lease_id,
+                mod_revision: rev,
+            })
+        };
+        self.bump(ev)
+    }
+
+    /// Another host's lease, as flannel writes it.
+    pub fn put_lease(&mut self, subnet: &str, ip: [u8; 4], now: Instant) -> i64 {
+        let sn: Ipv4Network = subnet.parse().expect("subnet");
+        let v = LeaseAttrs::udp(ip.into()).to_json();
+        self.put(
+            &lease_key(PREFIX, sn),
+            v.as_bytes(),
+            Some(Duration::from_secs(86400)),
+            now,
+        )
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        if self.keys.remove(key).is_some() {
+            self.bump(WatchEvent::Delete(key.to_string()));
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<(Vec<u8>, i64)> {
+        self.keys
+            .get(key)
+            .map(|e| (e.value.clone(), e.mod_revision))
+    }
+
+    /// Expires leases whose TTL ran out by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        let gone: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, e)| e.expires.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
+    }
+
+    /// Drops the watch history up to now.
+    pub fn compact(&mut self) {
+        self.compacted = self.revision;
+        self.log.clear();
+    }
+
+    pub fn list(&self) -> Result<(Vec<RawLease>, i64), StoreError> {
+        self.check()?;
+        let p = Self::subnets();
+        let leases = self
+            .keys
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.starts_with(&p))
+            .map(|(k, e)| RawLease {
+                key: k.clone(),
+                value: e.value.clone(),
+                lease_id: e.lease_id,
+                mod_revision: e.mod_revision,
+            })
+            .collect();
+        Ok((leases, self.revision))
+    }
+
+    fn holds(&self, key: &str, expect: Expect) -> bool {
+        match (expect, self.keys.get(key)) {
+            (Expect::Absent, e) => e.is_none(),
+            (Expect::Revision(r), Some(e)) => e.mod_revision == r,
+            (Expect::Revision(_), None) => false,
+        }
+    }
+
+    pub fn write(
+        &mut self,
+        subnet: Ipv4Network,
+        value: &str,
+        ttl: Option<Duration>,
+        expect: Expect,
+        now: Instant,
+    ) -> Result<Option<Written>, StoreError> {
+        self.check()?;
+        if self.failing_writes > 0 {
+            self.failing_writes -= 1;
+            return Err(StoreError::Transient(
+                "etcdserver: request timed out".into(),
+            ));
+        }
+        let key = lease_key(PREFIX, subnet);
+        if !self.holds(&key, expect) {
+            return Ok(None);
+        }
+        let revision = self.put(&key, value.as_bytes(), ttl, now);
+        Ok(Some(Written {
+            expires_in: ttl,
+            revision,
+        }))
+    }
+
+    pub fn delete(&mut self, subnet: Ipv4Network, expect: Expect) -> Result<bool, StoreError> {
+        self.check()?;
+        let key = lease_key(PREFIX, subnet);
+        if !self.holds(&key, expect) {
+            return Ok(false);
+        }
+        self.remove(&key);
+        Ok(true)
+    }
+
+    /// Watch events from revision `from` on.
+    pub fn events(&self, from: i64) -> WatchItem {
+        if from <= self.compacted {
+            return WatchItem::Compacted;
+        }
+        let events: Vec<WatchEvent> = self
+            .log
+            .iter()
+            .filter(|(r, _)| *r >= from)
+            .map(|(_, e)| e.clone())
+            .collect();
+        WatchItem::Events {
+            events,
+            revision: self.revision,
+        }
+    }
+}
+
+/// A keeper running against a [`Memory`] store, with a clock the test moves.
+pub struct Bed {
+    pub store: Memory,
+    pub keeper: Keeper,
+    pub now: Instant,
+    /// The revision the running watch delivers from next (`None`: no watch).
+    watch: Option<i64>,
+    /// Every effect the keeper asked for, in order.
+    pub effects: Vec<Action>,
+}
+
+pub const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+
+impl Bed {
+    /// A keeper for `ME` on a store already holding `setup`'s writes.
+    pub fn start(network: &str, setup: impl FnOnce(&mut Memory, Instant)) -> Bed {
+        Self::start_with(network, None, setup)
+    }
+
+    pub fn start_with(
+        network: &str,
+        previous: Option<Ipv4Network>,
+        setup: impl FnOnce(&mut Memory, Instant),
+    ) -> Bed {
+        // A Network, or a whole config.
+        let json = if network.starts_with('{') {
+            network.to_string()
+        } else {
+            format!(r#"{{"Network":"{network}"}}"#)
+        };
+        let cfg = NetworkConfig::parse(&json).expect("cfg");
+        let now = Instant::now();
+        let mut store = Memory::default();
+        setup(&mut store, now);
+        let (keeper, first) = Keeper::new(
+            Settings {
+                cfg,
+                public_ip: ME,
+                ttl: Duration::from_secs(600),
+                renew_margin: Duration::from_secs(60),
+                renew_retry: Duration::from_secs(15),
+            },
+            previous,
+            rand::rngs::StdRng::seed_from_u64(7),
+        );
+        let mut bed = Bed {
+            store,
+            keeper,
+            now,
+            watch: None,
+            effects: Vec::new(),
+        };
+        bed.run(first);
+        bed
+    }
+
+    /// Carries out actions (and the keeper's answers to them) until none is left.
+    pub fn run(&mut self, actions: Vec<Action>) {
+        let mut todo: std::collections::VecDeque<Action> = actions.into();
+        let mut steps = 0;
+        while let Some(a) = todo.pop_front() {
+            steps += 1;
+            assert!(steps < 10_000, "the keeper does not settle: {a:?}");
+            let input = match a {
+                Action::List => match self.store.list() {
+                    Ok((leases, revision)) => Input::Listed { leases, revision },
+                    Err(e) => Input::Failed(e),
+                },
+                Action::Write {
+                    subnet,
+                    ref value,
+                    ttl,
+                    expect,
+                } => match self.store.write(subnet, value, ttl, expect, self.now) {
+                    Ok(w) => Input::Wrote(w),
+                    Err(e) => Input::Failed(e),
+                },
+                Action::Watch { from } => match self.store.check() {
+                    Ok(()) => {
+                        self.watch = Some(from);
+                        Input::WatchStarted
+                    }
+                    Err(e) => Input::Failed(e),
+                },
+                Action::Delete { subnet, expect } => {
+                    let _ = self.store.delete(subnet, expect);
+                    self.effects.push(a);
+                    continue;
+                }
+                effect => {
+                    self.effects.push(effect);
+                    continue;
+                }
+            };
+            todo.extend(self.keeper.handle(input, self.now));
+        }
+    }
+
+    /// Delivers what the watch has seen since it last delivered.
+    pub fn deliver(&mut self) {
+        let Some(from) = self.watch else { return };
+        if self.store.down {
+            self.watch = None;
+            let a = self.keeper.handle(
+                Input::WatchBroken(StoreError::Transient("stream closed".into())),
+                self.now,
+            );
+            self.run(a);
+            return;
+        }
+        let item = self.store.events(from);
+        match &item {
+            WatchItem::Compacted => self.watch = None,
+            WatchItem::Events { .. } => self.watch = Some(self.store.revision() + 1),
+        }
+        let a = self.keeper.handle(Input::Watch(item), self.now);
+        self.run(a);
+    }
+
+    /// Moves the clock on by `d`, firing the keeper's timers (and the
+    /// store's TTLs) on the way, delivering watch events at each step.
+    pub fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        loop {
+            self.deliver();
+            let next = self.keeper.next_wakeup().filter(|t| *t <= end);
+            let Some(t) = next else { break };
+            self.now = self.now.max(t);
+            self.store.expire(self.now);
+            let a = self.keeper.handle(Input::Tick, self.now);
+            self.run(a);
+        }
+        self.now = end;
+        self.store.expire(self.now);
+        self.deliver();
+    }
+
+    /// The subnet key of ours in the store names `ip`.
+    pub fn holder(&self, subnet: Ipv4Network) -> Option<Ipv4Addr> {
+        let (v, _) = self.store.get(&lease_key(PREFIX, subnet))?;
+        LeaseAttrs::from_json(&v).ok().map(|a| a.public_ip)
+    }
+
+    pub fn moved(&self) -> Vec<(Ipv4Network, Ipv4Network)> {
+        self.effects
+            .iter()
+            .filter_map(|a| match a {
+                Action::Moved { from, to } => Some((*from, *to)),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -10,6 +10,7 @@ use crate::lease::store::{LeaseStore, LeaseWatch, StoreError, WatchItem};
 use crate::masq;
 use crate::netlink::{self, Netlink};
 use crate::ops::{self, Stats};
+use crate::peer_cache::{self, PeerCache};
 use crate::routes::RouteTable;
 use crate::subnet_env::{self, SubnetEnv};
 use anyhow::{bail, Context};
@@ -215,6 +216,9 @@ struct Control<'a> {
     mtu: u32,
     routes: Arc<RouteTable>,
     stats: Arc<Stats>,
+    public_ip: Ipv4Addr,
+    /// Where what the node knows is kept for a restart without etcd.
+    cache: PathBuf,
 }
 
 /// The iptables/nftables rules the options and config ask for.
@@ -268,10 +272,14 @@ impl Control<'_> {
     fn apply(&mut self, keeper: &Keeper, effects: Vec<Action>) -> anyhow::Result<()> {
         for e in effects {
             match e {
-                Action::Publish => publish(keeper, &self.routes, &self.stats, self.cfg.port),
+                Action::Publish => {
+                    publish(keeper, &self.routes, &self.stats, self.cfg.port);
+                    self.save(keeper);
+                }
                 Action::Moved { from, to } => {
                     self.move_to(from, to)?;
                     publish(keeper, &self.routes, &self.stats, self.cfg.port);
+                    self.save(keeper);
                 }
                 Action::ConfigChanged(text) => self.config_changed(text.as_deref()),
                 Action::Fatal(why) => bail!("{why}"),
@@ -281,6 +289,20 @@ impl Control<'_> {
         }
         export(&keeper.stats, &self.stats);
         Ok(())
+    }
+
+    /// Rewrites the peer cache (atomically); a failure is logged, not fatal.
+    fn save(&self, keeper: &Keeper) {
+        let Some(subnet) = keeper.own() else { return };
+        let cache = PeerCache {
+            config: self.cfg_text.clone(),
+            subnet,
+            public_ip: self.public_ip,
+            peers: keeper.peers().iter().collect(),
+        };
+        if let Err(e) = cache.write(&self.cache) {
+            tracing::warn!("writing the peer cache {}: {e}", self.cache.display());
+        }
     }
 
     /// flannel applies a new config only on restart; we do the same but say
@@ -341,6 +363,43 @@ impl Control<'_> {
     }
 }
 
+/// How long a start with a peer cache waits for etcd before forwarding
+/// from the cache.
+const CACHED_START_WAIT: Duration = Duration::from_millis(500);
+
+/// flannel retries every second until `<prefix>/config` exists (operators
+/// start flanneld before writing it): wait, say so once, stay not ready.
+/// `None`: shut down while waiting.
+async fn wait_for_config<S: LeaseStore>(
+    store: &S,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<String>> {
+    let mut said = false;
+    loop {
+        let got = tokio::select! {
+            _ = shutdown.as_mut() => {
+                tracing::info!("shutting down while waiting for the network config");
+                return Ok(None);
+            }
+            got = retry("reading the network config", || store.get_config()) => got?,
+        };
+        if let Some(text) = got {
+            if said {
+                tracing::info!("the network config appeared");
+            }
+            return Ok(Some(text));
+        }
+        if !said {
+            tracing::warn!("no network config in etcd yet (<prefix>/config); retrying every second until it is written");
+            said = true;
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Runs flanneld until `shutdown` resolves.
 pub async fn run<S: LeaseStore>(
     store: S,
@@ -367,76 +426,99 @@ pub async fn run<S: LeaseStore>(
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 
     tokio::pin!(shutdown);
-    // flannel retries every second until <prefix>/config exists (operators
-    // start flanneld before writing it): wait, say so once, stay not ready.
-    let mut said = false;
-    let text = loop {
-        let got = tokio::select! {
-            _ = &mut shutdown => {
-                tracing::info!("shutting down while waiting for the network config");
-                return Ok(());
+    // With a peer cache that matches subnet.env, etcd gets one short try:
+    // if it does not answer, we forward from what the node knew at once.
+    let cache_path = peer_cache::path_for(&opts.subnet_file);
+    let cached = PeerCache::load(&cache_path, &opts.subnet_file, public_ip);
+    let mut from_cache = None;
+    if let Some(c) = cached {
+        match tokio::time::timeout(CACHED_START_WAIT, store.get_config()).await {
+            Ok(Err(e)) if e.is_permanent() => {
+                bail!("reading the network config: etcd refused us: {e}")
             }
-            got = retry("reading the network config", || store.get_config()) => got?,
-        };
-        if let Some(text) = got {
-            if said {
-                tracing::info!("the network config appeared");
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "etcd does not answer ({e}); starting from the peer cache {}",
+                    cache_path.display()
+                );
+                from_cache = Some(c);
             }
-            break text;
+            Err(_) => {
+                tracing::warn!("etcd does not answer within {CACHED_START_WAIT:?}; starting from the peer cache {}", cache_path.display());
+                from_cache = Some(c);
+            }
         }
-        if !said {
-            tracing::warn!("no network config in etcd yet (<prefix>/config); retrying every second until it is written");
-            said = true;
-        }
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+    }
+    let text = match &from_cache {
+        Some(c) => c.config.clone(),
+        None => match wait_for_config(&store, &mut shutdown).await? {
+            Some(text) => text,
+            None => return Ok(()),
+        },
     };
     let cfg = NetworkConfig::parse(&text).context("invalid network config in etcd")?;
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
 
-    let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
-    let (mut keeper, first) = Keeper::new(
-        Settings {
-            cfg: cfg.clone(),
-            public_ip,
-            ttl: opts.lease_ttl,
-            renew_margin: opts.renew_margin,
-            // flannel: a minute; sooner for short test TTLs.
-            renew_retry: Duration::from_secs(60).min(opts.lease_ttl / 4),
-        },
-        previous,
-        rand::rngs::StdRng::from_entropy(),
-    );
-    let mut driver = Driver {
-        store: &store,
-        watch: None,
-        todo: first.into(),
+    let settings = Settings {
+        cfg: cfg.clone(),
+        public_ip,
+        ttl: opts.lease_ttl,
+        renew_margin: opts.renew_margin,
+        // flannel: a minute; sooner for short test TTLs.
+        renew_retry: Duration::from_secs(60).min(opts.lease_ttl / 4),
     };
     let routes = Arc::new(RouteTable::default());
     let built = std::time::Instant::now();
-    // The keeper lists, chooses and writes our lease (and starts the watch).
-    let own = loop {
-        let effects = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            e = driver.pump(&mut keeper) => e,
-        };
-        let mut got = None;
-        for e in effects {
-            match e {
-                Action::Acquired(sn) => got = Some(sn),
-                Action::Fatal(why) => bail!("{why}"),
-                _ => {}
-            }
+    let (mut keeper, mut driver, own) = match from_cache {
+        Some(c) => {
+            let (keeper, first) = Keeper::from_cache(
+                settings,
+                c.subnet,
+                c.peers,
+                rand::rngs::StdRng::from_entropy(),
+            );
+            tracing::info!(subnet = %c.subnet, peers = keeper.peers().len(), "forwarding from the peer cache until etcd answers");
+            let driver = Driver {
+                store: &store,
+                watch: None,
+                todo: first.into(),
+            };
+            (keeper, driver, c.subnet)
         }
-        export(&keeper.stats, &stats);
-        if let Some(sn) = got {
-            break sn;
-        }
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
+        None => {
+            let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
+            let (mut keeper, first) =
+                Keeper::new(settings, previous, rand::rngs::StdRng::from_entropy());
+            let mut driver = Driver {
+                store: &store,
+                watch: None,
+                todo: first.into(),
+            };
+            // The keeper lists, chooses and writes our lease (and starts the watch).
+            let own = loop {
+                let effects = tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    e = driver.pump(&mut keeper) => e,
+                };
+                let mut got = None;
+                for e in effects {
+                    match e {
+                        Action::Acquired(sn) => got = Some(sn),
+                        Action::Fatal(why) => bail!("{why}"),
+                        _ => {}
+                    }
+                }
+                export(&keeper.stats, &stats);
+                if let Some(sn) = got {
+                    break sn;
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
+                }
+            };
+            (keeper, driver, own)
         }
     };
     publish(&keeper, &routes, &stats, cfg.port);
@@ -523,7 +605,10 @@ pub async fn run<S: LeaseStore>(
         mtu,
         routes,
         stats: stats.clone(),
+        public_ip,
+        cache: cache_path,
     };
+    ctl.save(&keeper);
     // Rules before READY: a workload started on READY gets them.
     ctl.resync_rules().await;
     stats.ready.store(true, Ordering::Relaxed);

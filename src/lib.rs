@@ -17,6 +17,7 @@ pub mod lease;
 pub mod masq;
 pub mod netlink;
 pub mod ops;
+pub mod peer_cache;
 pub mod routes;
 pub mod subnet;
 pub mod subnet_env;

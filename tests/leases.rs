@@ -191,3 +191,61 @@ fn a_renewal_never_overwrites_a_lease_another_host_wrote_meanwhile() {
     assert!(mine.contains(&format!("\"{}\"", bed.hosts[0].ip)), "{mine}");
     assert!(bed.is_running(0), "{}", bed.log(0));
 }
+
+#[test]
+fn a_restart_while_etcd_is_stopped_forwards_from_the_peer_cache() {
+    let mut bed = Bed::new(3);
+    let sn0 = bed.start_ready(0);
+    bed.start_ready(1);
+    let (h0, h1) = (bed.tun_addr(0), bed.tun_addr(1));
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, h1).then_some(())
+    });
+    // etcd frozen: it accepts connections and never answers.
+    let etcd = bed.etcd_pid();
+    // SAFETY: signalling the test's own etcd child.
+    unsafe { libc::kill(etcd, libc::SIGSTOP) };
+    assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    let t = Instant::now();
+    bed.start(0, &[]);
+    wait_for("h0 -> h1 after the restart", Duration::from_secs(5), || {
+        bed.ping_wait(0, h1, "0.1").then_some(())
+    });
+    wait_for("h1 -> h0 after the restart", Duration::from_secs(5), || {
+        bed.ping_wait(1, h0, "0.1").then_some(())
+    });
+    println!(
+        "restarted with etcd stopped: traffic both ways {:?} after the start",
+        t.elapsed()
+    );
+    assert!(
+        bed.log(0).contains("starting from the peer cache"),
+        "{}",
+        bed.log(0)
+    );
+    // etcd back: h0 confirms its lease, and a new host is reachable.
+    // SAFETY: as above.
+    unsafe { libc::kill(etcd, libc::SIGCONT) };
+    let t = Instant::now();
+    bed.start_ready(2);
+    let h2 = bed.tun_addr(2);
+    wait_for("h0 -> h2", Duration::from_secs(30), || {
+        bed.ping(0, h2).then_some(())
+    });
+    println!(
+        "after etcd returned, a new host was reachable in {:?}",
+        t.elapsed()
+    );
+    wait_for("h0 to confirm its lease", Duration::from_secs(20), || {
+        bed.log(0)
+            .contains("our lease is confirmed in etcd")
+            .then_some(())
+    });
+    let (_, v) = bed
+        .leases()
+        .into_iter()
+        .find(|(k, _)| *k == key_of(sn0))
+        .expect("h0's lease");
+    assert!(v.contains(&format!("\"{}\"", bed.hosts[0].ip)), "{v}");
+    assert_eq!(subnet_of(&bed, 0), Some(sn0));
+}

@@ -176,6 +176,8 @@ pub struct Keeper {
     backoff: Backoff,
     renew_at: Option<Instant>,
     outage_since: Option<Instant>,
+    /// Started from the peer cache: our lease is not yet confirmed in the store.
+    unconfirmed: bool,
     pub stats: KeeperStats,
 }
 
@@ -204,10 +206,49 @@ impl Keeper {
             backoff: Backoff::new(),
             renew_at: None,
             outage_since: None,
+            unconfirmed: false,
             stats: KeeperStats::default(),
         };
         let a = k.request(Action::List, None);
         (k, a)
+    }
+
+    /// A keeper that starts from what the node knew (its subnet and the
+    /// last peer table, from the peer cache) because the store does not
+    /// answer: it routes at once, and reconciles when the store answers —
+    /// our lease confirmed (and renewed), re-created if it is gone, or a
+    /// move if another host holds it now.
+    pub fn from_cache(
+        s: Settings,
+        own: Ipv4Network,
+        peers: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>,
+        rng: StdRng,
+    ) -> (Self, Vec<Action>) {
+        let (mut k, _) = Keeper::new(s, Some(own), rng);
+        k.pending = None;
+        k.phase = Phase::Holding {
+            own,
+            revision: 0,
+            reservation: false,
+        };
+        k.unconfirmed = true;
+        k.peers = PeerSet::new(Some(own));
+        let valid: Vec<_> = peers
+            .into_iter()
+            .filter(|&(sn, ip)| {
+                let l = Lease {
+                    subnet: sn,
+                    attrs: LeaseAttrs::udp(ip),
+                    lease_id: 1,
+                    mod_revision: 0,
+                };
+                validate(&k.s.cfg, &l).is_ok()
+            })
+            .collect();
+        k.peers.resync(valid);
+        let mut out = vec![Action::Publish];
+        k.next(Instant::now(), &mut out);
+        (k, out)
     }
 
     /// The subnet we hold, if any.
@@ -434,16 +475,30 @@ impl Keeper {
                 let mine = all.iter().find(|l| l.subnet == own);
                 match mine {
                     Some(l) if l.attrs.public_ip == self.s.public_ip => {
-                        if let Phase::Holding { revision: r, .. } = &mut self.phase {
+                        let confirm = std::mem::take(&mut self.unconfirmed);
+                        if let Phase::Holding {
+                            revision: r,
+                            reservation,
+                            ..
+                        } = &mut self.phase
+                        {
                             *r = l.mod_revision;
+                            if confirm {
+                                // Renew at once: how long it has left is unknown.
+                                *reservation = l.is_reservation();
+                                self.renew_at = (!*reservation).then_some(now);
+                                tracing::info!(subnet = %own, "our lease is confirmed in etcd");
+                            }
                         }
                         self.resync_peers(&valid, out);
                     }
                     Some(l) => {
+                        self.unconfirmed = false;
                         tracing::error!(subnet = %own, holder = %l.attrs.public_ip, "our subnet is held by another host");
                         self.taken_over(own, &valid, &all, now, out);
                     }
                     None => {
+                        self.unconfirmed = false;
                         self.resync_peers(&valid, out);
                         tracing::warn!(subnet = %own, "our lease is missing after the re-list; taking it back");
                         self.retake(own, out);
@@ -459,7 +514,6 @@ impl Keeper {
             self.cursor = revision;
             self.must_relist = false;
         }
-        let _ = now;
     }
 
     fn resync_peers(&mut self, valid: &[Lease], out: &mut Vec<Action>) {

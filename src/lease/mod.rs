@@ -228,6 +228,11 @@ impl PeerSet {
         self.peers.is_empty()
     }
 
+    /// Every peer: (subnet, PublicIP).
+    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Network, Ipv4Addr)> + '_ {
+        self.peers.iter().map(|(sn, ip)| (*sn, *ip))
+    }
+
     pub fn get(&self, subnet: &Ipv4Network) -> Option<Ipv4Addr> {
         self.peers.get(subnet).copied()
     }

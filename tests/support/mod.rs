@@ -599,6 +599,11 @@ impl Bed {
 
     /// One ping from host `from` to `to`; true if answered.
     pub fn ping(&self, from: usize, to: Ipv4Addr) -> bool {
+        self.ping_wait(from, to, "2")
+    }
+
+    /// One ping that waits `secs` (e.g. "0.2") for its answer.
+    pub fn ping_wait(&self, from: usize, to: Ipv4Addr, secs: &str) -> bool {
         Command::new("ip")
             .args([
                 "netns",
@@ -608,7 +613,7 @@ impl Bed {
                 "-c",
                 "1",
                 "-W",
-                "2",
+                secs,
                 &to.to_string(),
             ])
             .stdout(Stdio::null())

@@ -1,0 +1,143 @@
+//! What the node knew, kept beside subnet.env so a restart while etcd is
+//! unreachable can forward at once: the network config, our subnet and
+//! PublicIP, and the peer table. Rewritten atomically whenever the peers
+//! change; read only at start, and only trusted when it matches subnet.env
+//! and our PublicIP. etcd stays the truth: the keeper reconciles with it
+//! as soon as it answers.
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCache {
+    /// The `<prefix>/config` text the lease was taken under.
+    pub config: String,
+    pub subnet: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    pub peers: Vec<(Ipv4Network, Ipv4Addr)>,
+}
+
+/// The cache file of a subnet file: `subnet.env` → `subnet.env.peers.json`.
+pub fn path_for(subnet_file: &Path) -> PathBuf {
+    let mut name = subnet_file
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".peers.json");
+    subnet_file.with_file_name(name)
+}
+
+/// The file's JSON: addresses and subnets as text (`10.5.3.0/24`).
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    config: String,
+    subnet: String,
+    public_ip: Ipv4Addr,
+    peers: Vec<(String, Ipv4Addr)>,
+}
+
+impl PeerCache {
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let w = Wire {
+            config: self.config.clone(),
+            subnet: self.subnet.to_string(),
+            public_ip: self.public_ip,
+            peers: self
+                .peers
+                .iter()
+                .map(|(sn, ip)| (sn.to_string(), *ip))
+                .collect(),
+        };
+        let json = serde_json::to_vec(&w).map_err(std::io::Error::other)?;
+        crate::subnet_env::write_atomic(path, &json)
+    }
+
+    fn parse(text: &[u8]) -> Result<PeerCache, String> {
+        let w: Wire = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        let net = |s: &str| s.parse::<Ipv4Network>().map_err(|e| format!("{s:?}: {e}"));
+        Ok(PeerCache {
+            config: w.config,
+            subnet: net(&w.subnet)?,
+            public_ip: w.public_ip,
+            peers: w
+                .peers
+                .iter()
+                .map(|(sn, ip)| Ok((net(sn)?, *ip)))
+                .collect::<Result<_, String>>()?,
+        })
+    }
+
+    /// The cache, if it is there, readable, and written for `public_ip`
+    /// holding the subnet `subnet.env` names; `None` (with the reason
+    /// logged) otherwise.
+    pub fn load(path: &Path, subnet_file: &Path, public_ip: Ipv4Addr) -> Option<PeerCache> {
+        let text = std::fs::read(path).ok()?;
+        let cache = match PeerCache::parse(&text) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("ignoring the peer cache {}: {e}", path.display());
+                return None;
+            }
+        };
+        let env = crate::subnet_env::read_previous_subnet(subnet_file);
+        if env != Some(cache.subnet) || cache.public_ip != public_ip {
+            tracing::info!(
+                "the peer cache {} is for another lease ({} of {}); ignored",
+                path.display(),
+                cache.subnet,
+                cache.public_ip
+            );
+            return None;
+        }
+        Some(cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subnet_env::SubnetEnv;
+
+    #[test]
+    fn a_cache_round_trips_and_is_trusted_only_for_its_lease() {
+        let dir = std::env::temp_dir().join(format!("peer-cache-{}", std::process::id()));
+        let env = dir.join("subnet.env");
+        let path = path_for(&env);
+        assert_eq!(path, dir.join("subnet.env.peers.json"));
+        let me = Ipv4Addr::new(192, 168, 0, 1);
+        let c = PeerCache {
+            config: r#"{"Network":"10.5.0.0/16"}"#.into(),
+            subnet: "10.5.3.0/24".parse().unwrap(),
+            public_ip: me,
+            peers: vec![(
+                "10.5.4.0/24".parse().unwrap(),
+                Ipv4Addr::new(192, 168, 0, 2),
+            )],
+        };
+        c.write(&path).unwrap();
+        // No subnet.env: not trusted.
+        assert_eq!(PeerCache::load(&path, &env, me), None);
+        let mut e = SubnetEnv {
+            network: "10.5.0.0/16".parse().unwrap(),
+            subnet: "10.5.3.0/24".parse().unwrap(),
+            mtu: 1472,
+            ipmasq: false,
+        };
+        e.write(&env).unwrap();
+        assert_eq!(PeerCache::load(&path, &env, me), Some(c.clone()));
+        // Another PublicIP, or subnet.env naming another subnet: not trusted.
+        assert_eq!(
+            PeerCache::load(&path, &env, Ipv4Addr::new(192, 168, 0, 9)),
+            None
+        );
+        e.subnet = "10.5.9.0/24".parse().unwrap();
+        e.write(&env).unwrap();
+        assert_eq!(PeerCache::load(&path, &env, me), None);
+        // Garbage: ignored, never a panic.
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(PeerCache::load(&path, &env, me), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -663,20 +663,17 @@ pub async fn run<S: LeaseStore>(
     }
     dp.stop();
     let c = counters.snapshot();
+    let drops: Vec<String> = crate::forward::DropReason::ALL
+        .iter()
+        .map(|&(r, label)| format!("{label}={}", c.dropped(r)))
+        .collect();
     tracing::info!(
         tun_read = c.tun_rx_packets,
         sent = c.udp_tx_packets,
         received = c.udp_rx_packets,
         tun_written = c.tun_tx_packets,
         icmp = c.icmp_sent,
-        no_route = c.drop_no_route,
-        spoofed = c.drop_spoofed,
-        not_local = c.drop_not_local,
-        malformed = c.drop_malformed,
-        not_ipv4 = c.drop_not_ipv4,
-        ttl = c.drop_ttl,
-        send_errors = c.drop_send_error,
-        tun_write_errors = c.drop_tun_write_error,
+        dropped = %drops.join(" "),
         "data path counters"
     );
     result

@@ -6,7 +6,8 @@ use crate::wire::{Ipv4Packet, WireError};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Why a packet was not forwarded.
+/// Why a packet was not forwarded. The counters are an array indexed by
+/// this enum: a new reason is one variant here and one line in [`ALL`](DropReason::ALL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     /// Not IPv4 (e.g. an IPv6 packet the kernel routed into the TUN).
@@ -22,6 +23,43 @@ pub enum DropReason {
     Spoofed,
     /// Received for a destination outside our own subnet (no reflection).
     NotLocal,
+    /// The kernel refused to send it.
+    SendError,
+    /// The kernel refused the write to the TUN.
+    TunWriteError,
+}
+
+impl DropReason {
+    /// Every reason, with its `reason` label on `/metrics`, in counter order.
+    pub const ALL: [(DropReason, &'static str); 8] = [
+        (DropReason::NoRoute, "no_route"),
+        (DropReason::Ttl, "ttl"),
+        (DropReason::Malformed, "malformed"),
+        (DropReason::NotIpv4, "not_ipv4"),
+        (DropReason::Spoofed, "spoofed"),
+        (DropReason::NotLocal, "not_local"),
+        (DropReason::SendError, "send_error"),
+        (DropReason::TunWriteError, "tun_write_error"),
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// This reason's index into the counter arrays.
+    pub const fn index(self) -> usize {
+        match self {
+            DropReason::NoRoute => 0,
+            DropReason::Ttl => 1,
+            DropReason::Malformed => 2,
+            DropReason::NotIpv4 => 3,
+            DropReason::Spoofed => 4,
+            DropReason::NotLocal => 5,
+            DropReason::SendError => 6,
+            DropReason::TunWriteError => 7,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        Self::ALL[self.index()].1
+    }
 }
 
 /// What to do with a packet read from the TUN.
@@ -112,14 +150,8 @@ pub struct Totals {
     pub udp_rx_bytes: AtomicU64,
     pub tun_tx_packets: AtomicU64,
     pub icmp_sent: AtomicU64,
-    pub drop_not_ipv4: AtomicU64,
-    pub drop_malformed: AtomicU64,
-    pub drop_ttl: AtomicU64,
-    pub drop_no_route: AtomicU64,
-    pub drop_spoofed: AtomicU64,
-    pub drop_not_local: AtomicU64,
-    pub drop_send_error: AtomicU64,
-    pub drop_tun_write_error: AtomicU64,
+    /// Indexed by [`DropReason::index`].
+    pub drops: [AtomicU64; DropReason::COUNT],
     pub gso_fallbacks: AtomicU64,
     pub icmp_ratelimited: AtomicU64,
 }
@@ -161,14 +193,8 @@ pub struct Tally {
     pub udp_rx_bytes: u64,
     pub tun_tx_packets: u64,
     pub icmp_sent: u64,
-    pub drop_not_ipv4: u64,
-    pub drop_malformed: u64,
-    pub drop_ttl: u64,
-    pub drop_no_route: u64,
-    pub drop_spoofed: u64,
-    pub drop_not_local: u64,
-    pub drop_send_error: u64,
-    pub drop_tun_write_error: u64,
+    /// Indexed by [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
     /// UDP GSO sends the kernel refused (segment above the path MTU, an
     /// IPsec policy, …) and that were resent as plain datagrams.
     pub gso_fallbacks: u64,
@@ -178,14 +204,16 @@ pub struct Tally {
 
 impl Tally {
     pub fn drop(&mut self, r: DropReason) {
-        match r {
-            DropReason::NotIpv4 => self.drop_not_ipv4 += 1,
-            DropReason::Malformed => self.drop_malformed += 1,
-            DropReason::Ttl => self.drop_ttl += 1,
-            DropReason::NoRoute => self.drop_no_route += 1,
-            DropReason::Spoofed => self.drop_spoofed += 1,
-            DropReason::NotLocal => self.drop_not_local += 1,
-        }
+        self.drops[r.index()] += 1;
+    }
+
+    pub fn drop_n(&mut self, r: DropReason, n: u64) {
+        self.drops[r.index()] += n;
+    }
+
+    /// Packets dropped for reason `r`.
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
     }
 }
 
@@ -199,14 +227,6 @@ macro_rules! counter_fields {
             udp_rx_bytes,
             tun_tx_packets,
             icmp_sent,
-            drop_not_ipv4,
-            drop_malformed,
-            drop_ttl,
-            drop_no_route,
-            drop_spoofed,
-            drop_not_local,
-            drop_send_error,
-            drop_tun_write_error,
             gso_fallbacks,
             icmp_ratelimited
         )
@@ -219,11 +239,16 @@ impl Totals {
             ($($f:ident),*) => { $( if t.$f != 0 { self.$f.fetch_add(t.$f, Ordering::Relaxed); } )* };
         }
         counter_fields!(add);
+        for (c, v) in self.drops.iter().zip(t.drops) {
+            if v != 0 {
+                c.fetch_add(v, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Tally {
         macro_rules! get {
-            ($($f:ident),*) => { Tally { $( $f: self.$f.load(Ordering::Relaxed), )* } };
+            ($($f:ident),*) => { Tally { $( $f: self.$f.load(Ordering::Relaxed), )* drops: std::array::from_fn(|i| self.drops[i].load(Ordering::Relaxed)) } };
         }
         counter_fields!(get)
     }
@@ -234,7 +259,7 @@ impl Counters {
     pub fn snapshot(&self) -> Tally {
         let (a, b) = (self.egress.snapshot(), self.ingress.snapshot());
         macro_rules! sum {
-            ($($f:ident),*) => { Tally { $( $f: a.$f + b.$f, )* } };
+            ($($f:ident),*) => { Tally { $( $f: a.$f + b.$f, )* drops: std::array::from_fn(|i| a.drops[i] + b.drops[i]) } };
         }
         counter_fields!(sum)
     }
@@ -435,7 +460,31 @@ mod tests {
         c.ingress.add(&t);
         c.ingress.add(&t);
         let s = c.snapshot();
-        assert_eq!((s.drop_ttl, s.drop_no_route, s.udp_tx_packets), (3, 3, 9));
-        assert_eq!(c.ingress.snapshot().drop_ttl, 2);
+        assert_eq!(
+            (
+                s.dropped(DropReason::Ttl),
+                s.dropped(DropReason::NoRoute),
+                s.udp_tx_packets
+            ),
+            (3, 3, 9)
+        );
+        assert_eq!(c.ingress.snapshot().dropped(DropReason::Ttl), 2);
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::DropReason;
+
+    #[test]
+    fn every_reason_has_its_own_index_and_label() {
+        for (i, (r, label)) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+            assert_eq!(r.label(), *label);
+        }
+        let mut labels: Vec<_> = DropReason::ALL.iter().map(|(_, l)| *l).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), DropReason::COUNT);
     }
 }

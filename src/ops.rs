@@ -4,7 +4,7 @@
 //! own atomics are read at scrape time, so the packet loops never touch a
 //! metrics library.
 
-use crate::forward::{Counters, BATCH_BOUNDS};
+use crate::forward::{Counters, DropReason, BATCH_BOUNDS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -102,17 +102,8 @@ impl Collector for FlannelCollector {
                 ("egress", self.data.egress.snapshot()),
                 ("ingress", self.data.ingress.snapshot()),
             ] {
-                for (reason, v) in [
-                    ("no_route", t.drop_no_route),
-                    ("ttl", t.drop_ttl),
-                    ("malformed", t.drop_malformed),
-                    ("not_ipv4", t.drop_not_ipv4),
-                    ("spoofed", t.drop_spoofed),
-                    ("not_local", t.drop_not_local),
-                    ("send_error", t.drop_send_error),
-                    ("tun_write_error", t.drop_tun_write_error),
-                ] {
-                    ConstCounter::new(v)
+                for (r, reason) in DropReason::ALL {
+                    ConstCounter::new(t.dropped(r))
                         .encode(m.encode_family(&[("direction", dir), ("reason", reason)])?)?;
                 }
             }
@@ -356,7 +347,11 @@ mod tests {
             ..Tally::default()
         });
         data.ingress.add(&Tally {
-            drop_spoofed: 3,
+            drops: {
+                let mut d = [0; DropReason::COUNT];
+                d[DropReason::Spoofed.index()] = 3;
+                d
+            },
             ..Tally::default()
         });
         data.tx_batch(5);

@@ -170,7 +170,7 @@ fn tcp_and_udp_arrive_intact_with_offloads_on_and_off() {
                 .find(|l| l.contains("data path counters"))
                 .unwrap();
             assert!(
-                c.contains("malformed=0") && c.contains("send_errors=0"),
+                c.contains("malformed=0") && c.contains("send_error=0"),
                 "{mode}: {c}"
             );
         }

@@ -692,7 +692,7 @@ fn flush(mmsg: &mut Mmsg, sock: RawFd, main: &mut [u8], aux: &mut [u8], t: &mut 
     if mmsg.queued() > 0 {
         let r = mmsg.send(sock, main, aux);
         t.udp_tx_packets += r.sent as u64;
-        t.drop_send_error += r.failed as u64;
+        t.drop_n(DropReason::SendError, r.failed as u64);
         t.gso_fallbacks += r.fallbacks as u64;
     }
 }
@@ -842,7 +842,7 @@ fn write_tun(
             if w.tun_write(slice(p)).is_ok() {
                 t.tun_tx_packets += 1;
             } else {
-                t.drop_tun_write_error += 1;
+                t.drop(DropReason::TunWriteError);
             }
         }
         return;
@@ -867,7 +867,7 @@ fn write_tun(
         if ok {
             t.tun_tx_packets += run as u64;
         } else {
-            t.drop_tun_write_error += run as u64;
+            t.drop_n(DropReason::TunWriteError, run as u64);
         }
     }
 }

@@ -1106,4 +1106,60 @@ mod tests {
         bed.advance(Duration::from_secs(16));
         assert_eq!(bed.keeper.stats.renewals, 1);
     }
+
+    #[test]
+    fn a_keeper_resumed_from_the_cache_routes_at_once_and_confirms_later() {
+        let cache = [
+            ("10.44.2.0/24", [192, 168, 0, 2]),
+            ("0.0.0.0/0", [192, 168, 0, 9]),
+        ];
+        let mut bed = Bed::from_cache(NET, "10.44.1.0/24", &cache, |m, now| {
+            m.put_lease("10.44.1.0/24", [192, 168, 0, 1], now);
+            m.put_lease("10.44.3.0/24", [192, 168, 0, 3], now);
+            m.down = true;
+        });
+        // Routes from the cache at once (a rogue entry in it is dropped),
+        // without a word from the store.
+        assert_eq!(bed.effects.first(), Some(&Action::Publish));
+        assert_eq!(own(&bed), sn("10.44.1.0/24"));
+        let p = bed.keeper.peers();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.get(&sn("10.44.2.0/24")), Some([192, 168, 0, 2].into()));
+        bed.advance(Duration::from_secs(3));
+        assert_eq!(bed.keeper.stats.renewals, 0);
+        // The store answers: the list replaces the cached peers, our lease
+        // is confirmed and renewed at once (its time left is unknown).
+        bed.store.down = false;
+        bed.advance(Duration::from_secs(6));
+        let p = bed.keeper.peers();
+        assert_eq!(p.get(&sn("10.44.2.0/24")), None);
+        assert_eq!(p.get(&sn("10.44.3.0/24")), Some([192, 168, 0, 3].into()));
+        assert_eq!(bed.keeper.stats.renewals, 1);
+        assert!(bed.keeper.watching());
+        assert!(bed.moved().is_empty());
+    }
+
+    #[test]
+    fn a_cached_lease_that_is_gone_is_re_created_and_one_taken_is_left() {
+        let mut bed = Bed::from_cache(NET, "10.44.1.0/24", &[], |_, _| {});
+        bed.advance(Duration::from_millis(10));
+        assert_eq!(bed.holder(sn("10.44.1.0/24")), Some(ME));
+        assert_eq!(own(&bed), sn("10.44.1.0/24"));
+
+        let mut bed = Bed::from_cache(NET, "10.44.1.0/24", &[], |m, now| {
+            m.put_lease("10.44.1.0/24", [192, 168, 0, 7], now);
+        });
+        bed.advance(Duration::from_millis(10));
+        let new = own(&bed);
+        assert_ne!(new, sn("10.44.1.0/24"));
+        assert_eq!(bed.moved(), vec![(sn("10.44.1.0/24"), new)]);
+        assert_eq!(
+            bed.holder(sn("10.44.1.0/24")),
+            Some([192, 168, 0, 7].into())
+        );
+        assert_eq!(
+            bed.keeper.peers().get(&sn("10.44.1.0/24")),
+            Some([192, 168, 0, 7].into())
+        );
+    }
 }

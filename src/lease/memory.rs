@@ -277,6 +277,42 @@ impl Bed {
         bed
     }
 
+    /// A keeper for `ME` resumed from a peer cache (`own`, `peers`), on a
+    /// store that holds `setup`'s writes.
+    pub fn from_cache(
+        network: &str,
+        own: &str,
+        peers: &[(&str, [u8; 4])],
+        setup: impl FnOnce(&mut Memory, Instant),
+    ) -> Bed {
+        let mut bed = Bed::start(network, |_, _| {});
+        bed.effects.clear();
+        bed.store = Memory::default();
+        setup(&mut bed.store, bed.now);
+        let (keeper, first) = Keeper::from_cache(
+            bed.keeper_settings(network),
+            own.parse().expect("own"),
+            peers
+                .iter()
+                .map(|(sn, ip)| (sn.parse().expect("peer"), Ipv4Addr::from(*ip))),
+            rand::rngs::StdRng::seed_from_u64(9),
+        );
+        bed.keeper = keeper;
+        bed.watch = None;
+        bed.run(first);
+        bed
+    }
+
+    fn keeper_settings(&self, network: &str) -> Settings {
+        Settings {
+            cfg: NetworkConfig::parse(&format!(r#"{{"Network":"{network}"}}"#)).expect("cfg"),
+            public_ip: ME,
+            ttl: Duration::from_secs(600),
+            renew_margin: Duration::from_secs(60),
+            renew_retry: Duration::from_secs(15),
+        }
+    }
+
     /// Carries out actions (and the keeper's answers to them) until none is left.
     pub fn run(&mut self, actions: Vec<Action>) {
         let mut todo: std::collections::VecDeque<Action> = actions.into();

@@ -249,3 +249,110 @@ fn a_restart_while_etcd_is_stopped_forwards_from_the_peer_cache() {
     assert!(v.contains(&format!("\"{}\"", bed.hosts[0].ip)), "{v}");
     assert_eq!(subnet_of(&bed, 0), Some(sn0));
 }
+
+#[test]
+fn a_re_create_refused_while_the_watch_is_healthy_is_retried() {
+    let mut bed = Bed::empty();
+    bed.put(&format!("{PREFIX}/config"), DEFAULT_CONFIG);
+    let grant = |bed: &Bed, perm: &str| {
+        let out = bed.etcdctl(&[
+            "role",
+            "grant-permission",
+            "flannel",
+            "--prefix=true",
+            perm,
+            "/coreos.com/network/",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for args in [
+        vec!["user", "add", "root:rootpw"],
+        vec!["user", "add", "flannel:s3cret"],
+        vec!["role", "add", "flannel"],
+        vec!["user", "grant-role", "flannel", "flannel"],
+    ] {
+        let out = bed.etcdctl(&args);
+        assert!(out.status.success(), "etcdctl {args:?}");
+    }
+    grant(&bed, "readwrite");
+    assert!(bed.etcdctl(&["auth", "enable"]).status.success());
+    bed.spec.ctl_args = vec!["--user=root:rootpw".into()];
+    bed.add_host();
+    let sn0 = bed.start_ready_with(0, &["--etcd-username=flannel", "--etcd-password=s3cret"]);
+    // Writes refused from now on; reads (and the running watch) are fine.
+    grant(&bed, "read");
+    bed.del(&key_of(sn0));
+    wait_for(
+        "the re-create to be refused",
+        Duration::from_secs(10),
+        || {
+            let log = bed.log(0);
+            // ("re-creating lease … failed": the wording before the lease core.)
+            (log.contains("etcd refuses us") || log.contains("re-creating lease")).then_some(())
+        },
+    );
+    // Before, a failed re-create was retried only after a re-list, which a
+    // healthy watch never needs: the lease stayed gone.
+    grant(&bed, "readwrite");
+    let t = Instant::now();
+    let (_, v) = wait_for(
+        "the lease to be re-created",
+        Duration::from_secs(15),
+        || bed.leases().into_iter().find(|(k, _)| *k == key_of(sn0)),
+    );
+    println!(
+        "re-create retried: lease back {:?} after writes were allowed",
+        t.elapsed()
+    );
+    assert!(v.contains(&format!("\"{}\"", bed.hosts[0].ip)), "{v}");
+    assert!(bed.is_running(0), "{}", bed.log(0));
+    assert_eq!(subnet_of(&bed, 0), Some(sn0));
+}
+
+#[test]
+fn a_re_list_that_finds_our_key_held_by_another_host_moves_us() {
+    let mut bed = Bed::new(1);
+    let sn0 = bed.start_ready(0);
+    // etcd away; the daemon frozen so that it resumes only after the
+    // history it would resume from is compacted: it must re-list.
+    bed.stop_etcd();
+    wait_for("h0 to see the watch break", Duration::from_secs(15), || {
+        bed.log(0).contains("lease watch broke").then_some(())
+    });
+    bed.signal(0, libc::SIGSTOP);
+    bed.start_etcd();
+    let other = Ipv4Addr::new(192, 168, 100, 77);
+    bed.put(&key_of(sn0), &lease_value(other));
+    for i in 0..5 {
+        bed.put(&format!("{PREFIX}/unrelated/{i}"), "x");
+    }
+    let rev = bed.revision();
+    assert!(bed
+        .etcdctl(&["compaction", &rev.to_string()])
+        .status
+        .success());
+    let t = Instant::now();
+    bed.signal(0, libc::SIGCONT);
+    // Before, the re-list only checked that our key existed, so h0 kept
+    // claiming a subnet another host held.
+    let moved = wait_for("h0 to move", Duration::from_secs(20), || {
+        subnet_of(&bed, 0).filter(|sn| *sn != sn0)
+    });
+    println!(
+        "re-list found {sn0} held by {other}: moved to {moved} {:?} after resume",
+        t.elapsed()
+    );
+    let leases = bed.leases();
+    let v = &leases.iter().find(|(k, _)| *k == key_of(sn0)).unwrap().1;
+    assert!(v.contains(&format!("\"{other}\"")), "{v}");
+    let log = bed.log(0);
+    assert!(log.contains("compacted away"), "{log}");
+    assert!(
+        log.contains(&format!("peer added subnet={sn0} public_ip={other}")),
+        "{log}"
+    );
+}

@@ -5,6 +5,7 @@
 use crate::config::NetworkConfig;
 use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
+use crate::lease::config_wait::{ConfigWait, Next};
 use crate::lease::keeper::{Action, Input, Keeper, KeeperStats, Settings};
 use crate::lease::store::{LeaseStore, LeaseWatch, StoreError, WatchItem};
 use crate::masq;
@@ -56,57 +57,6 @@ pub struct Options {
     pub no_netlink_config: bool,
     /// Where to serve /healthz and /metrics (port 0: off).
     pub healthz: Option<std::net::SocketAddr>,
-}
-
-/// Exponential backoff, 100 ms doubling to a cap (flannel's watch backoff).
-struct Backoff {
-    next: Duration,
-    cap: Duration,
-}
-
-impl Backoff {
-    fn new(cap: Duration) -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
-            cap,
-        }
-    }
-    fn step(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        d
-    }
-}
-
-/// Retries a store call while etcd is unreachable, logging once per
-/// outage. Errors retrying cannot fix (TLS trust, certificates,
-/// authentication) are returned at once, so a misconfiguration is an error
-/// and not a hang.
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let mut backoff = Backoff::new(Duration::from_secs(5));
-    let mut logged = false;
-    loop {
-        match f().await {
-            Ok(v) => {
-                if logged {
-                    tracing::info!("etcd is reachable again ({what})");
-                }
-                return Ok(v);
-            }
-            Err(e) if e.is_permanent() => bail!("{what}: etcd refused us: {e}"),
-            Err(e) => {
-                if !logged {
-                    tracing::warn!("{what} failed, retrying: {e}");
-                    logged = true;
-                }
-                tokio::time::sleep(backoff.step()).await;
-            }
-        }
-    }
 }
 
 /// Carries out the keeper's store requests, feeding each answer back,
@@ -367,35 +317,28 @@ impl Control<'_> {
 /// from the cache.
 const CACHED_START_WAIT: Duration = Duration::from_millis(500);
 
-/// flannel retries every second until `<prefix>/config` exists (operators
-/// start flanneld before writing it): wait, say so once, stay not ready.
-/// `None`: shut down while waiting.
+/// Waits for `<prefix>/config` (see [`ConfigWait`]). `None`: shut down
+/// while waiting.
 async fn wait_for_config<S: LeaseStore>(
     store: &S,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> anyhow::Result<Option<String>> {
-    let mut said = false;
+) -> anyhow::Result<Option<(NetworkConfig, String)>> {
+    let mut wait = ConfigWait::default();
     loop {
-        let got = tokio::select! {
+        let answer = tokio::select! {
             _ = shutdown.as_mut() => {
                 tracing::info!("shutting down while waiting for the network config");
                 return Ok(None);
             }
-            got = retry("reading the network config", || store.get_config()) => got?,
+            a = store.get_config() => a,
         };
-        if let Some(text) = got {
-            if said {
-                tracing::info!("the network config appeared");
-            }
-            return Ok(Some(text));
-        }
-        if !said {
-            tracing::warn!("no network config in etcd yet (<prefix>/config); retrying every second until it is written");
-            said = true;
-        }
-        tokio::select! {
-            _ = shutdown.as_mut() => return Ok(None),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        match wait.on_answer(answer) {
+            Next::Ready(cfg, text) => return Ok(Some((cfg, text))),
+            Next::Fatal(why) => bail!("{why}"),
+            Next::AskAfter(d) => tokio::select! {
+                _ = shutdown.as_mut() => return Ok(None),
+                _ = tokio::time::sleep(d) => {}
+            },
         }
     }
 }
@@ -450,14 +393,17 @@ pub async fn run<S: LeaseStore>(
             }
         }
     }
-    let text = match &from_cache {
-        Some(c) => c.config.clone(),
+    let (cfg, text) = match &from_cache {
+        Some(c) => {
+            let cfg = NetworkConfig::parse(&c.config)
+                .context("invalid network config in the peer cache")?;
+            (cfg, c.config.clone())
+        }
         None => match wait_for_config(&store, &mut shutdown).await? {
-            Some(text) => text,
+            Some(got) => got,
             None => return Ok(()),
         },
     };
-    let cfg = NetworkConfig::parse(&text).context("invalid network config in etcd")?;
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
 
     let settings = Settings {

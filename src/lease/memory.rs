@@ -142,6 +142,14 @@ impl Memory {
         self.log.clear();
     }
 
+    pub fn get_config(&self) -> Result<Option<String>, StoreError> {
+        self.check()?;
+        Ok(self
+            .keys
+            .get(&format!("{PREFIX}/config"))
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
     pub fn list(&self) -> Result<(Vec<RawLease>, i64), StoreError> {
         self.check()?;
         let p = Self::subnets();

@@ -3,6 +3,7 @@
 //! [`keeper`] state machine that ties them to a store through the
 //! [`store`] seam. Only [`etcd`] talks to etcd; the core never imports it.
 
+pub mod config_wait;
 pub mod etcd;
 pub mod keeper;
 #[cfg(test)]

@@ -536,6 +536,13 @@ impl Keeper {
         _now: Instant,
         out: &mut Vec<Action>,
     ) {
+        self.lose(own);
+        self.resync_peers(valid, out);
+        self.plan(all, out);
+    }
+
+    /// Another host holds `own` now: we hold nothing until we acquire anew.
+    fn lose(&mut self, own: Ipv4Network) {
         self.phase = Phase::Acquiring {
             previous: None,
             lost_races: 0,
@@ -543,8 +550,6 @@ impl Keeper {
         };
         self.renew_at = None;
         self.peers.clear_own();
-        self.resync_peers(valid, out);
-        self.plan(all, out);
     }
 
     fn retake(&mut self, own: Ipv4Network, out: &mut Vec<Action>) {
@@ -770,13 +775,7 @@ impl Keeper {
             Some(holder) => {
                 tracing::error!(subnet = %own, %holder, "our subnet was taken over by another host");
                 // Its holder is reachable at once, as any peer.
-                self.phase = Phase::Acquiring {
-                    previous: None,
-                    lost_races: 0,
-                    from: Some(own),
-                };
-                self.renew_at = None;
-                self.peers.clear_own();
+                self.lose(own);
                 if let Some(c) = self.peers.upsert(own, holder) {
                     log_changes(&[c]);
                 }

@@ -757,6 +757,19 @@ impl Bed {
     }
 
     /// The etcd server's pid (`ip netns exec` execs it, so the child is etcd).
+    /// Compacts etcd's history up to now (after `extra` unrelated writes,
+    /// so the compacted revision is past anything a watch saw).
+    pub fn compact_now(&self, extra: usize) {
+        for i in 0..extra {
+            self.put(&format!("{PREFIX}/unrelated/{i}"), "x");
+        }
+        let rev = self.revision();
+        assert!(self
+            .etcdctl(&["compaction", &rev.to_string()])
+            .status
+            .success());
+    }
+
     pub fn etcd_pid(&self) -> i32 {
         self.etcd[0].as_ref().expect("etcd running").id() as i32
     }

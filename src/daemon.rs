@@ -169,7 +169,15 @@ struct Control<'a> {
     public_ip: Ipv4Addr,
     /// Where what the node knows is kept for a restart without etcd.
     cache: PathBuf,
+    /// The peers changed since the cache was last written.
+    cache_dirty: bool,
+    cache_written: Option<Instant>,
 }
+
+/// The peer cache is rewritten at most this often (a busy cluster changes
+/// leases many times a second; the cache only has to be roughly current,
+/// etcd is reconciled with at start).
+const CACHE_EVERY: Duration = Duration::from_secs(2);
 
 /// The iptables/nftables rules the options and config ask for.
 fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Option<masq::RuleSet> {
@@ -224,7 +232,7 @@ impl Control<'_> {
             match e {
                 Action::Publish => {
                     publish(keeper, &self.routes, &self.stats, self.cfg.port);
-                    self.save(keeper);
+                    self.cache_dirty = true;
                 }
                 Action::Moved { from, to } => {
                     self.move_to(from, to)?;
@@ -238,12 +246,25 @@ impl Control<'_> {
             }
         }
         export(&keeper.stats, &self.stats);
+        self.save_if_due(keeper);
         Ok(())
     }
 
+    /// Writes the peer cache if it changed and was not written lately.
+    fn save_if_due(&mut self, keeper: &Keeper) {
+        let due = self
+            .cache_written
+            .is_none_or(|t| t.elapsed() >= CACHE_EVERY);
+        if self.cache_dirty && due {
+            self.save(keeper);
+        }
+    }
+
     /// Rewrites the peer cache (atomically); a failure is logged, not fatal.
-    fn save(&self, keeper: &Keeper) {
+    fn save(&mut self, keeper: &Keeper) {
         let Some(subnet) = keeper.own() else { return };
+        self.cache_dirty = false;
+        self.cache_written = Some(Instant::now());
         let cache = PeerCache {
             config: self.cfg_text.clone(),
             subnet,
@@ -343,6 +364,161 @@ async fn wait_for_config<S: LeaseStore>(
     }
 }
 
+/// How the daemon starts: the network config, and the peer cache when
+/// etcd did not answer and the cache can stand in for it.
+struct Start {
+    cfg: NetworkConfig,
+    text: String,
+    cached: Option<PeerCache>,
+}
+
+/// With a peer cache that matches subnet.env, etcd gets one short try; if
+/// it does not answer, we start from what the node knew. Otherwise the
+/// config is waited for. `None`: shut down while waiting.
+async fn start_from<S: LeaseStore>(
+    store: &S,
+    opts: &Options,
+    public_ip: Ipv4Addr,
+    cache_path: &std::path::Path,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<Start>> {
+    if let Some(c) = PeerCache::load(cache_path, &opts.subnet_file, public_ip) {
+        let why = match tokio::time::timeout(CACHED_START_WAIT, store.get_config()).await {
+            Ok(Err(e)) if e.is_permanent() => {
+                bail!("reading the network config: etcd refused us: {e}")
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {CACHED_START_WAIT:?}")),
+        };
+        if let Some(why) = why {
+            tracing::warn!(
+                "etcd does not answer ({why}); starting from the peer cache {}",
+                cache_path.display()
+            );
+            let cfg = NetworkConfig::parse(&c.config)
+                .context("invalid network config in the peer cache")?;
+            return Ok(Some(Start {
+                cfg,
+                text: c.config.clone(),
+                cached: Some(c),
+            }));
+        }
+    }
+    Ok(wait_for_config(store, shutdown)
+        .await?
+        .map(|(cfg, text)| Start {
+            cfg,
+            text,
+            cached: None,
+        }))
+}
+
+/// Runs the keeper until it holds its first lease (it lists, chooses and
+/// writes it, and starts the watch). `None`: shut down meanwhile.
+async fn acquire<S: LeaseStore>(
+    keeper: &mut Keeper,
+    driver: &mut Driver<'_, S>,
+    stats: &Stats,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<Ipv4Network>> {
+    loop {
+        let effects = tokio::select! {
+            _ = shutdown.as_mut() => return Ok(None),
+            e = driver.pump(keeper) => e,
+        };
+        let mut got = None;
+        for e in effects {
+            match e {
+                Action::Acquired(sn) => got = Some(sn),
+                Action::Fatal(why) => bail!("{why}"),
+                _ => {}
+            }
+        }
+        export(&keeper.stats, stats);
+        if got.is_some() {
+            return Ok(got);
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(None),
+            _ = sleep_until(wakeup(keeper)) => driver.tick(keeper),
+        }
+    }
+}
+
+/// Opens the TUN and sockets, configures the TUN (unless an administrator
+/// does) and reports the offloads; returns the devices and the TUN's MTU.
+fn open_tun(
+    opts: &Options,
+    ext: &crate::iface::ExternalIface,
+    cfg: &NetworkConfig,
+    own: Ipv4Network,
+    stats: &Stats,
+) -> anyhow::Result<(datapath::Devices, u32)> {
+    let mtu = ext
+        .mtu
+        .checked_sub(ENCAP_OVERHEAD)
+        .context("external MTU too small")?;
+    let bind = SocketAddrV4::new(ext.addr, cfg.port);
+    let devices = datapath::open(
+        &opts.tun_name,
+        opts.workers,
+        opts.offload,
+        bind,
+        opts.source_ports,
+    )?;
+    let tun_name = &devices.tun_name;
+    let mtu = if opts.no_netlink_config {
+        let have = crate::iface::mtu(tun_name)
+            .with_context(|| format!("reading the MTU of {tun_name}"))?;
+        tracing::info!(
+            tun = %tun_name, mtu = have,
+            "--no-netlink-config: leaving the TUN's address, MTU and routes to the administrator (it needs {}/32 and a route for {})",
+            own.network(), cfg.network
+        );
+        if have > mtu {
+            tracing::warn!("{tun_name} MTU {have} is above the external MTU minus 28 ({mtu}): large packets will not fit one datagram");
+        }
+        have
+    } else {
+        configure_tun(tun_name, own, cfg.network, mtu)?;
+        mtu
+    };
+    let c = devices.caps;
+    for (flag, on) in stats
+        .offloads
+        .iter()
+        .zip([c.tun_offload, c.tun_uso, c.udp_gso, c.udp_gro])
+    {
+        flag.store(on, Ordering::Relaxed);
+    }
+    tracing::info!(
+        tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
+        source_ports = ?devices.source_ports,
+        tun_tso = c.tun_offload, tun_uso = c.tun_uso, udp_gso = c.udp_gso, udp_gro = c.udp_gro,
+        "TUN ready"
+    );
+    Ok((devices, mtu))
+}
+
+/// Logs the data-path counters at exit.
+fn log_counters(counters: &Counters) {
+    let c = counters.snapshot();
+    let drops: Vec<String> = crate::forward::DropReason::ALL
+        .iter()
+        .map(|&(r, label)| format!("{label}={}", c.dropped(r)))
+        .collect();
+    tracing::info!(
+        tun_read = c.tun_rx_packets,
+        sent = c.udp_tx_packets,
+        received = c.udp_rx_packets,
+        tun_written = c.tun_tx_packets,
+        icmp = c.icmp_sent,
+        dropped = %drops.join(" "),
+        "data path counters"
+    );
+}
+
 /// Runs flanneld until `shutdown` resolves.
 pub async fn run<S: LeaseStore>(
     store: S,
@@ -369,43 +545,13 @@ pub async fn run<S: LeaseStore>(
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 
     tokio::pin!(shutdown);
-    // With a peer cache that matches subnet.env, etcd gets one short try:
-    // if it does not answer, we forward from what the node knew at once.
     let cache_path = peer_cache::path_for(&opts.subnet_file);
-    let cached = PeerCache::load(&cache_path, &opts.subnet_file, public_ip);
-    let mut from_cache = None;
-    if let Some(c) = cached {
-        match tokio::time::timeout(CACHED_START_WAIT, store.get_config()).await {
-            Ok(Err(e)) if e.is_permanent() => {
-                bail!("reading the network config: etcd refused us: {e}")
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    "etcd does not answer ({e}); starting from the peer cache {}",
-                    cache_path.display()
-                );
-                from_cache = Some(c);
-            }
-            Err(_) => {
-                tracing::warn!("etcd does not answer within {CACHED_START_WAIT:?}; starting from the peer cache {}", cache_path.display());
-                from_cache = Some(c);
-            }
-        }
-    }
-    let (cfg, text) = match &from_cache {
-        Some(c) => {
-            let cfg = NetworkConfig::parse(&c.config)
-                .context("invalid network config in the peer cache")?;
-            (cfg, c.config.clone())
-        }
-        None => match wait_for_config(&store, &mut shutdown).await? {
-            Some(got) => got,
-            None => return Ok(()),
-        },
+    let Some(start) = start_from(&store, &opts, public_ip, &cache_path, &mut shutdown).await?
+    else {
+        return Ok(());
     };
+    let Start { cfg, text, cached } = start;
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
-
     let settings = Settings {
         cfg: cfg.clone(),
         public_ip,
@@ -416,55 +562,27 @@ pub async fn run<S: LeaseStore>(
     };
     let routes = Arc::new(RouteTable::default());
     let built = std::time::Instant::now();
-    let (mut keeper, mut driver, own) = match from_cache {
+    let mut driver = Driver {
+        store: &store,
+        watch: None,
+        todo: VecDeque::new(),
+    };
+    let rng = rand::rngs::StdRng::from_entropy();
+    let (mut keeper, own) = match cached {
         Some(c) => {
-            let (keeper, first) = Keeper::from_cache(
-                settings,
-                c.subnet,
-                c.peers,
-                rand::rngs::StdRng::from_entropy(),
-            );
+            let (keeper, first) = Keeper::from_cache(settings, c.subnet, c.peers, rng);
             tracing::info!(subnet = %c.subnet, peers = keeper.peers().len(), "forwarding from the peer cache until etcd answers");
-            let driver = Driver {
-                store: &store,
-                watch: None,
-                todo: first.into(),
-            };
-            (keeper, driver, c.subnet)
+            driver.todo.extend(first);
+            (keeper, c.subnet)
         }
         None => {
             let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
-            let (mut keeper, first) =
-                Keeper::new(settings, previous, rand::rngs::StdRng::from_entropy());
-            let mut driver = Driver {
-                store: &store,
-                watch: None,
-                todo: first.into(),
-            };
-            // The keeper lists, chooses and writes our lease (and starts the watch).
-            let own = loop {
-                let effects = tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
-                    e = driver.pump(&mut keeper) => e,
-                };
-                let mut got = None;
-                for e in effects {
-                    match e {
-                        Action::Acquired(sn) => got = Some(sn),
-                        Action::Fatal(why) => bail!("{why}"),
-                        _ => {}
-                    }
-                }
-                export(&keeper.stats, &stats);
-                if let Some(sn) = got {
-                    break sn;
-                }
-                tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
-                    _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
-                }
-            };
-            (keeper, driver, own)
+            let (mut keeper, first) = Keeper::new(settings, previous, rng);
+            driver.todo.extend(first);
+            match acquire(&mut keeper, &mut driver, &stats, &mut shutdown).await? {
+                Some(own) => (keeper, own),
+                None => return Ok(()),
+            }
         }
     };
     publish(&keeper, &routes, &stats, cfg.port);
@@ -473,49 +591,8 @@ pub async fn run<S: LeaseStore>(
         "route table built from the lease list"
     );
 
-    let mtu = ext
-        .mtu
-        .checked_sub(ENCAP_OVERHEAD)
-        .context("external MTU too small")?;
-    let bind = SocketAddrV4::new(ext.addr, cfg.port);
-    let devices = datapath::open(
-        &opts.tun_name,
-        opts.workers,
-        opts.offload,
-        bind,
-        opts.source_ports,
-    )?;
+    let (devices, mtu) = open_tun(&opts, &ext, &cfg, own, &stats)?;
     let tun_name = devices.tun_name.clone();
-    let mtu = if opts.no_netlink_config {
-        let have = crate::iface::mtu(&tun_name)
-            .with_context(|| format!("reading the MTU of {tun_name}"))?;
-        tracing::info!(
-            tun = %tun_name, mtu = have,
-            "--no-netlink-config: leaving the TUN's address, MTU and routes to the administrator (it needs {}/32 and a route for {})",
-            own.network(), cfg.network
-        );
-        if have > mtu {
-            tracing::warn!("{tun_name} MTU {have} is above the external MTU minus 28 ({mtu}): large packets will not fit one datagram");
-        }
-        have
-    } else {
-        configure_tun(&tun_name, own, cfg.network, mtu)?;
-        mtu
-    };
-    let c = devices.caps;
-    for (flag, on) in stats
-        .offloads
-        .iter()
-        .zip([c.tun_offload, c.tun_uso, c.udp_gso, c.udp_gro])
-    {
-        flag.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-    tracing::info!(
-        tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
-        source_ports = ?devices.source_ports,
-        tun_tso = c.tun_offload, tun_uso = c.tun_uso, udp_gso = c.udp_gso, udp_gro = c.udp_gro,
-        "TUN ready"
-    );
 
     SubnetEnv {
         network: cfg.network,
@@ -553,6 +630,8 @@ pub async fn run<S: LeaseStore>(
         stats: stats.clone(),
         public_ip,
         cache: cache_path,
+        cache_dirty: false,
+        cache_written: None,
     };
     ctl.save(&keeper);
     // Rules before READY: a workload started on READY gets them.
@@ -577,7 +656,10 @@ pub async fn run<S: LeaseStore>(
                 break Err(anyhow::anyhow!("the data path failed ({why}); exiting so that the service manager restarts flanneld"));
             }
             _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
-            _ = rules_tick.tick() => ctl.resync_rules().await,
+            _ = rules_tick.tick() => {
+                ctl.resync_rules().await;
+                ctl.save_if_due(&keeper);
+            }
             item = next_item(&mut driver.watch), if driver.watch.is_some() => {
                 let input = match item {
                     Ok(item) => {
@@ -607,21 +689,11 @@ pub async fn run<S: LeaseStore>(
             Err(e) => tracing::warn!("removing our iptables rules: {e}"),
         }
     }
+    if ctl.cache_dirty {
+        ctl.save(&keeper);
+    }
     dp.stop();
-    let c = counters.snapshot();
-    let drops: Vec<String> = crate::forward::DropReason::ALL
-        .iter()
-        .map(|&(r, label)| format!("{label}={}", c.dropped(r)))
-        .collect();
-    tracing::info!(
-        tun_read = c.tun_rx_packets,
-        sent = c.udp_tx_packets,
-        received = c.udp_rx_packets,
-        tun_written = c.tun_tx_packets,
-        icmp = c.icmp_sent,
-        dropped = %drops.join(" "),
-        "data path counters"
-    );
+    log_counters(&counters);
     result
 }
 

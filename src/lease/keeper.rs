@@ -308,7 +308,7 @@ impl Keeper {
                 }
             }
             Input::Watch(WatchItem::Events { events, revision }) => {
-                self.on_events(&events, now, &mut out);
+                self.on_events(&events, &mut out);
                 self.cursor = self.cursor.max(revision);
             }
             Input::Watch(WatchItem::Compacted) => {
@@ -495,7 +495,7 @@ impl Keeper {
                     Some(l) => {
                         self.unconfirmed = false;
                         tracing::error!(subnet = %own, holder = %l.attrs.public_ip, "our subnet is held by another host");
-                        self.taken_over(own, &valid, &all, now, out);
+                        self.taken_over(own, &valid, &all, out);
                     }
                     None => {
                         self.unconfirmed = false;
@@ -533,7 +533,6 @@ impl Keeper {
         own: Ipv4Network,
         valid: &[Lease],
         all: &[Lease],
-        _now: Instant,
         out: &mut Vec<Action>,
     ) {
         self.lose(own);
@@ -715,7 +714,7 @@ impl Keeper {
         out.push(Action::Publish);
     }
 
-    fn on_events(&mut self, events: &[WatchEvent], now: Instant, out: &mut Vec<Action>) {
+    fn on_events(&mut self, events: &[WatchEvent], out: &mut Vec<Action>) {
         let mut changes = Vec::new();
         let own = self.own();
         let mut lost: Option<Option<Ipv4Addr>> = None;
@@ -783,7 +782,6 @@ impl Keeper {
                 out.extend(self.request(Action::List, None));
             }
         }
-        let _ = now;
     }
 }
 

@@ -1,9 +1,10 @@
 //! flannel-rs: flanneld's udp backend as a userspace TUN router.
 //!
-//! Data flows one way: etcd → [`registry`] → [`lease`] (pure decisions) →
-//! [`routes`] (lock-free snapshot) → [`datapath`] (TUN ⇄ UDP loops).
-//! The pure modules ([`config`], [`subnet`], [`lease`], [`routes`], [`wire`],
-//! [`forward`], [`subnet_env`], [`datapath::offload`]) do no I/O and are unit tested and fuzzed.
+//! Data flows one way: etcd → [`lease::etcd`] → [`lease::keeper`] (pure
+//! decisions) → [`routes`] (lock-free snapshot) → [`datapath`] (TUN ⇄ UDP loops).
+//! The pure modules ([`config`], [`subnet`], [`lease`] but its etcd adapter,
+//! [`routes`], [`wire`], [`forward`], [`subnet_env`], [`datapath::offload`]) do no
+//! I/O and are unit tested and fuzzed.
 
 pub mod cni;
 pub mod config;

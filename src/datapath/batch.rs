@@ -301,7 +301,7 @@ impl Mmsg {
     /// Sends every queued message with as few `sendmmsg` calls as the
     /// kernel allows. A message the kernel refuses is skipped and counted,
     /// the rest still go out; a refused UDP GSO message (see
-    /// [`gso_refusal`]) is resent as plain datagrams, which the kernel
+    /// `gso_refusal`) is resent as plain datagrams, which the kernel
     /// fragments where the path needs it, and its peer is noted in
     /// [`Mmsg::gso_refused`].
     pub fn send(&mut self, fd: RawFd, main: &mut [u8], aux: &mut [u8]) -> Sent {

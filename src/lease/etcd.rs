@@ -192,6 +192,14 @@ impl EtcdStore {
     }
 }
 
+/// A transaction's compare for [`Expect`].
+fn condition(key: &str, expect: Expect) -> Compare {
+    match expect {
+        Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
+        Expect::Revision(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+    }
+}
+
 /// The end of the key range that holds every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -284,10 +292,7 @@ impl LeaseStore for EtcdStore {
             }
             None => (None, None),
         };
-        let compare = match expect {
-            Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
-            Expect::Revision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-        };
+        let compare = condition(&key, expect);
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key, value, opts)]);
@@ -307,10 +312,7 @@ impl LeaseStore for EtcdStore {
 
     async fn delete(&self, subnet: Ipv4Network, expect: Expect) -> Result<bool, StoreError> {
         let key = lease_key(&self.prefix, subnet);
-        let compare = match expect {
-            Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
-            Expect::Revision(rev) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-        };
+        let compare = condition(&key, expect);
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::delete(key, None)]);

@@ -185,7 +185,14 @@ impl Keeper {
     /// A keeper that starts by acquiring a lease (`previous`: the subnet of
     /// the last run, from subnet.env). Returns it and its first actions.
     pub fn new(s: Settings, previous: Option<Ipv4Network>, rng: StdRng) -> (Self, Vec<Action>) {
-        let mut k = Keeper {
+        let mut k = Keeper::idle(s, previous, rng);
+        let a = k.request(Action::List, None);
+        (k, a)
+    }
+
+    /// A keeper acquiring, with nothing asked yet.
+    fn idle(s: Settings, previous: Option<Ipv4Network>, rng: StdRng) -> Self {
+        Keeper {
             value: LeaseAttrs::udp(s.public_ip).to_json(),
             s,
             rng,
@@ -208,9 +215,7 @@ impl Keeper {
             outage_since: None,
             unconfirmed: false,
             stats: KeeperStats::default(),
-        };
-        let a = k.request(Action::List, None);
-        (k, a)
+        }
     }
 
     /// A keeper that starts from what the node knew (its subnet and the
@@ -224,8 +229,7 @@ impl Keeper {
         peers: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>,
         rng: StdRng,
     ) -> (Self, Vec<Action>) {
-        let (mut k, _) = Keeper::new(s, Some(own), rng);
-        k.pending = None;
+        let mut k = Keeper::idle(s, Some(own), rng);
         k.phase = Phase::Holding {
             own,
             revision: 0,
@@ -426,22 +430,23 @@ impl Keeper {
         self.retry = Some((now + wait, a));
     }
 
-    /// Decodes and validates a listed or watched lease; warns once per key.
-    fn admit(&mut self, raw: &RawLease) -> Option<Lease> {
-        let verdict = decode(raw).and_then(|l| {
+    /// Validates a decoded (or undecodable) lease stored at `key`; warns
+    /// once per key about one that is not admitted.
+    fn admit(&mut self, key: &str, decoded: Result<Lease, String>) -> Option<Lease> {
+        let verdict = decoded.and_then(|l| {
             validate(&self.s.cfg, &l)
                 .map(|()| l)
-                .map_err(|r| format!("ignoring lease {}: {r}", raw.key))
+                .map_err(|r| format!("ignoring lease {key}: {r}"))
         });
         let admitted = match verdict {
             Ok(l) => {
-                self.ignored.remove(&raw.key);
+                self.ignored.remove(key);
                 Some(l)
             }
             Err(why) => {
-                if self.ignored.get(&raw.key) != Some(&why) {
+                if self.ignored.get(key) != Some(&why) {
                     tracing::warn!("{why}");
-                    self.ignored.insert(raw.key.clone(), why);
+                    self.ignored.insert(key.to_string(), why);
                 }
                 None
             }
@@ -458,10 +463,11 @@ impl Keeper {
         let mut all = Vec::with_capacity(raw.len());
         let mut valid = Vec::with_capacity(raw.len());
         for r in raw {
-            if let Ok(l) = decode(r) {
-                all.push(l);
+            let decoded = decode(r);
+            if let Ok(l) = &decoded {
+                all.push(l.clone());
             }
-            if let Some(l) = self.admit(r) {
+            if let Some(l) = self.admit(&r.key, decoded) {
                 valid.push(l);
             }
         }
@@ -722,23 +728,20 @@ impl Keeper {
             match ev {
                 WatchEvent::Config(text) => out.push(Action::ConfigChanged(text.clone())),
                 WatchEvent::Put(raw) => {
-                    let subnet = decode(raw).ok().map(|l| l.subnet);
-                    if subnet.is_some() && subnet == own {
-                        match decode(raw) {
-                            Ok(l) if l.attrs.public_ip == self.s.public_ip => {
-                                if let Phase::Holding { revision, .. } = &mut self.phase {
-                                    *revision = (*revision).max(l.mod_revision);
-                                }
+                    let decoded = decode(raw);
+                    let subnet = decoded.as_ref().ok().map(|l| l.subnet);
+                    if let Some(l) = decoded.as_ref().ok().filter(|l| Some(l.subnet) == own) {
+                        if l.attrs.public_ip == self.s.public_ip {
+                            if let Phase::Holding { revision, .. } = &mut self.phase {
+                                *revision = (*revision).max(l.mod_revision);
                             }
-                            Ok(l) => {
-                                // Taken over: the new owner is a peer once we move.
-                                lost = Some(Some(l.attrs.public_ip));
-                            }
-                            Err(_) => lost = Some(None),
+                        } else {
+                            // Taken over: the new owner is a peer once we move.
+                            lost = Some(Some(l.attrs.public_ip));
                         }
                         continue;
                     }
-                    match self.admit(raw) {
+                    match self.admit(&raw.key, decoded) {
                         Some(l) => changes.extend(self.peers.upsert(l.subnet, l.attrs.public_ip)),
                         None => {
                             // A key that became invalid is no longer a route.

@@ -242,6 +242,23 @@ pub struct Bed {
 
 pub const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
 
+/// The keeper settings of a bed: `ME`, a 600 s TTL renewed 60 s early;
+/// `network` is a Network or a whole config.
+fn settings(network: &str) -> Settings {
+    let json = if network.starts_with('{') {
+        network.to_string()
+    } else {
+        format!(r#"{{"Network":"{network}"}}"#)
+    };
+    Settings {
+        cfg: NetworkConfig::parse(&json).expect("cfg"),
+        public_ip: ME,
+        ttl: Duration::from_secs(600),
+        renew_margin: Duration::from_secs(60),
+        renew_retry: Duration::from_secs(15),
+    }
+}
+
 impl Bed {
     /// A keeper for `ME` on a store already holding `setup`'s writes.
     pub fn start(network: &str, setup: impl FnOnce(&mut Memory, Instant)) -> Bed {
@@ -253,24 +270,11 @@ impl Bed {
         previous: Option<Ipv4Network>,
         setup: impl FnOnce(&mut Memory, Instant),
     ) -> Bed {
-        // A Network, or a whole config.
-        let json = if network.starts_with('{') {
-            network.to_string()
-        } else {
-            format!(r#"{{"Network":"{network}"}}"#)
-        };
-        let cfg = NetworkConfig::parse(&json).expect("cfg");
         let now = Instant::now();
         let mut store = Memory::default();
         setup(&mut store, now);
         let (keeper, first) = Keeper::new(
-            Settings {
-                cfg,
-                public_ip: ME,
-                ttl: Duration::from_secs(600),
-                renew_margin: Duration::from_secs(60),
-                renew_retry: Duration::from_secs(15),
-            },
+            settings(network),
             previous,
             rand::rngs::StdRng::seed_from_u64(7),
         );
@@ -298,7 +302,7 @@ impl Bed {
         bed.store = Memory::default();
         setup(&mut bed.store, bed.now);
         let (keeper, first) = Keeper::from_cache(
-            bed.keeper_settings(network),
+            settings(network),
             own.parse().expect("own"),
             peers
                 .iter()
@@ -309,16 +313,6 @@ impl Bed {
         bed.watch = None;
         bed.run(first);
         bed
-    }
-
-    fn keeper_settings(&self, network: &str) -> Settings {
-        Settings {
-            cfg: NetworkConfig::parse(&format!(r#"{{"Network":"{network}"}}"#)).expect("cfg"),
-            public_ip: ME,
-            ttl: Duration::from_secs(600),
-            renew_margin: Duration::from_secs(60),
-            renew_retry: Duration::from_secs(15),
-        }
     }
 
     /// Carries out actions (and the keeper's answers to them) until none is left.

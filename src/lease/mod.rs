@@ -310,7 +310,7 @@ mod tests {
         NetworkConfig::parse(json).unwrap()
     }
 
-    fn lease(sn: &str, ip: [u8; 4], id: i64) -> Lease {
+    pub(super) fn lease(sn: &str, ip: [u8; 4], id: i64) -> Lease {
         Lease {
             subnet: sn.parse().unwrap(),
             attrs: LeaseAttrs::udp(ip.into()),
@@ -601,12 +601,7 @@ mod decode_tests {
     #[test]
     fn only_network_shaped_leases_with_a_host_public_ip_are_valid() {
         let cfg = NetworkConfig::parse(r#"{"Network":"10.44.0.0/16"}"#).unwrap();
-        let l = |sn: &str, ip: [u8; 4]| Lease {
-            subnet: sn.parse().unwrap(),
-            attrs: LeaseAttrs::udp(ip.into()),
-            lease_id: 1,
-            mod_revision: 1,
-        };
+        let l = |sn: &str, ip: [u8; 4]| super::tests::lease(sn, ip, 1);
         assert_eq!(
             validate(&cfg, &l("10.44.85.0/24", [192, 168, 0, 2])),
             Ok(())
@@ -639,12 +634,7 @@ mod decode_tests {
     fn rogue_leases_never_make_the_network_look_full() {
         use rand::SeedableRng;
         let cfg = NetworkConfig::parse(r#"{"Network":"10.44.0.0/16"}"#).unwrap();
-        let l = |sn: &str| Lease {
-            subnet: sn.parse().unwrap(),
-            attrs: LeaseAttrs::udp([192, 168, 9, 9].into()),
-            lease_id: 1,
-            mod_revision: 1,
-        };
+        let l = |sn: &str| super::tests::lease(sn, [192, 168, 9, 9], 1);
         let leases = [l("0.0.0.0/0"), l("10.44.0.0/16"), l("10.44.85.0/25")];
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let plan = plan_acquire(&cfg, &leases, [192, 168, 0, 1].into(), None, &mut rng).unwrap();

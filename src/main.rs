@@ -197,7 +197,7 @@ struct Cli {
     #[arg(long, env = "FLANNELD_BUSY_POLL", default_value = "20us", value_parser = flannel::goflags::parse_duration)]
     busy_poll: std::time::Duration,
 
-    /// Pin worker k's two threads to CPU k.
+    /// Pin worker k's thread(s) to CPU k.
     #[arg(long, env = "FLANNELD_PIN_WORKERS", num_args = 0..=1, default_value = "false",
           default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     pin_workers: bool,

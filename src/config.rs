@@ -10,6 +10,123 @@ use std::net::Ipv4Addr;
 
 /// Default UDP port of flannel's udp backend.
 pub const DEFAULT_UDP_PORT: u16 = 8285;
+/// The kernel's VXLAN port, which flannel's vxlan backend uses for `Port: 0`.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+
+/// The network's backend (`Backend.Type` and its keys). One setting for
+/// the whole network: every host encapsulates the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// flannel's udp backend: the IPv4 packet is the datagram.
+    Udp {
+        /// `Port` (default 8285).
+        port: u16,
+    },
+    /// flannel's vxlan backend (RFC 7348), spoken in userspace.
+    Vxlan(VxlanConfig),
+}
+
+/// The vxlan backend's keys, flannel's defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanConfig {
+    /// `VNI` (default 1; 24 bits).
+    pub vni: u32,
+    /// `Port` (0 = the kernel's 8472).
+    pub port: u16,
+    /// `DirectRouting`: peers on our L2 subnet get a plain kernel route.
+    pub direct_routing: bool,
+    /// `MTU`: the MTU to subtract the 50-byte overhead from, in place of
+    /// the external interface's.
+    pub mtu: Option<u32>,
+}
+
+impl Backend {
+    /// `Backend.Type` as flannel names it (and as leases carry it).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Backend::Udp { .. } => "udp",
+            Backend::Vxlan(_) => "vxlan",
+        }
+    }
+
+    /// The UDP port hosts receive on.
+    pub fn port(&self) -> u16 {
+        match self {
+            Backend::Udp { port } => *port,
+            Backend::Vxlan(v) => v.port,
+        }
+    }
+
+    fn parse(b: &Fields) -> Result<Self, ConfigError> {
+        // Field errors carry the full path (`Backend.Port`).
+        let named = |e: ConfigError| match e {
+            ConfigError::Field { field, reason } => {
+                let full = BACKEND_FIELDS
+                    .iter()
+                    .find(|(short, _)| *short == field)
+                    .map_or(field, |(_, full)| full);
+                field_err(full, reason)
+            }
+            other => other,
+        };
+        let ty = b.string("Type").map_err(named)?.unwrap_or("udp");
+        let port = b.uint("Port", 65535).map_err(named)?.unwrap_or(0) as u16;
+        if ty.eq_ignore_ascii_case("udp") {
+            return Ok(Backend::Udp {
+                port: if port == 0 { DEFAULT_UDP_PORT } else { port },
+            });
+        }
+        if !ty.eq_ignore_ascii_case("vxlan") {
+            return Err(field_err(
+                "Backend.Type",
+                format!("backend {ty:?} is not supported: this flanneld implements \"udp\" and \"vxlan\""),
+            ));
+        }
+        let vni = b.uint("VNI", (1 << 24) - 1).map_err(named)?.unwrap_or(1) as u32;
+        if b.bool("GBP").map_err(named)? == Some(true) {
+            return Err(field_err(
+                "Backend.GBP",
+                "VXLAN group-based policy is not implemented by this flanneld; remove GBP or set it to false",
+            ));
+        }
+        if b.bool("Learning").map_err(named)? == Some(true) {
+            return Err(field_err(
+                "Backend.Learning",
+                "learning VTEPs are not implemented by this flanneld (peers come from their leases); remove Learning or set it to false",
+            ));
+        }
+        let direct_routing = b.bool("DirectRouting").map_err(named)?.unwrap_or(false);
+        let mtu = match b.uint("MTU", 65535).map_err(named)? {
+            None | Some(0) => None,
+            Some(m) if m < 68 + 50 => {
+                return Err(field_err(
+                    "Backend.MTU",
+                    format!(
+                        "{m} leaves less than IPv4's 68 bytes after the 50-byte VXLAN overhead"
+                    ),
+                ))
+            }
+            Some(m) => Some(m as u32),
+        };
+        Ok(Backend::Vxlan(VxlanConfig {
+            vni,
+            port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
+            direct_routing,
+            mtu,
+        }))
+    }
+}
+
+/// Backend keys and the name an error gives them.
+const BACKEND_FIELDS: [(&str, &str); 7] = [
+    ("Type", "Backend.Type"),
+    ("Port", "Backend.Port"),
+    ("VNI", "Backend.VNI"),
+    ("GBP", "Backend.GBP"),
+    ("Learning", "Backend.Learning"),
+    ("DirectRouting", "Backend.DirectRouting"),
+    ("MTU", "Backend.MTU"),
+];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -35,8 +152,11 @@ pub struct NetworkConfig {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
-    /// UDP port of the udp backend (`Backend.Port`).
+    /// The UDP port every host of the network receives on (`Backend.Port`,
+    /// or the backend's default).
     pub port: u16,
+    /// `Backend`: which encapsulation the whole network uses.
+    pub backend: Backend,
     /// `EnableNFTables`: program --ip-masq rules with nft instead of iptables.
     pub enable_nftables: bool,
 }
@@ -190,33 +310,11 @@ impl NetworkConfig {
             ));
         }
 
-        let port = match f.get("Backend") {
-            None => DEFAULT_UDP_PORT,
-            Some(Value::Object(b)) => {
-                let b = Fields(b);
-                let rename = |e: ConfigError| match e {
-                    ConfigError::Field {
-                        field: "Type",
-                        reason,
-                    } => field_err("Backend.Type", reason),
-                    ConfigError::Field {
-                        field: "Port",
-                        reason,
-                    } => field_err("Backend.Port", reason),
-                    other => other,
-                };
-                let ty = b.string("Type").map_err(rename)?.unwrap_or("udp");
-                if !ty.eq_ignore_ascii_case("udp") {
-                    return Err(field_err(
-                        "Backend.Type",
-                        format!("backend {ty:?} is not supported: this flanneld implements only \"udp\""),
-                    ));
-                }
-                match b.uint("Port", 65535).map_err(rename)? {
-                    None | Some(0) => DEFAULT_UDP_PORT,
-                    Some(p) => p as u16,
-                }
-            }
+        let backend = match f.get("Backend") {
+            None => Backend::Udp {
+                port: DEFAULT_UDP_PORT,
+            },
+            Some(Value::Object(b)) => Backend::parse(&Fields(b))?,
             Some(other) => {
                 return Err(field_err(
                     "Backend",
@@ -230,7 +328,8 @@ impl NetworkConfig {
             subnet_len,
             subnet_min,
             subnet_max,
-            port,
+            port: backend.port(),
+            backend,
             enable_nftables: f.bool("EnableNFTables")?.unwrap_or(false),
         })
     }
@@ -350,8 +449,30 @@ mod tests {
             "SubnetMax"
         );
         assert_eq!(
-            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#),
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#),
             "Backend.Type"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#),
+            "Backend.GBP"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","learning":true}}"#),
+            "Backend.Learning"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#),
+            "Backend.VNI"
+        );
+        assert_eq!(
+            err_field(
+                r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#
+            ),
+            "Backend.DirectRouting"
+        );
+        assert_eq!(
+            err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","MTU":100}}"#),
+            "Backend.MTU"
         );
         assert_eq!(
             err_field(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":70000}}"#),
@@ -366,6 +487,37 @@ mod tests {
             Err(ConfigError::Json(_))
         ));
         assert_eq!(NetworkConfig::parse("[1]"), Err(ConfigError::NotObject));
+    }
+
+    #[test]
+    fn vxlan_defaults_and_keys_are_case_insensitive() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#)
+            .unwrap();
+        let want = VxlanConfig {
+            vni: 1,
+            port: 8472,
+            direct_routing: false,
+            mtu: None,
+        };
+        assert_eq!(c.backend, Backend::Vxlan(want));
+        assert_eq!(c.port, 8472);
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","Backend":{"type":"VXLAN","vni":7,"port":4789,"directRouting":true,"GBP":false,"Learning":false,"MTU":9000}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.backend,
+            Backend::Vxlan(VxlanConfig {
+                vni: 7,
+                port: 4789,
+                direct_routing: true,
+                mtu: Some(9000),
+            })
+        );
+        assert_eq!(c.port, 4789);
+        assert_eq!(c.backend.type_name(), "vxlan");
+        let u = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        assert_eq!(u.backend, Backend::Udp { port: 8285 });
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! Decisions come from the pure modules; this file does the I/O and the
 //! sequencing (acquire → TUN → subnet.env → data path → watch + renew).
 
-use crate::config::NetworkConfig;
+use crate::backend::{self, Encap};
+use crate::config::{Backend, NetworkConfig};
 use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::config_wait::{ConfigWait, Next};
@@ -14,6 +15,7 @@ use crate::ops::{self, Stats};
 use crate::peer_cache::{self, PeerCache};
 use crate::routes::RouteTable;
 use crate::subnet_env::{self, SubnetEnv};
+use crate::wire::ether::Mac;
 use anyhow::{bail, Context};
 use ipnetwork::Ipv4Network;
 use rand::SeedableRng;
@@ -172,6 +174,8 @@ struct Control<'a> {
     /// The peers changed since the cache was last written.
     cache_dirty: bool,
     cache_written: Option<Instant>,
+    vtep_mac: Option<Mac>,
+    direct: DirectRoutes,
 }
 
 /// The peer cache is rewritten at most this often (a busy cluster changes
@@ -198,11 +202,94 @@ fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Opt
 }
 
 /// Swaps in a new route snapshot for the data path, and the peers gauge.
-fn publish(keeper: &Keeper, routes: &RouteTable, stats: &Stats, port: u16) {
-    routes.store(keeper.peers().snapshot(port));
+/// Peers reached by a DirectRouting kernel route are left out: their
+/// traffic never enters the TUN.
+fn publish(keeper: &Keeper, routes: &RouteTable, stats: &Stats, port: u16, direct: &DirectRoutes) {
+    routes.store(
+        keeper
+            .peers()
+            .snapshot_except(port, |_, p| direct.covers(p.ip)),
+    );
     stats
         .peers
         .store(keeper.peers().len() as u64, Ordering::Relaxed);
+}
+
+/// The vxlan backend's `DirectRouting`: a peer whose PublicIP is on one
+/// of the external interface's attached networks (one L2 hop away) gets a
+/// plain kernel route `<subnet> via <PublicIP>` instead of the tunnel, as
+/// flannel does. Off: covers nothing.
+#[derive(Debug, Default)]
+struct DirectRoutes {
+    attached: Vec<Ipv4Network>,
+    /// The routes we installed: subnet → gateway.
+    installed: std::collections::BTreeMap<Ipv4Network, Ipv4Addr>,
+}
+
+impl DirectRoutes {
+    fn covers(&self, ip: Ipv4Addr) -> bool {
+        self.attached.iter().any(|n| n.contains(ip))
+    }
+
+    /// Makes the kernel's direct routes match the peers; a failure is
+    /// logged and retried at the next change.
+    fn sync(&mut self, keeper: &Keeper) {
+        if self.attached.is_empty() {
+            return;
+        }
+        let want: std::collections::BTreeMap<Ipv4Network, Ipv4Addr> = keeper
+            .peers()
+            .iter()
+            .filter(|(_, p)| self.covers(p.ip))
+            .map(|(sn, p)| (sn, p.ip))
+            .collect();
+        if want == self.installed {
+            return;
+        }
+        let mut nl = match Netlink::open() {
+            Ok(nl) => nl,
+            Err(e) => {
+                tracing::error!("DirectRouting: opening rtnetlink: {e}");
+                return;
+            }
+        };
+        let old = std::mem::take(&mut self.installed);
+        for (sn, gw) in &old {
+            if want.get(sn) != Some(gw) {
+                match nl.del_route_via(sn.network(), sn.prefix(), *gw) {
+                    Ok(()) => tracing::info!(subnet = %sn, via = %gw, "direct route removed"),
+                    Err(e) => {
+                        tracing::warn!(subnet = %sn, via = %gw, "removing a direct route: {e}")
+                    }
+                }
+            }
+        }
+        for (sn, gw) in want {
+            if old.get(&sn) == Some(&gw) {
+                self.installed.insert(sn, gw);
+                continue;
+            }
+            match nl.replace_route_via(sn.network(), sn.prefix(), gw) {
+                Ok(()) => {
+                    tracing::info!(subnet = %sn, via = %gw, "direct route (DirectRouting)");
+                    self.installed.insert(sn, gw);
+                }
+                Err(e) => tracing::error!(subnet = %sn, via = %gw, "adding a direct route: {e}"),
+            }
+        }
+    }
+
+    /// Removes every route we installed (at exit).
+    fn remove_all(&mut self) {
+        if self.installed.is_empty() {
+            return;
+        }
+        if let Ok(mut nl) = Netlink::open() {
+            for (sn, gw) in std::mem::take(&mut self.installed) {
+                let _ = nl.del_route_via(sn.network(), sn.prefix(), gw);
+            }
+        }
+    }
 }
 
 impl Control<'_> {
@@ -231,12 +318,26 @@ impl Control<'_> {
         for e in effects {
             match e {
                 Action::Publish => {
-                    publish(keeper, &self.routes, &self.stats, self.cfg.port);
+                    self.direct.sync(keeper);
+                    publish(
+                        keeper,
+                        &self.routes,
+                        &self.stats,
+                        self.cfg.port,
+                        &self.direct,
+                    );
                     self.cache_dirty = true;
                 }
                 Action::Moved { from, to } => {
                     self.move_to(from, to)?;
-                    publish(keeper, &self.routes, &self.stats, self.cfg.port);
+                    self.direct.sync(keeper);
+                    publish(
+                        keeper,
+                        &self.routes,
+                        &self.stats,
+                        self.cfg.port,
+                        &self.direct,
+                    );
                     self.save(keeper);
                 }
                 Action::ConfigChanged(text) => self.config_changed(text.as_deref()),
@@ -270,6 +371,7 @@ impl Control<'_> {
             subnet,
             public_ip: self.public_ip,
             peers: keeper.peers().iter().collect(),
+            vtep_mac: self.vtep_mac,
         };
         if let Err(e) = cache.write(&self.cache) {
             tracing::warn!("writing the peer cache {}: {e}", self.cache.display());
@@ -455,13 +557,23 @@ fn open_tun(
     own: Ipv4Network,
     stats: &Stats,
 ) -> anyhow::Result<(datapath::Devices, u32)> {
-    let mtu = ext
-        .mtu
-        .checked_sub(ENCAP_OVERHEAD)
-        .context("external MTU too small")?;
+    let base = match cfg.backend {
+        Backend::Vxlan(v) => v.mtu.unwrap_or(ext.mtu),
+        Backend::Udp { .. } => ext.mtu,
+    };
+    let overhead = backend::overhead(&cfg.backend);
+    let mtu = base
+        .checked_sub(overhead)
+        .filter(|&m| m >= 68)
+        .with_context(|| {
+            format!(
+                "MTU {base} is too small for the {} backend's {overhead}-byte overhead",
+                cfg.backend.type_name()
+            )
+        })?;
     let bind = SocketAddrV4::new(ext.addr, cfg.port);
     let devices = datapath::open(
-        &opts.tun_name,
+        &tun_pattern(&opts.tun_name, &cfg.backend),
         opts.workers,
         opts.offload,
         bind,
@@ -477,7 +589,7 @@ fn open_tun(
             own.network(), cfg.network
         );
         if have > mtu {
-            tracing::warn!("{tun_name} MTU {have} is above the external MTU minus 28 ({mtu}): large packets will not fit one datagram");
+            tracing::warn!("{tun_name} MTU {have} is above the external MTU minus {overhead} ({mtu}): large packets will not fit one datagram");
         }
         have
     } else {
@@ -499,6 +611,50 @@ fn open_tun(
         "TUN ready"
     );
     Ok((devices, mtu))
+}
+
+/// The TUN's name: on the vxlan backend, the default pattern becomes
+/// flannel's device name `flannel.<VNI>`, which scripts and docs expect.
+fn tun_pattern(asked: &str, backend: &Backend) -> String {
+    match backend {
+        Backend::Vxlan(v) if asked == DEFAULT_TUN_NAME => format!("flannel.{}", v.vni),
+        _ => asked.to_string(),
+    }
+}
+
+/// `--tun-name`'s default.
+pub const DEFAULT_TUN_NAME: &str = "flannel%d";
+
+/// Our VtepMAC: the one our lease in etcd carries, else the one the peer
+/// cache remembers, else a new random one. flannel picks a new one at
+/// every start, so peers send to a dead MAC until they read the new
+/// lease; keeping it makes a restart cost no more than on the udp backend.
+async fn choose_vtep_mac<S: LeaseStore>(
+    store: &S,
+    from_cache: bool,
+    public_ip: Ipv4Addr,
+    cache_path: &std::path::Path,
+) -> Mac {
+    if !from_cache {
+        if let Ok(Ok((leases, _))) = tokio::time::timeout(CACHED_START_WAIT, store.list()).await {
+            let ours = leases
+                .iter()
+                .filter_map(|r| crate::lease::decode(r).ok())
+                .filter(|l| l.attrs.public_ip == public_ip)
+                .find_map(|l| backend::vtep_mac(&l.attrs));
+            if let Some(m) = ours {
+                tracing::info!(vtep_mac = %m, "VtepMAC kept from our lease in etcd");
+                return m;
+            }
+        }
+    }
+    if let Some(m) = PeerCache::vtep_mac(cache_path) {
+        tracing::info!(vtep_mac = %m, "VtepMAC kept from the peer cache");
+        return m;
+    }
+    let m = Mac::random(&mut rand::thread_rng());
+    tracing::info!(vtep_mac = %m, "new VtepMAC");
+    m
 }
 
 /// Logs the data-path counters at exit.
@@ -552,9 +708,24 @@ pub async fn run<S: LeaseStore>(
     };
     let Start { cfg, text, cached } = start;
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
+    let vtep_mac = match cfg.backend {
+        Backend::Vxlan(_) => {
+            Some(choose_vtep_mac(&store, cached.is_some(), public_ip, &cache_path).await)
+        }
+        Backend::Udp { .. } => None,
+    };
+    let mut direct = DirectRoutes::default();
+    if let Backend::Vxlan(v) = cfg.backend {
+        if v.direct_routing {
+            direct.attached = crate::iface::attached_networks(&ext.name)
+                .with_context(|| format!("reading the networks on {}", ext.name))?;
+            tracing::info!(attached = ?direct.attached, "DirectRouting: peers on these networks get a kernel route");
+        }
+    }
     let settings = Settings {
         cfg: cfg.clone(),
         public_ip,
+        vtep_mac,
         ttl: opts.lease_ttl,
         renew_margin: opts.renew_margin,
         // flannel: a minute; sooner for short test TTLs.
@@ -585,7 +756,8 @@ pub async fn run<S: LeaseStore>(
             }
         }
     };
-    publish(&keeper, &routes, &stats, cfg.port);
+    direct.sync(&keeper);
+    publish(&keeper, &routes, &stats, cfg.port, &direct);
     tracing::info!(
         peers = keeper.peers().len(), build = ?built.elapsed(),
         "route table built from the lease list"
@@ -613,6 +785,7 @@ pub async fn run<S: LeaseStore>(
             accept_unknown_peers: opts.accept_unknown_peers,
             threads: opts.worker_threads,
             busy_poll: opts.busy_poll,
+            encap: Encap::for_backend(&cfg.backend, vtep_mac.unwrap_or_default()),
         },
     )?;
 
@@ -632,6 +805,8 @@ pub async fn run<S: LeaseStore>(
         cache: cache_path,
         cache_dirty: false,
         cache_written: None,
+        vtep_mac,
+        direct,
     };
     ctl.save(&keeper);
     // Rules before READY: a workload started on READY gets them.
@@ -693,6 +868,7 @@ pub async fn run<S: LeaseStore>(
         ctl.save(&keeper);
     }
     dp.stop();
+    ctl.direct.remove_all();
     log_counters(&counters);
     result
 }

@@ -1,9 +1,9 @@
 //! Per-packet forwarding decisions for both directions, without I/O, and the
 //! counters every drop path feeds.
 
-use crate::routes::RouteSnapshot;
+use crate::routes::{Hop, RouteSnapshot};
 use crate::wire::{Ipv4Packet, WireError};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a packet was not forwarded. The counters are an array indexed by
@@ -27,11 +27,15 @@ pub enum DropReason {
     SendError,
     /// The kernel refused the write to the TUN.
     TunWriteError,
+    /// A VXLAN datagram for another VNI.
+    WrongVni,
+    /// A VXLAN frame for another Ethernet address than our VtepMAC.
+    WrongMac,
 }
 
 impl DropReason {
     /// Every reason, with its `reason` label on `/metrics`, in counter order.
-    pub const ALL: [(DropReason, &'static str); 8] = [
+    pub const ALL: [(DropReason, &'static str); 10] = [
         (DropReason::NoRoute, "no_route"),
         (DropReason::Ttl, "ttl"),
         (DropReason::Malformed, "malformed"),
@@ -40,6 +44,8 @@ impl DropReason {
         (DropReason::NotLocal, "not_local"),
         (DropReason::SendError, "send_error"),
         (DropReason::TunWriteError, "tun_write_error"),
+        (DropReason::WrongVni, "wrong_vni"),
+        (DropReason::WrongMac, "wrong_mac"),
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -54,6 +60,8 @@ impl DropReason {
             DropReason::NotLocal => 5,
             DropReason::SendError => 6,
             DropReason::TunWriteError => 7,
+            DropReason::WrongVni => 8,
+            DropReason::WrongMac => 9,
         }
     }
 
@@ -66,7 +74,7 @@ impl DropReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Egress {
     /// TTL already decremented; send the packet unchanged otherwise to the peer.
-    Send(SocketAddrV4),
+    Send(Hop),
     /// No lease covers the destination: answer with ICMP net unreachable.
     Unreachable,
     /// TTL expired here: answer with ICMP time exceeded.
@@ -129,7 +137,11 @@ pub fn ingress(
     if !routes.is_local(p.dst()) {
         return Ingress::Drop(DropReason::NotLocal);
     }
-    if !accept_unknown && routes.lookup(p.src()).is_none_or(|peer| *peer.ip() != from) {
+    if !accept_unknown
+        && routes
+            .lookup(p.src())
+            .is_none_or(|peer| *peer.addr.ip() != from)
+    {
         return Ingress::Drop(DropReason::Spoofed);
     }
     if p.ttl() <= 1 {
@@ -154,6 +166,7 @@ pub struct Totals {
     pub drops: [AtomicU64; DropReason::COUNT],
     pub gso_fallbacks: AtomicU64,
     pub icmp_ratelimited: AtomicU64,
+    pub arp_replies: AtomicU64,
 }
 
 /// Data-path counters, shared with the control plane and the metrics:
@@ -200,6 +213,8 @@ pub struct Tally {
     pub gso_fallbacks: u64,
     /// ICMP errors not sent because the rate limit was reached.
     pub icmp_ratelimited: u64,
+    /// ARP requests for our VTEP address answered (vxlan backend).
+    pub arp_replies: u64,
 }
 
 impl Tally {
@@ -228,7 +243,8 @@ macro_rules! counter_fields {
             tun_tx_packets,
             icmp_sent,
             gso_fallbacks,
-            icmp_ratelimited
+            icmp_ratelimited,
+            arp_replies
         )
     };
 }
@@ -347,7 +363,7 @@ mod tests {
             .count();
         assert!((1000..=1060).contains(&sent), "{sent}");
     }
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddrV4};
 
     fn routes() -> RouteSnapshot {
         RouteSnapshot::new([(
@@ -361,7 +377,7 @@ mod tests {
         let mut p = udp_packet([10, 5, 1, 0], [10, 5, 2, 7], 64, b"x");
         assert_eq!(
             egress(&mut p, &routes()),
-            Egress::Send(SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, 2), 8285))
+            Egress::Send(SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, 2), 8285).into())
         );
         let v = Ipv4Packet::new_checked(&p[..]).unwrap();
         assert_eq!(v.ttl(), 63);

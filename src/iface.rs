@@ -55,6 +55,49 @@ pub fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     Ok(out)
 }
 
+/// The IPv4 networks directly attached to interface `name` (its
+/// addresses with their prefix lengths): hosts there are one L2 hop away.
+pub fn attached_networks(name: &str) -> io::Result<Vec<ipnetwork::Ipv4Network>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills head with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr; we read sa_family first.
+        if unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string.
+        if unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_bytes() != name.as_bytes() {
+            continue;
+        }
+        // SAFETY: family AF_INET: both are sockaddr_in.
+        let (a, m) = unsafe {
+            (
+                &*(ifa.ifa_addr as *const libc::sockaddr_in),
+                &*(ifa.ifa_netmask as *const libc::sockaddr_in),
+            )
+        };
+        let addr = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+        let prefix = u32::from_be(m.sin_addr.s_addr).leading_ones() as u8;
+        if let Ok(n) = ipnetwork::Ipv4Network::new(addr, prefix) {
+            out.push(n);
+        }
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
 /// The MTU of interface `name`.
 pub fn mtu(name: &str) -> io::Result<u32> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;

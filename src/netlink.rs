@@ -209,6 +209,54 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// `ip route replace DST/PREFIX via GW` in the main table (the
+    /// vxlan backend's DirectRouting: a peer on our L2 subnet is reached
+    /// without the tunnel).
+    pub fn replace_route_via(&mut self, dst: Ipv4Addr, prefix: u8, gw: Ipv4Addr) -> io::Result<()> {
+        let body = route_body(prefix, libc::RT_SCOPE_UNIVERSE);
+        let msg = Msg::new(
+            libc::RTM_NEWROUTE,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE)
+                as u16,
+            self.seq,
+            &body,
+        )
+        .attr(libc::RTA_DST, &dst.octets())
+        .attr(libc::RTA_GATEWAY, &gw.octets());
+        self.request(msg)
+    }
+
+    /// `ip route del DST/PREFIX via GW`; a route already gone is fine.
+    pub fn del_route_via(&mut self, dst: Ipv4Addr, prefix: u8, gw: Ipv4Addr) -> io::Result<()> {
+        let body = route_body(prefix, libc::RT_SCOPE_NOWHERE);
+        let msg = Msg::new(
+            libc::RTM_DELROUTE,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            self.seq,
+            &body,
+        )
+        .attr(libc::RTA_DST, &dst.octets())
+        .attr(libc::RTA_GATEWAY, &gw.octets());
+        match self.request(msg) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// An `rtmsg` for a unicast IPv4 route of ours in the main table.
+fn route_body(prefix: u8, scope: u8) -> [u8; 12] {
+    let mut body = [0u8; 12];
+    body[0] = libc::AF_INET as u8;
+    body[1] = prefix;
+    body[4] = libc::RT_TABLE_MAIN;
+    body[5] = libc::RTPROT_BOOT;
+    body[6] = scope;
+    body[7] = libc::RTN_UNICAST;
+    body
+}
+
 fn ok_if_exists(r: io::Result<()>) -> io::Result<()> {
     match r {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),

@@ -132,6 +132,12 @@ impl Collector for FlannelCollector {
             "ICMP errors sent back into the TUN.",
             d.icmp_sent,
         )?;
+        counter(
+            &mut e,
+            "flannel_arp_replies",
+            "ARP requests for our VTEP address (our subnet's .0) answered by the vxlan backend.",
+            d.arp_replies,
+        )?;
         gauge(
             &mut e,
             "flannel_peers",

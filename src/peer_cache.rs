@@ -5,6 +5,8 @@
 //! and our PublicIP. etcd stays the truth: the keeper reconciles with it
 //! as soon as it answers.
 
+use crate::backend::Peer;
+use crate::wire::ether::Mac;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -16,7 +18,9 @@ pub struct PeerCache {
     pub config: String,
     pub subnet: Ipv4Network,
     pub public_ip: Ipv4Addr,
-    pub peers: Vec<(Ipv4Network, Ipv4Addr)>,
+    pub peers: Vec<(Ipv4Network, Peer)>,
+    /// Our VtepMAC (vxlan backend), kept so a restart keeps it.
+    pub vtep_mac: Option<Mac>,
 }
 
 /// The cache file of a subnet file: `subnet.env` → `subnet.env.peers.json`.
@@ -36,6 +40,11 @@ struct Wire {
     subnet: String,
     public_ip: Ipv4Addr,
     peers: Vec<(String, Ipv4Addr)>,
+    /// Peers' VtepMACs by subnet (absent in caches of the udp backend).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    peer_macs: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vtep_mac: Option<String>,
 }
 
 impl PeerCache {
@@ -47,8 +56,14 @@ impl PeerCache {
             peers: self
                 .peers
                 .iter()
-                .map(|(sn, ip)| (sn.to_string(), *ip))
+                .map(|(sn, p)| (sn.to_string(), p.ip))
                 .collect(),
+            peer_macs: self
+                .peers
+                .iter()
+                .filter_map(|(sn, p)| Some((sn.to_string(), p.mac?.to_string())))
+                .collect(),
+            vtep_mac: self.vtep_mac.map(|m| m.to_string()),
         };
         let json = serde_json::to_vec(&w).map_err(std::io::Error::other)?;
         crate::subnet_env::write_atomic(path, &json)
@@ -57,6 +72,7 @@ impl PeerCache {
     fn parse(text: &[u8]) -> Result<PeerCache, String> {
         let w: Wire = serde_json::from_slice(text).map_err(|e| e.to_string())?;
         let net = |s: &str| s.parse::<Ipv4Network>().map_err(|e| format!("{s:?}: {e}"));
+        let mac = |s: &String| s.parse::<Mac>().map_err(|e| e.to_string());
         Ok(PeerCache {
             config: w.config,
             subnet: net(&w.subnet)?,
@@ -64,9 +80,20 @@ impl PeerCache {
             peers: w
                 .peers
                 .iter()
-                .map(|(sn, ip)| Ok((net(sn)?, *ip)))
+                .map(|(sn, ip)| {
+                    let m = w.peer_macs.get(sn).map(mac).transpose()?;
+                    Ok((net(sn)?, Peer { ip: *ip, mac: m }))
+                })
                 .collect::<Result<_, String>>()?,
+            vtep_mac: w.vtep_mac.as_ref().map(mac).transpose()?,
         })
+    }
+
+    /// Our VtepMAC as the cache at `path` remembers it, whatever lease it
+    /// was written for.
+    pub fn vtep_mac(path: &Path) -> Option<Mac> {
+        let text = std::fs::read(path).ok()?;
+        PeerCache::parse(&text).ok()?.vtep_mac
     }
 
     /// The cache, if it is there, readable, and written for `public_ip`
@@ -111,12 +138,23 @@ mod tests {
             config: r#"{"Network":"10.5.0.0/16"}"#.into(),
             subnet: "10.5.3.0/24".parse().unwrap(),
             public_ip: me,
-            peers: vec![(
-                "10.5.4.0/24".parse().unwrap(),
-                Ipv4Addr::new(192, 168, 0, 2),
-            )],
+            peers: vec![
+                (
+                    "10.5.4.0/24".parse().unwrap(),
+                    Ipv4Addr::new(192, 168, 0, 2).into(),
+                ),
+                (
+                    "10.5.5.0/24".parse().unwrap(),
+                    Peer {
+                        ip: Ipv4Addr::new(192, 168, 0, 3),
+                        mac: Some(Mac([2, 0, 0, 0, 0, 3])),
+                    },
+                ),
+            ],
+            vtep_mac: Some(Mac([2, 0, 0, 0, 0, 1])),
         };
         c.write(&path).unwrap();
+        assert_eq!(PeerCache::vtep_mac(&path), c.vtep_mac);
         // No subnet.env: not trusted.
         assert_eq!(PeerCache::load(&path, &env, me), None);
         let mut e = SubnetEnv {

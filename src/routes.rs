@@ -2,10 +2,28 @@
 //! atomically by the control plane ([`arc_swap`]), so a lookup takes no lock
 //! and never waits for a writer.
 
+use crate::wire::ether::Mac;
 use arc_swap::ArcSwap;
 use ipnetwork::Ipv4Network;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
+
+/// Where a subnet's packets go: the owner's UDP address and, on the vxlan
+/// backend, its VtepMAC (the inner Ethernet destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    pub addr: SocketAddrV4,
+    pub mac: Mac,
+}
+
+impl From<SocketAddrV4> for Hop {
+    fn from(addr: SocketAddrV4) -> Self {
+        Hop {
+            addr,
+            mac: Mac::default(),
+        }
+    }
+}
 
 /// Routes of one prefix length, in an open-addressing hash table
 /// (linear probing, load ≤ 1/2) keyed by network address.
@@ -14,7 +32,7 @@ struct Group {
     prefix: u8,
     mask: u32,
     nets: Vec<u32>,
-    peers: Vec<SocketAddrV4>,
+    peers: Vec<Hop>,
     /// Index into `nets`/`peers`, or `EMPTY`.
     slots: Vec<u32>,
     shift: u32,
@@ -43,7 +61,7 @@ impl Group {
     }
 
     #[inline]
-    fn get(&self, key: u32) -> Option<SocketAddrV4> {
+    fn get(&self, key: u32) -> Option<Hop> {
         let m = self.slots.len() - 1;
         let mut h = self.hash(key);
         loop {
@@ -73,10 +91,10 @@ pub struct RouteSnapshot {
 }
 
 impl RouteSnapshot {
-    pub fn new(routes: impl IntoIterator<Item = (Ipv4Network, SocketAddrV4)>) -> Self {
-        let mut all: Vec<(u8, u32, SocketAddrV4)> = routes
+    pub fn new<H: Into<Hop>>(routes: impl IntoIterator<Item = (Ipv4Network, H)>) -> Self {
+        let mut all: Vec<(u8, u32, Hop)> = routes
             .into_iter()
-            .map(|(n, p)| (n.prefix(), u32::from(n.network()), p))
+            .map(|(n, p)| (n.prefix(), u32::from(n.network()), p.into()))
             .collect();
         // Longest prefix first, then by address; a duplicate keeps the first.
         all.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -114,6 +132,11 @@ impl RouteSnapshot {
         self
     }
 
+    /// This host's own subnet.
+    pub fn local(&self) -> Option<Ipv4Network> {
+        self.local
+    }
+
     /// Whether `dst` is a unicast address of this host's own subnet. Its
     /// broadcast address is not: a directed broadcast from the tunnel would
     /// reach every workload behind a bridge (a smurf amplifier), so it is
@@ -126,7 +149,7 @@ impl RouteSnapshot {
 
     /// The peer owning the longest prefix that contains `dst`.
     #[inline]
-    pub fn lookup(&self, dst: Ipv4Addr) -> Option<SocketAddrV4> {
+    pub fn lookup(&self, dst: Ipv4Addr) -> Option<Hop> {
         let dst = u32::from(dst);
         for g in &self.groups {
             if let Some(peer) = g.get(dst & g.mask) {
@@ -186,10 +209,10 @@ mod tests {
             ("10.5.9.0/24".parse().unwrap(), peer(9)),
         ]);
         assert_eq!(s.len(), 4);
-        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 3, 1)), Some(peer(3)));
-        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 3, 200)), Some(peer(4)));
-        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 9, 255)), Some(peer(9)));
-        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 200, 1)), Some(peer(1)));
+        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 3, 1)), Some(peer(3).into()));
+        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 3, 200)), Some(peer(4).into()));
+        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 9, 255)), Some(peer(9).into()));
+        assert_eq!(s.lookup(Ipv4Addr::new(10, 5, 200, 1)), Some(peer(1).into()));
         assert_eq!(s.lookup(Ipv4Addr::new(10, 6, 0, 1)), None);
         assert_eq!(
             RouteSnapshot::default().lookup(Ipv4Addr::new(10, 5, 3, 1)),
@@ -224,7 +247,10 @@ mod tests {
         )]));
         // A reader holding the old snapshot keeps a consistent view.
         assert!(old.is_empty());
-        assert_eq!(t.load().lookup(Ipv4Addr::new(10, 5, 3, 7)), Some(peer(3)));
+        assert_eq!(
+            t.load().lookup(Ipv4Addr::new(10, 5, 3, 7)),
+            Some(peer(3).into())
+        );
     }
 
     proptest::proptest! {
@@ -255,7 +281,7 @@ mod tests {
                     None => proptest::prop_assert_eq!(got, None),
                     Some(len) => {
                         // Among equal (prefix, net) duplicates any peer is acceptable.
-                        let ok = nets.iter().any(|(n, pe)| n.prefix() == len && n.contains(dst) && Some(*pe) == got);
+                        let ok = nets.iter().any(|(n, pe)| n.prefix() == len && n.contains(dst) && Some(Hop::from(*pe)) == got);
                         proptest::prop_assert!(ok);
                     }
                 }

@@ -14,8 +14,10 @@ pub mod offload;
 pub mod tun;
 pub mod udp;
 
+use crate::backend::{Decap, Encap};
 use crate::forward::{egress, ingress, Counters, DropReason, Egress, IcmpLimit, Ingress, Tally};
-use crate::routes::RouteTable;
+use crate::routes::{RouteSnapshot, RouteTable};
+use crate::wire::ether::ArpRepr;
 use crate::wire::{self, Ipv4Packet};
 use batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT};
 use offload::{SegmentPiece, Segments, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
@@ -161,6 +163,8 @@ pub struct Shared {
     pub threads: WorkerThreads,
     /// How long a loop keeps polling without sleeping after activity.
     pub busy_poll: Duration,
+    /// The backend's encapsulation (udp: none; vxlan: VXLAN + Ethernet).
+    pub encap: Encap,
 }
 
 /// Restricts the calling thread to one CPU; failure is logged, not fatal.
@@ -578,15 +582,25 @@ const OFFLOAD_MSGS: usize = 16 * CHUNK;
 /// slots, iovecs or header area would overflow.
 fn tun_to_udp(w: &Worker) -> Drain<'_> {
     let vnet = if w.tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
+    // The backend's prefix (VXLAN + Ethernet) is built once per chunk in
+    // the header area and gathered before every segment of the chunk.
+    let encap = w.shared.encap;
+    let pre = encap.prefix_len();
     let (batch, msgs, area) = if vnet > 0 {
-        (OFFLOAD_BATCH, OFFLOAD_MSGS, HEADER_AREA)
+        (
+            OFFLOAD_BATCH,
+            OFFLOAD_MSGS,
+            HEADER_AREA + OFFLOAD_MSGS * pre,
+        )
     } else {
-        (BATCH, BATCH, 0)
+        (BATCH, BATCH, BATCH * pre)
     };
+    // Iovecs per segment: its prefix, if any, and its header + payload.
+    let extra = usize::from(pre > 0);
     let mut rx = Slots::new(batch, SLOT);
     let mut headers = vec![0u8; area];
     let mut hoff = 0;
-    let mut mmsg = Mmsg::new(msgs, 2 * msgs);
+    let mut mmsg = Mmsg::new(msgs, (2 + extra) * msgs);
     let mut icmp = Icmp::new();
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.tx.as_raw_fd();
@@ -637,17 +651,20 @@ fn tun_to_udp(w: &Worker) -> Drain<'_> {
                     continue;
                 };
                 t.udp_tx_bytes += segs.total() as u64;
+                let dgram = segs.seg_len() + pre;
                 // One GSO send carries at most 64 segments and 64 KB.
-                let per = if w.caps.udp_gso && segs.count() > 1 && gso_off.allows(*peer.ip()) {
-                    MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / segs.seg_len()).max(1)
+                let per = if w.caps.udp_gso && segs.count() > 1 && gso_off.allows(*peer.addr.ip()) {
+                    MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / dgram).max(1)
                 } else {
                     1
                 };
+                let whole = matches!(segs, Segments::Whole(_));
                 let mut first = 0;
                 while first < segs.count() {
                     let chunk = first..(first + CHUNK).min(segs.count());
-                    let bytes = segs.header_bytes(chunk.len());
-                    if !mmsg.has_room_for(chunk.len().div_ceil(per), segs.pieces_for(chunk.len()))
+                    let bytes = pre + segs.header_bytes(chunk.len());
+                    let pieces = segs.pieces_for(chunk.len()) + extra * chunk.len();
+                    if !mmsg.has_room_for(chunk.len().div_ceil(per), pieces)
                         || hoff + bytes > headers.len()
                     {
                         flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
@@ -655,20 +672,27 @@ fn tun_to_udp(w: &Worker) -> Drain<'_> {
                         hoff = 0;
                     }
                     let pkt = &rx.packet(i)[vnet..];
-                    segs.write_headers(pkt, chunk.clone(), &mut headers[hoff..hoff + bytes])
+                    let area = &mut headers[hoff..hoff + bytes];
+                    encap.write_prefix(peer.mac, area);
+                    segs.write_headers(pkt, chunk.clone(), &mut area[pre..])
                         .expect("room checked above");
+                    let prefix = (pre > 0).then_some((Buf::Aux, hoff, pre));
+                    let hdrs = hoff + pre;
                     for c in chunk.clone().step_by(per) {
                         let run = c..(c + per).min(chunk.end);
-                        let gso = if run.len() > 1 {
-                            segs.seg_len() as u16
-                        } else {
-                            0
-                        };
-                        let pieces = segs.pieces(run, chunk.start).map(|p| match p {
-                            SegmentPiece::Header(at, len) => (Buf::Aux, hoff + at, len),
-                            SegmentPiece::Payload(r) => (Buf::Main, start + r.start, r.len()),
+                        let gso = if run.len() > 1 { dgram as u16 } else { 0 };
+                        // Each segment: [prefix] header payload, or
+                        // [prefix] packet for a packet sent whole.
+                        let pieces = segs.pieces(run, chunk.start).flat_map(|p| {
+                            let (starts, piece) = match p {
+                                SegmentPiece::Header(at, len) => (true, (Buf::Aux, hdrs + at, len)),
+                                SegmentPiece::Payload(r) => {
+                                    (whole, (Buf::Main, start + r.start, r.len()))
+                                }
+                            };
+                            prefix.filter(|_| starts).into_iter().chain([piece])
                         });
-                        mmsg.queue_gather(pieces, peer, gso);
+                        mmsg.queue_gather(pieces, peer.addr, gso);
                     }
                     hoff += bytes;
                     first = chunk.end;
@@ -761,6 +785,7 @@ fn udp_to_tun(w: &Worker) -> Drain<'_> {
     let mut gro_head = [0u8; VNET_HDR_LEN + 120];
     let mut gro = offload::GroTable::new();
     let sock = w.sock.as_raw_fd();
+    let encap = w.shared.encap;
     Box::new(move || {
         let mut got = 0;
         loop {
@@ -801,14 +826,16 @@ fn udp_to_tun(w: &Worker) -> Drain<'_> {
                 while off < len {
                     let l = seg.min(len - off);
                     t.udp_rx_packets += 1;
-                    match ingress(
-                        &mut buf[start + off..start + off + l],
-                        from,
-                        &routes,
-                        accept,
-                    ) {
-                        Ingress::Deliver => pkts.push((start + off, l)),
-                        Ingress::Drop(r) => t.drop(r),
+                    let d = &mut buf[start + off..start + off + l];
+                    match encap.decap(d) {
+                        Decap::Packet(inner) => {
+                            match ingress(&mut d[inner..], from, &routes, accept) {
+                                Ingress::Deliver => pkts.push((start + off + inner, l - inner)),
+                                Ingress::Drop(r) => t.drop(r),
+                            }
+                        }
+                        Decap::Arp(req) => arp_reply(w, &req, from, &routes, &mut t),
+                        Decap::Drop(r) => t.drop(r),
                     }
                     off += l;
                 }
@@ -822,6 +849,24 @@ fn udp_to_tun(w: &Worker) -> Drain<'_> {
         }
         Ok(got)
     })
+}
+
+/// Answers an ARP request for our VTEP address from a known peer (a kernel
+/// VXLAN node asks when its neighbour entry for us is missing).
+fn arp_reply(w: &Worker, req: &ArpRepr, from: Ipv4Addr, routes: &RouteSnapshot, t: &mut Tally) {
+    let Some(own) = routes.local() else {
+        return;
+    };
+    let sender = routes.lookup(req.sender_ip);
+    match w.shared.encap.arp_answer(req, own.network(), from, sender) {
+        Some(answer) => {
+            let to = sender.expect("answered only for a known sender").addr;
+            if w.tx.send_to(&answer, to).is_ok() {
+                t.arp_replies += 1;
+            }
+        }
+        None => t.drop(DropReason::Spoofed),
+    }
 }
 
 /// Writes the batch's packets to the TUN, coalescing each TCP flow's runs

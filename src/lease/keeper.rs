@@ -12,10 +12,10 @@
 //! ```
 
 use super::store::{Expect, RawLease, StoreError, WatchEvent, WatchItem, Written};
-use super::{decode, plan_acquire, renew_delay, validate, Acquire, Lease};
-use super::{LeaseError, PeerChange, PeerSet};
+use super::{decode, plan_acquire, renew_delay, validate, validate_addr, Acquire, Lease};
+use super::{LeaseError, Peer, PeerChange, PeerSet};
 use crate::config::NetworkConfig;
-use crate::subnet::LeaseAttrs;
+
 use ipnetwork::Ipv4Network;
 use rand::rngs::StdRng;
 use std::collections::BTreeMap;
@@ -147,6 +147,8 @@ impl Backoff {
 pub struct Settings {
     pub cfg: NetworkConfig,
     pub public_ip: Ipv4Addr,
+    /// Our VtepMAC, written into our lease on the vxlan backend.
+    pub vtep_mac: Option<crate::wire::ether::Mac>,
     pub ttl: Duration,
     pub renew_margin: Duration,
     /// How soon a failed renewal is tried again (flannel: a minute).
@@ -193,7 +195,7 @@ impl Keeper {
     /// A keeper acquiring, with nothing asked yet.
     fn idle(s: Settings, previous: Option<Ipv4Network>, rng: StdRng) -> Self {
         Keeper {
-            value: LeaseAttrs::udp(s.public_ip).to_json(),
+            value: crate::backend::lease_attrs(&s.cfg.backend, s.public_ip, s.vtep_mac).to_json(),
             s,
             rng,
             phase: Phase::Acquiring {
@@ -226,7 +228,7 @@ impl Keeper {
     pub fn from_cache(
         s: Settings,
         own: Ipv4Network,
-        peers: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>,
+        peers: impl IntoIterator<Item = (Ipv4Network, Peer)>,
         rng: StdRng,
     ) -> (Self, Vec<Action>) {
         let mut k = Keeper::idle(s, Some(own), rng);
@@ -239,14 +241,9 @@ impl Keeper {
         k.peers = PeerSet::new(Some(own));
         let valid: Vec<_> = peers
             .into_iter()
-            .filter(|&(sn, ip)| {
-                let l = Lease {
-                    subnet: sn,
-                    attrs: LeaseAttrs::udp(ip),
-                    lease_id: 1,
-                    mod_revision: 0,
-                };
-                validate(&k.s.cfg, &l).is_ok()
+            .filter(|&(sn, p)| {
+                let vxlan = matches!(k.s.cfg.backend, crate::config::Backend::Vxlan(_));
+                validate_addr(&k.s.cfg, sn, p.ip).is_ok() && (!vxlan || p.mac.is_some())
             })
             .collect();
         k.peers.resync(valid);
@@ -432,10 +429,10 @@ impl Keeper {
 
     /// Validates a decoded (or undecodable) lease stored at `key`; warns
     /// once per key about one that is not admitted.
-    fn admit(&mut self, key: &str, decoded: Result<Lease, String>) -> Option<Lease> {
+    fn admit(&mut self, key: &str, decoded: Result<Lease, String>) -> Option<(Lease, Peer)> {
         let verdict = decoded.and_then(|l| {
             validate(&self.s.cfg, &l)
-                .map(|()| l)
+                .map(|p| (l, p))
                 .map_err(|r| format!("ignoring lease {key}: {r}"))
         });
         let admitted = match verdict {
@@ -467,8 +464,8 @@ impl Keeper {
             if let Ok(l) = &decoded {
                 all.push(l.clone());
             }
-            if let Some(l) = self.admit(&r.key, decoded) {
-                valid.push(l);
+            if let Some((l, p)) = self.admit(&r.key, decoded) {
+                valid.push((l.subnet, p));
             }
         }
         self.stats.ignored = self.ignored.len() as u64;
@@ -522,10 +519,8 @@ impl Keeper {
         }
     }
 
-    fn resync_peers(&mut self, valid: &[Lease], out: &mut Vec<Action>) {
-        let changes = self
-            .peers
-            .resync(valid.iter().map(|l| (l.subnet, l.attrs.public_ip)));
+    fn resync_peers(&mut self, valid: &[(Ipv4Network, Peer)], out: &mut Vec<Action>) {
+        let changes = self.peers.resync(valid.iter().copied());
         if !changes.is_empty() {
             log_changes(&changes);
             out.push(Action::Publish);
@@ -537,7 +532,7 @@ impl Keeper {
     fn taken_over(
         &mut self,
         own: Ipv4Network,
-        valid: &[Lease],
+        valid: &[(Ipv4Network, Peer)],
         all: &[Lease],
         out: &mut Vec<Action>,
     ) {
@@ -724,6 +719,7 @@ impl Keeper {
         let mut changes = Vec::new();
         let own = self.own();
         let mut lost: Option<Option<Ipv4Addr>> = None;
+        let mut holder_peer = None;
         for ev in events {
             match ev {
                 WatchEvent::Config(text) => out.push(Action::ConfigChanged(text.clone())),
@@ -738,11 +734,12 @@ impl Keeper {
                         } else {
                             // Taken over: the new owner is a peer once we move.
                             lost = Some(Some(l.attrs.public_ip));
+                            holder_peer = validate(&self.s.cfg, l).ok();
                         }
                         continue;
                     }
                     match self.admit(&raw.key, decoded) {
-                        Some(l) => changes.extend(self.peers.upsert(l.subnet, l.attrs.public_ip)),
+                        Some((l, p)) => changes.extend(self.peers.upsert(l.subnet, p)),
                         None => {
                             // A key that became invalid is no longer a route.
                             if let Some(sn) = subnet {
@@ -778,7 +775,7 @@ impl Keeper {
                 tracing::error!(subnet = %own, %holder, "our subnet was taken over by another host");
                 // Its holder is reachable at once, as any peer.
                 self.lose(own);
-                if let Some(c) = self.peers.upsert(own, holder) {
+                if let Some(c) = holder_peer.and_then(|p| self.peers.upsert(own, p)) {
                     log_changes(&[c]);
                 }
                 out.push(Action::Publish);
@@ -836,6 +833,7 @@ mod tests {
     use super::*;
     use crate::lease::memory::{Bed, Memory, ME, PREFIX};
     use crate::subnet::lease_key;
+    use crate::subnet::LeaseAttrs;
 
     const NET: &str = "10.44.0.0/16";
 
@@ -893,7 +891,7 @@ mod tests {
         assert_eq!(peers.len(), 1);
         let snap = peers.snapshot(8285);
         assert_eq!(
-            snap.lookup([10, 44, 85, 7].into()).map(|a| *a.ip()),
+            snap.lookup([10, 44, 85, 7].into()).map(|a| *a.addr.ip()),
             Some([192, 168, 0, 2].into())
         );
         assert_eq!(

@@ -253,6 +253,7 @@ fn settings(network: &str) -> Settings {
     Settings {
         cfg: NetworkConfig::parse(&json).expect("cfg"),
         public_ip: ME,
+        vtep_mac: None,
         ttl: Duration::from_secs(600),
         renew_margin: Duration::from_secs(60),
         renew_retry: Duration::from_secs(15),
@@ -306,7 +307,7 @@ impl Bed {
             own.parse().expect("own"),
             peers
                 .iter()
-                .map(|(sn, ip)| (sn.parse().expect("peer"), Ipv4Addr::from(*ip))),
+                .map(|(sn, ip)| (sn.parse().expect("peer"), Ipv4Addr::from(*ip).into())),
             rand::rngs::StdRng::seed_from_u64(9),
         );
         bed.keeper = keeper;

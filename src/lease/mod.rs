@@ -10,8 +10,9 @@ pub mod keeper;
 pub mod memory;
 pub mod store;
 
+pub use crate::backend::Peer;
 use crate::config::NetworkConfig;
-use crate::routes::RouteSnapshot;
+use crate::routes::{Hop, RouteSnapshot};
 use crate::subnet::LeaseAttrs;
 use ipnetwork::Ipv4Network;
 use rand::Rng;
@@ -189,8 +190,8 @@ pub fn renew_delay(expires_in: Duration, margin: Duration) -> Duration {
 /// A change to the set of peers, for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerChange {
-    Added(Ipv4Network, Ipv4Addr),
-    Changed(Ipv4Network, Ipv4Addr),
+    Added(Ipv4Network, Peer),
+    Changed(Ipv4Network, Peer),
     Removed(Ipv4Network),
 }
 
@@ -199,7 +200,7 @@ pub enum PeerChange {
 #[derive(Debug, Clone, Default)]
 pub struct PeerSet {
     own: Option<Ipv4Network>,
-    peers: BTreeMap<Ipv4Network, Ipv4Addr>,
+    peers: BTreeMap<Ipv4Network, Peer>,
 }
 
 impl PeerSet {
@@ -229,17 +230,18 @@ impl PeerSet {
         self.peers.is_empty()
     }
 
-    /// Every peer: (subnet, PublicIP).
-    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Network, Ipv4Addr)> + '_ {
-        self.peers.iter().map(|(sn, ip)| (*sn, *ip))
+    /// Every peer: (subnet, PublicIP and backend data).
+    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Network, Peer)> + '_ {
+        self.peers.iter().map(|(sn, p)| (*sn, *p))
     }
 
-    pub fn get(&self, subnet: &Ipv4Network) -> Option<Ipv4Addr> {
+    pub fn get(&self, subnet: &Ipv4Network) -> Option<Peer> {
         self.peers.get(subnet).copied()
     }
 
     /// A lease was put (added or rewritten).
-    pub fn upsert(&mut self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> Option<PeerChange> {
+    pub fn upsert(&mut self, subnet: Ipv4Network, peer: impl Into<Peer>) -> Option<PeerChange> {
+        let public_ip = peer.into();
         if Some(subnet) == self.own {
             return None;
         }
@@ -259,14 +261,14 @@ impl PeerSet {
 
     /// Replaces the set with a fresh list (after a compaction or a broken
     /// watch) and returns what changed, removals included.
-    pub fn resync(
+    pub fn resync<P: Into<Peer>>(
         &mut self,
-        leases: impl IntoIterator<Item = (Ipv4Network, Ipv4Addr)>,
+        leases: impl IntoIterator<Item = (Ipv4Network, P)>,
     ) -> Vec<PeerChange> {
         let mut fresh = BTreeMap::new();
-        for (sn, ip) in leases {
+        for (sn, p) in leases {
             if Some(sn) != self.own {
-                fresh.insert(sn, ip);
+                fresh.insert(sn, p.into());
             }
         }
         let mut changes = Vec::new();
@@ -288,11 +290,27 @@ impl PeerSet {
 
     /// Builds the immutable route snapshot the data path reads.
     pub fn snapshot(&self, port: u16) -> RouteSnapshot {
-        let s = RouteSnapshot::new(
-            self.peers
-                .iter()
-                .map(|(sn, ip)| (*sn, std::net::SocketAddrV4::new(*ip, port))),
-        );
+        self.snapshot_except(port, |_, _| false)
+    }
+
+    /// The snapshot without the peers `skip` names (those reached by a
+    /// kernel route instead, with DirectRouting).
+    pub fn snapshot_except(
+        &self,
+        port: u16,
+        skip: impl Fn(&Ipv4Network, &Peer) -> bool,
+    ) -> RouteSnapshot {
+        let s = RouteSnapshot::new(self.peers.iter().filter(|(sn, p)| !skip(sn, p)).map(
+            |(sn, p)| {
+                (
+                    *sn,
+                    Hop {
+                        addr: std::net::SocketAddrV4::new(p.ip, port),
+                        mac: p.mac.unwrap_or_default(),
+                    },
+                )
+            },
+        ));
         match self.own {
             Some(own) => s.with_local(own),
             None => s,
@@ -457,7 +475,7 @@ mod tests {
         let a: Ipv4Network = "10.5.2.0/24".parse().unwrap();
         let b: Ipv4Network = "10.5.3.0/24".parse().unwrap();
         let c: Ipv4Network = "10.5.4.0/24".parse().unwrap();
-        let ip = |n| Ipv4Addr::new(192, 168, 0, n);
+        let ip = |n| Peer::from(Ipv4Addr::new(192, 168, 0, n));
         let mut p = PeerSet::new(Some(own));
         assert_eq!(p.upsert(own, ip(1)), None);
         assert_eq!(p.upsert(a, ip(2)), Some(PeerChange::Added(a, ip(2))));
@@ -479,7 +497,7 @@ mod tests {
         let snap = p.snapshot(8285);
         assert_eq!(
             snap.lookup(Ipv4Addr::new(10, 5, 2, 9)),
-            Some(std::net::SocketAddrV4::new(ip(2), 8285))
+            Some(std::net::SocketAddrV4::new(ip(2).ip, 8285).into())
         );
         assert_eq!(snap.lookup(Ipv4Addr::new(10, 5, 1, 9)), None);
     }
@@ -543,21 +561,29 @@ pub enum Reject {
     },
     #[error("its PublicIP {0} cannot be a host's address")]
     PublicIp(Ipv4Addr),
+    #[error("{0}")]
+    Backend(crate::backend::BackendReject),
 }
 
 /// The rules a lease must pass before it becomes a route: the Network's
 /// shape, and a PublicIP that can be a host (not unspecified, loopback,
 /// multicast, broadcast, nor inside the overlay itself, which would send
 /// the tunnel's datagrams into the tunnel).
-pub fn validate(cfg: &NetworkConfig, l: &Lease) -> Result<(), Reject> {
-    if !has_lease_shape(cfg, l.subnet) {
+pub fn validate(cfg: &NetworkConfig, l: &Lease) -> Result<Peer, Reject> {
+    validate_addr(cfg, l.subnet, l.attrs.public_ip)?;
+    crate::backend::peer(&cfg.backend, &l.attrs).map_err(Reject::Backend)
+}
+
+/// The shape and PublicIP rules alone (for a peer read back from the
+/// peer cache, whose backend data was checked when it was a lease).
+pub fn validate_addr(cfg: &NetworkConfig, subnet: Ipv4Network, ip: Ipv4Addr) -> Result<(), Reject> {
+    if !has_lease_shape(cfg, subnet) {
         return Err(Reject::Shape {
-            subnet: l.subnet,
+            subnet,
             len: cfg.subnet_len,
             network: cfg.network,
         });
     }
-    let ip = l.attrs.public_ip;
     if ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_multicast()
@@ -604,7 +630,7 @@ mod decode_tests {
         let l = |sn: &str, ip: [u8; 4]| super::tests::lease(sn, ip, 1);
         assert_eq!(
             validate(&cfg, &l("10.44.85.0/24", [192, 168, 0, 2])),
-            Ok(())
+            Ok(Peer::from([192, 168, 0, 2]))
         );
         for bad in ["10.44.0.0/16", "0.0.0.0/0", "10.44.85.0/25", "10.45.1.0/24"] {
             assert!(

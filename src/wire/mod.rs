@@ -6,6 +6,8 @@
 
 use std::net::Ipv4Addr;
 
+pub mod ether;
+
 mod field {
     pub const VER_IHL: usize = 0;
     pub const TOS: usize = 1;

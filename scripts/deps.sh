@@ -24,6 +24,7 @@ NEEDS=(
   etcd:etcd-server                                  # tests, demo, bench start their own
   etcdctl:etcd-client
   ip:iproute2                                       # namespaces, veth, routes
+  ethtool:ethtool                                   # kernel vxlan node's checksums (tests)
   tc:iproute2                                       # qdisc drop counts (tests)
   ss:iproute2
   nstat:iproute2

@@ -1028,3 +1028,4 @@ pub fn spawn_until_lease(
     let sn = wait_child_lease(what, &mut child, subnet_file, log);
     (child, sn)
 }
+pub mod kernel_vxlan;

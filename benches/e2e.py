@@ -8,6 +8,12 @@ a real etcd, and for each case
   flannel-off   our daemon, --offload=off (batched recvmmsg/sendmmsg only)
   flannel-on    our daemon, --offload=auto (TUN TSO/GRO, UDP GSO/GRO)
 
+  flannel-vxlan our daemon on both hosts in a network whose config says
+                "Backend":{"Type":"vxlan"} (offloads on): ours <-> ours
+  kernel-to-flannel-vxlan  h1 is a Go-flanneld-like kernel vxlan node
+                (flannel.1, nolearning, static neighbour/FDB/route as flannel
+                programs them), h2 runs our daemon; traffic kernel -> ours
+
   flannel-on-pmtu1400  flannel-on with a path MTU of 1400 to the peer
                 (`ip route add <peer> dev eth0 mtu 1400` on both hosts), below
                 the interface MTU: GSO sends are refused and resent as plain
@@ -86,17 +92,26 @@ def topology():
         if subprocess.run(ctl + ["endpoint", "health"], capture_output=True).returncode == 0:
             break
         time.sleep(0.2)
-    subprocess.run(ctl + ["put", "/coreos.com/network/config",
-                          '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'],
+    subprocess.run(ctl + ["put", "/coreos.com/network/config", UDP_CONFIG],
                    check=True, capture_output=True)
 
 
 EXTRA = []  # --flannel-arg: extra daemon flags for every flannel case
 
 
-def start_flannel(binary, offload):
+UDP_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
+VXLAN_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
+KERNEL_SUBNET = "10.5.200.0"
+
+
+def etcdctl(*args):
+    ctl = ["ip", "netns", "exec", HUB, "env", "ETCDCTL_API=3", "etcdctl", f"--endpoints={EP}"]
+    return subprocess.run(ctl + list(args), check=True, capture_output=True, text=True).stdout
+
+
+def start_flannel(binary, offload, hosts=((1, H1), (2, H2)), dev="flannel0"):
     daemons = []
-    for i, ns in ((1, H1), (2, H2)):
+    for i, ns in hosts:
         env_file = f"{work}/h{i}/subnet.env"
         log = open(f"{work}/flanneld-h{i}-{offload}.log", "w")
         p = subprocess.Popen(["ip", "netns", "exec", ns, binary, f"--etcd-endpoints={EP}",
@@ -104,15 +119,40 @@ def start_flannel(binary, offload):
                              stdout=log, stderr=subprocess.STDOUT)
         procs.append(p)
         daemons.append(p)
-    for i, ns in ((1, H1), (2, H2)):
+    for i, ns in hosts:
         for _ in range(200):
             if "flannel" in sh("ip", "-n", ns, "route", "show", "10.5.0.0/16").stdout:
                 break
             time.sleep(0.05)
         else:
             sys.exit(f"flanneld on h{i} did not come up; see {work}")
-    addr = sh("ip", "-n", H2, "-4", "-o", "addr", "show", "dev", "flannel0").stdout.split()[3].split("/")[0]
+    addr = sh("ip", "-n", H2, "-4", "-o", "addr", "show", "dev", dev).stdout.split()[3].split("/")[0]
     return daemons, addr
+
+
+def kernel_node(ns, ip, peer_ip, peer_addr, peer_mac):
+    """Makes `ns` a kernel vxlan node as Go flanneld programs one: device,
+    lease, and for the one peer a permanent neighbour, FDB entry and route."""
+    mac = "0a:58:0a:05:c8:00"
+    sh("ip", "-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", ip,
+       "dev", "eth0", "nolearning", "dstport", "8472")
+    sh("ip", "-n", ns, "link", "set", "flannel.1", "address", mac, "mtu", "1450", "up")
+    sh("ip", "-n", ns, "addr", "add", f"{KERNEL_SUBNET}/32", "dev", "flannel.1")
+    # A veth leaves checksums to be filled (CHECKSUM_PARTIAL) for the next
+    # namespace; a userspace receiver needs them finished, as a real NIC does.
+    nsx(ns, "ethtool", "-K", "eth0", "tx", "off")
+    sh("ip", "-n", ns, "neigh", "replace", peer_addr, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent")
+    sh("bridge", "-n", ns, "fdb", "replace", peer_mac, "dev", "flannel.1", "dst", peer_ip, "self", "permanent")
+    sh("ip", "-n", ns, "route", "replace", f"{peer_addr}/24", "via", peer_addr, "dev", "flannel.1", "onlink")
+
+
+def kernel_node_down(ns):
+    sh("ip", "-n", ns, "link", "del", "flannel.1", check=False)
+    nsx(ns, "ethtool", "-K", "eth0", "tx", "on", check=False)
+
+
+def lease_of(addr):
+    return json.loads(etcdctl("get", "--print-value-only", f"/coreos.com/network/subnets/{addr}-24").strip())
 
 
 def stop(daemons):
@@ -298,7 +338,8 @@ def main():
     ap.add_argument("--out", default="target/e2e")
     ap.add_argument("--smoke", action="store_true", help="CI: vxlan and flannel-on only, 1 s, one rep")
     ap.add_argument("--flannel-arg", action="append", default=[], help="extra flanneld flag (repeatable)")
-    ap.add_argument("--cases", default="", help="comma-separated subset: veth,vxlan,flannel-off,flannel-on,flannel-on-pmtu1400")
+    ap.add_argument("--cases", default="", help="comma-separated subset: veth,vxlan,flannel-off,flannel-on,"
+                    "flannel-vxlan,kernel-to-flannel-vxlan,flannel-on-pmtu1400")
     args = ap.parse_args()
     EXTRA.extend(args.flannel_arg)
     want = lambda c: not args.cases or c in args.cases.split(",")
@@ -319,6 +360,26 @@ def main():
             daemons, addr = start_flannel(args.bin, mode)
             results.append(measure(name, addr, args, daemons))
             stop(daemons)
+        if want("flannel-vxlan") or want("kernel-to-flannel-vxlan"):
+            etcdctl("put", "/coreos.com/network/config", VXLAN_CONFIG)
+            if want("flannel-vxlan"):
+                daemons, addr = start_flannel(args.bin, "auto", dev="flannel.1")
+                results.append(measure("flannel-vxlan", addr, args, daemons))
+                stop(daemons)
+            if want("kernel-to-flannel-vxlan"):
+                value = json.dumps({"PublicIP": "192.168.77.1", "PublicIPv6": None, "BackendType": "vxlan",
+                                    "BackendData": {"VNI": 1, "VtepMAC": "0a:58:0a:05:c8:00"}})
+                etcdctl("put", f"/coreos.com/network/subnets/{KERNEL_SUBNET}-24", value)
+                daemons, addr = start_flannel(args.bin, "auto", hosts=((2, H2),), dev="flannel.1")
+                mac = lease_of(addr)["BackendData"]["VtepMAC"]
+                kernel_node(H1, "192.168.77.1", "192.168.77.2", addr, mac)
+                try:
+                    results.append(measure("kernel-to-flannel-vxlan", addr, args, daemons))
+                finally:
+                    stop(daemons)
+                    kernel_node_down(H1)
+                    etcdctl("del", f"/coreos.com/network/subnets/{KERNEL_SUBNET}-24")
+            etcdctl("put", "/coreos.com/network/config", UDP_CONFIG)
         if not args.smoke and want("flannel-on-pmtu1400"):
             daemons, addr = start_flannel(args.bin, "auto")
             for ns, peer in ((H1, "192.168.77.2"), (H2, "192.168.77.1")):

@@ -1,0 +1,310 @@
+//! TUN → UDP: read a batch from the TUN, route each packet, cut
+//! super-packets into segments, put the backend's prefix before each, and
+//! send runs to one peer as UDP GSO messages. ICMP errors for what cannot
+//! be forwarded go back into the TUN.
+
+use super::batch::{Buf, Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT};
+use super::offload::{
+    self, SegmentPiece, Segments, VnetHdr, GSO_NONE, MAX_GSO_SEGMENTS, VNET_HDR_LEN,
+};
+use super::tun::Tun;
+use super::{Drain, Worker};
+use crate::forward::{egress, Counters, DropReason, Egress, IcmpLimit, Tally};
+use crate::wire::{self, Ipv4Packet};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most UDP payload bytes one GSO send may carry (the IPv4 64 KB limit,
+/// less headers, with a margin).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Reads up to `slots.count()` packets from the TUN without blocking. An
+/// error other than "nothing more now" is the TUN gone (deleted under us:
+/// EBADFD) or broken: returned, so the thread ends instead of spinning on a
+/// descriptor that polls readable forever.
+fn read_tun(tun: &Tun, slots: &mut Slots) -> io::Result<usize> {
+    let mut n = 0;
+    while n < slots.count() {
+        match tun.read(slots.slot_mut(n)) {
+            Ok(len) => {
+                slots.len[n] = len;
+                n += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if n > 0 => {
+                tracing::debug!(error = %e, "reading the TUN failed after {n} packets");
+                break;
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("reading the TUN: {e}"))),
+        }
+    }
+    Ok(n)
+}
+
+/// What one egress thread needs to answer with ICMP errors.
+struct Icmp {
+    out: [u8; wire::ICMP_ERROR_MAX],
+    limit: IcmpLimit,
+}
+
+impl Icmp {
+    fn new() -> Self {
+        Icmp {
+            out: [0u8; wire::ICMP_ERROR_MAX],
+            limit: IcmpLimit::default(),
+        }
+    }
+}
+
+/// Answers a packet we cannot forward with an ICMP error into the TUN,
+/// within the rate limit.
+fn icmp_reply(w: &Worker, offender: &[u8], answer: (u8, u8), icmp: &mut Icmp, t: &mut Tally) {
+    if !icmp.limit.allow(Instant::now()) {
+        t.icmp_ratelimited += 1;
+        return;
+    }
+    let out = &mut icmp.out;
+    let offender = Ipv4Packet::new_unchecked(offender);
+    if let Some(len) = wire::build_icmp_error(&offender, answer.0, answer.1, w.shared.icmp_src, out)
+    {
+        if w.tun_write(&out[..len]).is_ok() {
+            t.icmp_sent += 1;
+        }
+    }
+}
+
+/// The ICMP answer for an egress verdict that is not a send, counting the drop.
+fn unsent(v: Egress, t: &mut Tally) -> Option<(u8, u8)> {
+    match v {
+        Egress::Send(_) => None,
+        Egress::Drop(r) => {
+            t.drop(r);
+            None
+        }
+        Egress::Unreachable => {
+            t.drop(DropReason::NoRoute);
+            Some((wire::ICMP_DEST_UNREACH, wire::ICMP_NET_UNREACH))
+        }
+        Egress::TimeExceeded => {
+            t.drop(DropReason::Ttl);
+            Some((wire::ICMP_TIME_EXCEEDED, wire::ICMP_EXC_TTL))
+        }
+    }
+}
+
+/// Segments whose headers are built and queued at a time: one GSO send's worth.
+const CHUNK: usize = MAX_GSO_SEGMENTS;
+/// Bytes of segment headers built per batch before it must be flushed:
+/// 16 chunks of the longest header.
+const HEADER_AREA: usize = 16 * CHUNK * wire::MAX_HEADER_LEN;
+/// Messages and iovecs per egress batch with offloads.
+const OFFLOAD_MSGS: usize = 16 * CHUNK;
+
+/// The egress drain of a worker: reads the TUN until it is empty (or a
+/// batch is not full) and sends what it read, with one loop for every kind
+/// of packet: each becomes its [`Segments`] — a plain packet one segment
+/// sent as it is, a TSO/USO super-packet (with a vnet TUN) MTU-sized
+/// segments gathered from a freshly built header and their slice of the
+/// payload, without copying it. A run of segments to one peer goes out as
+/// one UDP GSO message (or one message per segment without GSO). A
+/// super-packet of any size (a small MSS makes over a thousand segments)
+/// is handled a chunk at a time; the batch is flushed whenever its message
+/// slots, iovecs or header area would overflow.
+pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
+    let vnet = if w.tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
+    // The backend's prefix (VXLAN + Ethernet) is built once per chunk in
+    // the header area and gathered before every segment of the chunk.
+    let encap = w.shared.encap;
+    let pre = encap.prefix_len();
+    let (batch, msgs, area) = if vnet > 0 {
+        (
+            OFFLOAD_BATCH,
+            OFFLOAD_MSGS,
+            HEADER_AREA + OFFLOAD_MSGS * pre,
+        )
+    } else {
+        (BATCH, BATCH, BATCH * pre)
+    };
+    // Iovecs per segment: its prefix, if any, and its header + payload.
+    let extra = usize::from(pre > 0);
+    let mut rx = Slots::new(batch, SLOT);
+    let mut headers = vec![0u8; area];
+    let mut hoff = 0;
+    let mut mmsg = Mmsg::new(msgs, (2 + extra) * msgs);
+    let mut icmp = Icmp::new();
+    let mut gso_off = GsoOff::new(w.shared.counters.clone());
+    let sock = w.tx.as_raw_fd();
+    Box::new(move || {
+        let mut got = 0;
+        loop {
+            let n = read_tun(&w.tun, &mut rx)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+            let mut t = Tally {
+                tun_rx_packets: n as u64,
+                ..Tally::default()
+            };
+            let routes = w.shared.routes.load();
+            for i in 0..n {
+                let start = rx.start(i) + vnet;
+                let raw = rx.packet_mut(i);
+                let hdr = if vnet > 0 {
+                    match VnetHdr::decode(raw) {
+                        Ok(h) => h,
+                        Err(_) => {
+                            t.drop(DropReason::Malformed);
+                            continue;
+                        }
+                    }
+                } else {
+                    VnetHdr::default()
+                };
+                let pkt = &mut raw[vnet..];
+                if hdr.gso_type == GSO_NONE
+                    && hdr.flags & offload::F_NEEDS_CSUM != 0
+                    && offload::complete_checksum(pkt, &hdr).is_err()
+                {
+                    t.drop(DropReason::Malformed);
+                    continue;
+                }
+                let v = egress(pkt, &routes);
+                let Egress::Send(peer) = v else {
+                    if let Some(answer) = unsent(v, &mut t) {
+                        icmp_reply(w, pkt, answer, &mut icmp, &mut t);
+                    }
+                    continue;
+                };
+                let Ok(segs) = Segments::of(pkt, &hdr) else {
+                    t.drop(DropReason::Malformed);
+                    continue;
+                };
+                t.udp_tx_bytes += segs.total() as u64;
+                let dgram = segs.seg_len() + pre;
+                // One GSO send carries at most 64 segments and 64 KB.
+                let per = if w.caps.udp_gso && segs.count() > 1 && gso_off.allows(*peer.addr.ip()) {
+                    MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / dgram).max(1)
+                } else {
+                    1
+                };
+                let whole = matches!(segs, Segments::Whole(_));
+                let mut first = 0;
+                while first < segs.count() {
+                    let chunk = first..(first + CHUNK).min(segs.count());
+                    let bytes = pre + segs.header_bytes(chunk.len());
+                    let pieces = segs.pieces_for(chunk.len()) + extra * chunk.len();
+                    if !mmsg.has_room_for(chunk.len().div_ceil(per), pieces)
+                        || hoff + bytes > headers.len()
+                    {
+                        flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                        gso_off.refused(&mmsg.gso_refused);
+                        hoff = 0;
+                    }
+                    let pkt = &rx.packet(i)[vnet..];
+                    let area = &mut headers[hoff..hoff + bytes];
+                    encap.write_prefix(peer.mac, area);
+                    segs.write_headers(pkt, chunk.clone(), &mut area[pre..])
+                        .expect("room checked above");
+                    let prefix = (pre > 0).then_some((Buf::Aux, hoff, pre));
+                    let hdrs = hoff + pre;
+                    for c in chunk.clone().step_by(per) {
+                        let run = c..(c + per).min(chunk.end);
+                        let gso = if run.len() > 1 { dgram as u16 } else { 0 };
+                        // Each segment: [prefix] header payload, or
+                        // [prefix] packet for a packet sent whole.
+                        let pieces = segs.pieces(run, chunk.start).flat_map(|p| {
+                            let (starts, piece) = match p {
+                                SegmentPiece::Header(at, len) => (true, (Buf::Aux, hdrs + at, len)),
+                                SegmentPiece::Payload(r) => {
+                                    (whole, (Buf::Main, start + r.start, r.len()))
+                                }
+                            };
+                            prefix.filter(|_| starts).into_iter().chain([piece])
+                        });
+                        mmsg.queue_gather(pieces, peer.addr, gso);
+                    }
+                    hoff += bytes;
+                    first = chunk.end;
+                }
+            }
+            flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+            gso_off.refused(&mmsg.gso_refused);
+            hoff = 0;
+            w.shared.counters.egress.add(&t);
+            w.shared.counters.tx_batch(n);
+            if n < rx.count() {
+                break;
+            }
+        }
+        Ok(got)
+    })
+}
+
+/// Sends what is queued, counting datagrams sent and failed.
+fn flush(mmsg: &mut Mmsg, sock: RawFd, main: &mut [u8], aux: &mut [u8], t: &mut Tally) {
+    if mmsg.queued() > 0 {
+        let r = mmsg.send(sock, main, aux);
+        t.udp_tx_packets += r.sent as u64;
+        t.drop_n(DropReason::SendError, r.failed as u64);
+        t.gso_fallbacks += r.fallbacks as u64;
+    }
+}
+
+/// How long a peer whose GSO send the kernel refused gets plain datagrams:
+/// as long as the kernel keeps a learned path MTU (`ip_rt_mtu_expires`).
+const GSO_OFF_FOR: Duration = Duration::from_secs(600);
+
+/// The peers one worker sends to without UDP GSO for now, because the
+/// kernel refused a GSO send to them (the path MTU to them is below the
+/// segment size, or an IPsec policy cannot segment). Each entry expires,
+/// so a path that recovers gets GSO back.
+struct GsoOff {
+    until: Vec<(Ipv4Addr, Instant)>,
+    counters: Arc<Counters>,
+}
+
+impl GsoOff {
+    fn new(counters: Arc<Counters>) -> Self {
+        GsoOff {
+            until: Vec::new(),
+            counters,
+        }
+    }
+
+    /// Whether GSO may be used towards `ip` now.
+    #[inline]
+    fn allows(&mut self, ip: Ipv4Addr) -> bool {
+        if self.until.is_empty() {
+            return true;
+        }
+        let now = Instant::now();
+        let before = self.until.len();
+        self.until.retain(|&(_, t)| t > now);
+        let expired = (before - self.until.len()) as u64;
+        if expired > 0 {
+            self.counters
+                .gso_off_peers
+                .fetch_sub(expired, Ordering::Relaxed);
+        }
+        !self.until.iter().any(|&(p, _)| p == ip)
+    }
+
+    /// Turns GSO off towards the peers whose GSO sends were refused.
+    fn refused(&mut self, peers: &[SocketAddrV4]) {
+        for p in peers {
+            let ip = *p.ip();
+            if self.until.iter().any(|&(q, _)| q == ip) {
+                continue;
+            }
+            tracing::warn!(peer = %ip, "the kernel refused a UDP GSO send (a path MTU below the segment size, or an IPsec policy); resent as plain datagrams, and GSO stays off for this peer for {} s", GSO_OFF_FOR.as_secs());
+            self.until.push((ip, Instant::now() + GSO_OFF_FOR));
+            self.counters.gso_off_peers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

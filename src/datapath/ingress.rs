@@ -1,0 +1,158 @@
+//! UDP → TUN: receive datagrams (or GRO trains), unwrap each segment as
+//! the backend says, check it came from the peer its inner source belongs
+//! to, answer ARP for our VTEP, and write the packets to the TUN, TCP runs
+//! coalesced into super-packets gathered from the receive buffer.
+
+use super::batch::{Mmsg, Slots, BATCH, OFFLOAD_BATCH, SLOT};
+use super::offload::{self, MAX_GSO_SEGMENTS, VNET_HDR_LEN};
+use super::{Drain, Worker};
+use crate::backend::Decap;
+use crate::forward::{ingress, DropReason, Ingress, Tally};
+use crate::routes::RouteSnapshot;
+use crate::wire::ether::ArpRepr;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+/// Datagrams (or GRO trains) in batches; each inner packet validated; with
+/// a vnet TUN, runs of one TCP flow are coalesced into one write.
+pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
+    let batch = if w.caps.udp_gro { OFFLOAD_BATCH } else { BATCH };
+    let mut slots = Slots::new(batch, SLOT);
+    let mut mmsg = Mmsg::new(batch, batch);
+    // (offset, length) of each deliverable packet in the batch.
+    let mut pkts: Vec<(usize, usize)> = Vec::with_capacity(batch * MAX_GSO_SEGMENTS);
+    let mut gro_head = [0u8; VNET_HDR_LEN + 120];
+    let mut gro = offload::GroTable::new();
+    let sock = w.sock.as_raw_fd();
+    let encap = w.shared.encap;
+    Box::new(move || {
+        let mut got = 0;
+        loop {
+            let n = match mmsg.recv(sock, &mut slots) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    // e.g. ECONNREFUSED from an ICMP error about an earlier send.
+                    tracing::debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            got += n;
+            let mut t = Tally::default();
+            pkts.clear();
+            let routes = w.shared.routes.load();
+            let accept = w.shared.accept_unknown_peers;
+            for i in 0..n {
+                let from = *slots.addr[i].ip();
+                let (start, len) = (slots.start(i), slots.len[i]);
+                let seg = if slots.gso[i] == 0 {
+                    len.max(1)
+                } else {
+                    slots.gso[i]
+                };
+                t.udp_rx_bytes += len as u64;
+                if len == 0 {
+                    t.udp_rx_packets += 1;
+                    t.drop(DropReason::Malformed);
+                    continue;
+                }
+                let buf = slots.bytes_mut();
+                let mut off = 0;
+                while off < len {
+                    let l = seg.min(len - off);
+                    t.udp_rx_packets += 1;
+                    let d = &mut buf[start + off..start + off + l];
+                    match encap.decap(d) {
+                        Decap::Packet(inner) => {
+                            match ingress(&mut d[inner..], from, &routes, accept) {
+                                Ingress::Deliver => pkts.push((start + off + inner, l - inner)),
+                                Ingress::Drop(r) => t.drop(r),
+                            }
+                        }
+                        Decap::Arp(req) => arp_reply(w, &req, from, &routes, &mut t),
+                        Decap::Drop(r) => t.drop(r),
+                    }
+                    off += l;
+                }
+            }
+            write_tun(w, slots.bytes(), &pkts, &mut gro, &mut gro_head, &mut t);
+            w.shared.counters.ingress.add(&t);
+            w.shared.counters.rx_batch(t.udp_rx_packets as usize);
+            if n < slots.count() {
+                break;
+            }
+        }
+        Ok(got)
+    })
+}
+
+/// Answers an ARP request for our VTEP address from a known peer (a kernel
+/// VXLAN node asks when its neighbour entry for us is missing).
+fn arp_reply(w: &Worker, req: &ArpRepr, from: Ipv4Addr, routes: &RouteSnapshot, t: &mut Tally) {
+    let Some(own) = routes.local() else {
+        return;
+    };
+    let sender = routes.lookup(req.sender_ip);
+    match w.shared.encap.arp_answer(req, own.network(), from, sender) {
+        Some(answer) => {
+            let to = sender.expect("answered only for a known sender").addr;
+            if w.tx.send_to(&answer, to).is_ok() {
+                t.arp_replies += 1;
+            }
+        }
+        None => t.drop(DropReason::Spoofed),
+    }
+}
+
+/// Writes the batch's packets to the TUN, coalescing each TCP flow's runs
+/// (across interleaved flows, see [`offload::GroTable`]) when the TUN takes
+/// vnet headers: one header built in `head`, the payloads gathered from
+/// where they were received (no copy).
+fn write_tun(
+    w: &Worker,
+    buf: &[u8],
+    pkts: &[(usize, usize)],
+    gro: &mut offload::GroTable,
+    head: &mut [u8],
+    t: &mut Tally,
+) {
+    let slice = |&(s, l): &(usize, usize)| &buf[s..s + l];
+    if !w.tun.vnet_hdr() {
+        for p in pkts {
+            if w.tun_write(slice(p)).is_ok() {
+                t.tun_tx_packets += 1;
+            } else {
+                t.drop(DropReason::TunWriteError);
+            }
+        }
+        return;
+    }
+    gro.group(pkts.len(), |i| slice(&pkts[i]));
+    for k in 0..gro.items() {
+        let item = gro.item(k);
+        let run = item.len();
+        let ok = if run > 1 {
+            let run_pkts = item.map(|i| slice(&pkts[i]));
+            match offload::coalesce_header(run_pkts.clone(), head) {
+                Ok((hl, h)) => w
+                    .tun
+                    .write_gather(&head[..hl], run_pkts.map(|p| &p[h..]))
+                    .is_ok(),
+                Err(_) => false,
+            }
+        } else {
+            let i = item.clone().next().expect("an item has a packet");
+            w.tun_write(slice(&pkts[i])).is_ok()
+        };
+        if ok {
+            t.tun_tx_packets += run as u64;
+        } else {
+            t.drop_n(DropReason::TunWriteError, run as u64);
+        }
+    }
+}

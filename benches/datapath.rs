@@ -161,25 +161,27 @@ fn tso_packet() -> (Vec<u8>, flannel::datapath::offload::VnetHdr) {
 /// checksums (the zero-copy split the data path does), and checking +
 /// coalescing those 47 segments back into one super-packet header.
 fn offload(c: &mut Criterion) {
-    use flannel::datapath::offload::{coalesce_header, coalesce_run, gso_split, gso_split_headers};
+    use flannel::datapath::offload::{coalesce_header, GroTable, Segments};
     let mut g = c.benchmark_group("offload_64k");
     let (p, hdr) = tso_packet();
     g.throughput(Throughput::Bytes(p.len() as u64));
-    let mut headers = vec![0u8; 128 * 120];
+    let segs = Segments::of(&p, &hdr).unwrap();
+    let mut headers = vec![0u8; segs.header_bytes(segs.count())];
     g.bench_function("split_headers", |b| {
-        b.iter(|| gso_split_headers(black_box(&p), &hdr, &mut headers).unwrap())
+        b.iter(|| {
+            segs.write_headers(black_box(&p), 0..segs.count(), &mut headers)
+                .unwrap()
+        })
     });
-    let mut out = vec![0u8; 80_000];
-    let split = gso_split(&p, &hdr, &mut out).unwrap();
-    let segs: Vec<&[u8]> = (0..split.count)
-        .map(|k| &out[k * split.seg_len..((k + 1) * split.seg_len).min(split.total)])
-        .collect();
+    let all = segs.collect(&p).unwrap();
+    let segs: Vec<&[u8]> = all.iter().map(|s| &s[..]).collect();
     let mut head = [0u8; 200];
+    let mut table = GroTable::new();
     g.bench_function("coalesce", |b| {
         b.iter(|| {
-            let n = coalesce_run(segs.iter().copied());
-            assert_eq!(n, segs.len());
-            coalesce_header(segs.iter().copied(), &mut head).unwrap()
+            table.group(segs.len(), |i| segs[i]);
+            assert_eq!(table.items(), 1);
+            coalesce_header(table.item(0).map(|i| segs[i]), &mut head).unwrap()
         })
     });
     g.finish();

@@ -191,6 +191,7 @@ fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Opt
         opts.ip_masq,
         opts.iptables_forward_rules,
         cfg.enable_nftables,
+        cfg.port,
     )
     .map(|r| {
         if opts.ip_masq_fully_random_disable {

@@ -26,8 +26,17 @@ pub struct TableRules {
 }
 
 /// flannel's MasqRules (and ForwardRules when `forward`) for `network` and
-/// this host's `subnet`.
-pub fn rules(network: Ipv4Network, subnet: Ipv4Network, forward: bool) -> Vec<TableRules> {
+/// this host's `subnet`, plus one flannel lacks: a pod's UDP datagram to
+/// the backend's `port` is never masqueraded. Masqueraded, it would leave
+/// from its node's PublicIP, and a receiver that checks the sender (ours
+/// does) would take the forged inner packet as its node's traffic: any pod
+/// could inject packets into other hosts' subnets.
+pub fn rules(
+    network: Ipv4Network,
+    subnet: Ipv4Network,
+    forward: bool,
+    port: u16,
+) -> Vec<TableRules> {
     let (n, s) = (network.to_string(), subnet.to_string());
     let mut out = vec![TableRules {
         table: "nat",
@@ -35,6 +44,7 @@ pub fn rules(network: Ipv4Network, subnet: Ipv4Network, forward: bool) -> Vec<Ta
         chain: POSTRTG,
         rules: vec![
             format!("-A {POSTRTG} -m mark --mark {KUBE_PROXY_MARK} {MASQ} -j RETURN"),
+            format!("-A {POSTRTG} -s {n} -p udp -m udp --dport {port} {MASQ} -j RETURN"),
             format!("-A {POSTRTG} -s {s} -d {n} {MASQ} -j RETURN"),
             format!("-A {POSTRTG} -s {n} -d {s} {MASQ} -j RETURN"),
             format!("-A {POSTRTG} ! -s {n} -d {s} {MASQ} -j RETURN"),
@@ -198,6 +208,7 @@ mod tests {
             "10.5.0.0/16".parse().unwrap(),
             "10.5.34.0/24".parse().unwrap(),
             true,
+            8285,
         )
     }
 
@@ -212,6 +223,7 @@ mod tests {
             t[0].rules,
             vec![
                 r#"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN"#,
+                r#"-A FLANNEL-POSTRTG -s 10.5.0.0/16 -p udp -m udp --dport 8285 -m comment --comment "flanneld masq" -j RETURN"#,
                 r#"-A FLANNEL-POSTRTG -s 10.5.34.0/24 -d 10.5.0.0/16 -m comment --comment "flanneld masq" -j RETURN"#,
                 r#"-A FLANNEL-POSTRTG -s 10.5.0.0/16 -d 10.5.34.0/24 -m comment --comment "flanneld masq" -j RETURN"#,
                 r#"-A FLANNEL-POSTRTG ! -s 10.5.0.0/16 -d 10.5.34.0/24 -m comment --comment "flanneld masq" -j RETURN"#,
@@ -231,7 +243,8 @@ mod tests {
             rules(
                 "10.5.0.0/16".parse().unwrap(),
                 "10.5.34.0/24".parse().unwrap(),
-                false
+                false,
+                8285
             )
             .len(),
             1
@@ -270,7 +283,13 @@ pub const NFT_TABLE: &str = "flannel-ipv4";
 
 /// flannel's rules as one nft script in table `ip flannel-ipv4`: applying
 /// it replaces the table atomically (declare, delete, define).
-pub fn nft_script(network: Ipv4Network, subnet: Ipv4Network, masq: bool, forward: bool) -> String {
+pub fn nft_script(
+    network: Ipv4Network,
+    subnet: Ipv4Network,
+    masq: bool,
+    forward: bool,
+    port: u16,
+) -> String {
     let (n, s) = (network.to_string(), subnet.to_string());
     let mut out =
         format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n");
@@ -278,6 +297,7 @@ pub fn nft_script(network: Ipv4Network, subnet: Ipv4Network, masq: bool, forward
         out.push_str(&format!(
             "  chain postrtg {{\n    type nat hook postrouting priority srcnat; policy accept;\n\
              \x20   meta mark & 0x4000 == 0x4000 return comment \"flanneld masq\"\n\
+             \x20   ip saddr {n} udp dport {port} return comment \"flanneld masq\"\n\
              \x20   ip saddr {s} ip daddr {n} return comment \"flanneld masq\"\n\
              \x20   ip saddr {n} ip daddr {s} return comment \"flanneld masq\"\n\
              \x20   ip saddr != {n} ip daddr {s} return comment \"flanneld masq\"\n\
@@ -315,18 +335,19 @@ impl RuleSet {
         masq: bool,
         forward: bool,
         nft: bool,
+        port: u16,
     ) -> Option<Self> {
         if !masq && !forward {
             return None;
         }
         Some(if nft {
-            let rules = 6 * masq as usize + 2 * forward as usize;
+            let rules = 7 * masq as usize + 2 * forward as usize;
             RuleSet::Nft {
-                script: nft_script(network, subnet, masq, forward),
+                script: nft_script(network, subnet, masq, forward, port),
                 rules,
             }
         } else {
-            let mut t = rules(network, subnet, forward);
+            let mut t = rules(network, subnet, forward, port);
             if !masq {
                 t.retain(|t| t.table != "nat");
             }
@@ -395,7 +416,7 @@ impl RuleSet {
 fn script_marker(script: &str) -> String {
     script
         .lines()
-        .find(|l| l.contains("ip saddr") && !l.contains("!="))
+        .find(|l| l.contains("ip saddr") && !l.contains("!=") && !l.contains("dport"))
         .map(|l| {
             l.trim()
                 .split(" return")
@@ -424,6 +445,7 @@ mod nft_tests {
             "10.5.34.0/24".parse().unwrap(),
             true,
             true,
+            8472,
         );
         assert!(s.starts_with(
             "table ip flannel-ipv4\ndelete table ip flannel-ipv4\ntable ip flannel-ipv4 {"
@@ -431,7 +453,8 @@ mod nft_tests {
         assert!(s.contains("type nat hook postrouting priority srcnat"));
         assert!(s.contains("ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random comment \"flanneld masq\""));
         assert!(s.contains("ip daddr 10.5.0.0/16 accept comment \"flanneld forward\""));
-        assert_eq!(s.matches("comment \"flanneld").count(), 8);
+        assert!(s.contains("ip saddr 10.5.0.0/16 udp dport 8472 return comment \"flanneld masq\""));
+        assert_eq!(s.matches("comment \"flanneld").count(), 9);
         assert_eq!(
             script_marker(&s),
             "ip saddr 10.5.34.0/24 ip daddr 10.5.0.0/16"
@@ -441,7 +464,8 @@ mod nft_tests {
             "10.5.34.0/24".parse().unwrap(),
             false,
             false,
-            true
+            true,
+            8285
         )
         .is_none());
         match RuleSet::new(
@@ -450,6 +474,7 @@ mod nft_tests {
             false,
             true,
             false,
+            8285,
         )
         .unwrap()
         {
@@ -472,14 +497,14 @@ mod nft_tests {
                 .join("\n"),
             RuleSet::Nft { script, .. } => script,
         };
-        let ipt = RuleSet::new(n, s, true, true, false).unwrap();
+        let ipt = RuleSet::new(n, s, true, true, false, 8285).unwrap();
         assert_eq!(text(ipt.clone()).matches("--random-fully").count(), 2);
         let off = text(ipt.without_random_fully());
         assert!(
             !off.contains("random-fully") && off.matches("-j MASQUERADE").count() == 2,
             "{off}"
         );
-        let nft = RuleSet::new(n, s, true, true, true).unwrap();
+        let nft = RuleSet::new(n, s, true, true, true, 8285).unwrap();
         assert_eq!(text(nft.clone()).matches("fully-random").count(), 2);
         let off = text(nft.without_random_fully());
         assert!(

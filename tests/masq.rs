@@ -32,6 +32,31 @@ fn seen_source(from_ns: &str, to_ns: &str, dst: Ipv4Addr) -> Ipv4Addr {
     }
 }
 
+/// An IPv4/UDP packet from `src` to `dst:port` (UDP checksum 0).
+fn forged_udp(src: [u8; 4], dst: [u8; 4], port: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 28 + payload.len();
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&4444u16.to_be_bytes());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
 fn nat_rules(ns: &str) -> String {
     sh(&["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"])
 }
@@ -202,6 +227,41 @@ fn run(nft: bool) {
         pods[0].1,
         "pod-to-pod traffic must keep its source"
     );
+    // A pod forging the tunnel: a UDP datagram to the other node's backend
+    // port whose payload claims to come from its own node's subnet. Were it
+    // masqueraded it would arrive from the node's PublicIP and be taken as
+    // that node's traffic; it must not reach the pod behind the other node.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let victim = spawn_in_ns(&pods[1].0, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:7777").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        tx.send(()).unwrap();
+        let mut b = [0u8; 64];
+        s.recv_from(&mut b).ok().map(|(n, _)| b[..n].to_vec())
+    });
+    rx.recv().unwrap();
+    let forged_src = bed.tun_addr(0).octets();
+    let forged = forged_udp(forged_src, pods[1].1.octets(), 7777, b"forged");
+    let node1 = bed.hosts[1].ip;
+    in_ns(&pods[0].0, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..5 {
+            let _ = s.send_to(&forged, (node1, 8285));
+        }
+    });
+    assert_eq!(
+        victim.join().unwrap(),
+        None,
+        "a pod injected a packet through the tunnel"
+    );
+    if !nft {
+        let nat = nat_rules(&bed.ns(0));
+        assert!(
+            nat.contains(r#"-A FLANNEL-POSTRTG -s 10.5.0.0/16 -p udp -m udp --dport 8285 -m comment --comment "flanneld masq" -j RETURN"#),
+            "{nat}"
+        );
+    }
     // Someone flushes nat (or deletes our table): healed within a resync (1 s here).
     if nft {
         sh(&[

@@ -322,13 +322,20 @@ fn bad_config_exits_nonzero_naming_the_problem() {
     };
     bed.put(
         &format!("{PREFIX}/config"),
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
     );
     let err = run(&bed);
     assert!(
-        err.contains("Backend.Type") && err.contains("vxlan"),
+        err.contains("Backend.Type") && err.contains("host-gw"),
         "{err}"
     );
+    // A vxlan key this flanneld does not implement is refused by name.
+    bed.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","GBP":true}}"#,
+    );
+    let err = run(&bed);
+    assert!(err.contains("Backend.GBP"), "{err}");
     bed.put(
         &format!("{PREFIX}/config"),
         r#"{"Network":"10.5.0.0/16","SubnetLen":12}"#,

@@ -1,34 +1,45 @@
-//! virtio_net_hdr + super-packet from the TUN: the splitter never panics,
-//! every segment it makes is a valid IPv4 packet, and coalescing the
-//! segments never panics either.
+//! virtio_net_hdr + super-packet from the TUN, through the production
+//! path: the egress loop's segments (`Segments::of`, headers built, pieces
+//! gathered) never panic and each is a valid IPv4 packet; the ingress
+//! loop's GRO table groups them, and every item's super-packet header
+//! builds. Arbitrary bytes as a received batch go through the same table.
 #![no_main]
-use flannel::datapath::offload::{coalesce, coalesce_run, gso_split, VnetHdr, VNET_HDR_LEN};
+use flannel::datapath::offload::{coalesce_header, GroTable, Segments, VnetHdr, VNET_HDR_LEN};
 use flannel::wire::Ipv4Packet;
 use libfuzzer_sys::fuzz_target;
+
+fn gro(pkts: &[&[u8]]) {
+    let mut g = GroTable::new();
+    g.group(pkts.len(), |i| pkts[i]);
+    let mut seen = 0;
+    let mut head = [0u8; VNET_HDR_LEN + 120];
+    for k in 0..g.items() {
+        let item: Vec<usize> = g.item(k).collect();
+        seen += item.len();
+        if item.len() > 1 {
+            coalesce_header(item.iter().map(|&i| pkts[i]), &mut head)
+                .expect("an item the table made coalesces");
+        }
+    }
+    assert_eq!(seen, pkts.len(), "every packet is in exactly one item");
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(hdr) = VnetHdr::decode(data) else { return };
     let pkt = &data[VNET_HDR_LEN..];
-    let mut out = vec![0u8; 200_000];
-    if let Ok(s) = gso_split(pkt, &hdr, &mut out) {
-        let segs: Vec<&[u8]> = (0..s.count)
-            .map(|k| &out[k * s.seg_len..((k + 1) * s.seg_len).min(s.total)])
-            .collect();
-        for seg in &segs {
-            let v = Ipv4Packet::new_checked(*seg).expect("segment is one IPv4 packet");
-            assert!(v.header_checksum_ok());
-        }
-        let n = coalesce_run(segs.iter().copied());
-        if n > 1 {
-            let mut sp = vec![0u8; 70_000];
-            coalesce(segs[..n].iter().copied(), &mut sp).expect("a run found coalesces");
+    if let Ok(segs) = Segments::of(pkt, &hdr) {
+        if let Ok(all) = segs.collect(pkt) {
+            assert_eq!(all.len(), segs.count());
+            if hdr.gso_type != 0 {
+                for seg in &all {
+                    let v = Ipv4Packet::new_checked(&seg[..]).expect("segment is one IPv4 packet");
+                    assert!(v.header_checksum_ok());
+                }
+            }
+            let refs: Vec<&[u8]> = all.iter().map(|s| &s[..]).collect();
+            gro(&refs);
         }
     }
-    // Arbitrary packets as a GRO run.
     let parts: Vec<&[u8]> = pkt.chunks(97).collect();
-    let n = coalesce_run(parts.iter().copied());
-    if n > 1 {
-        let mut sp = vec![0u8; 70_000];
-        coalesce(parts[..n].iter().copied(), &mut sp).expect("a run found coalesces");
-    }
+    gro(&parts);
 });

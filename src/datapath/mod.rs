@@ -6,8 +6,13 @@
 //! us TCP super-packets of up to 64 KB (`IFF_VNET_HDR` + TSO), which we
 //! split into MTU-sized packets sent with one UDP GSO call; received GRO
 //! trains are split, and consecutive segments of a TCP flow are coalesced
-//! into one super-packet per TUN write. The wire is unchanged: one ordinary
-//! IPv4 packet per datagram.
+//! into one super-packet per TUN write. The wire is the backend's: one
+//! IPv4 packet per datagram, behind the prefix the [`Encap`] in [`Shared`]
+//! gives (nothing on udp, VXLAN + Ethernet on vxlan); the loops are the
+//! same for every backend.
+//!
+//! [`setup`] opens the devices, [`egress`] is TUN → UDP, [`ingress`] is
+//! UDP → TUN; this file runs and stops the worker threads.
 
 pub mod batch;
 mod egress;

@@ -90,17 +90,6 @@ pub fn complete_checksum(pkt: &mut [u8], hdr: &VnetHdr) -> Result<(), OffloadErr
     Ok(())
 }
 
-/// How a super-packet was laid out by [`gso_split`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Split {
-    /// Number of packets.
-    pub count: usize,
-    /// Length of every packet but the last (the UDP GSO segment size).
-    pub seg_len: usize,
-    /// Bytes written.
-    pub total: usize,
-}
-
 /// The segments of a super-packet, described without copying its payload:
 /// segment `k` is `headers[k * hlen..(k + 1) * hlen]` followed by
 /// `pkt[hlen + k * gso..]` (at most `gso` bytes).
@@ -320,6 +309,29 @@ impl Segments {
         }
     }
 
+    /// Every segment as its own buffer, gathered from the same headers and
+    /// pieces the egress loop sends (for tests, fuzzing and benchmarks; the
+    /// data path itself never copies).
+    pub fn collect(&self, pkt: &[u8]) -> Result<Vec<Vec<u8>>, OffloadError> {
+        let mut headers = vec![0u8; self.header_bytes(self.count())];
+        self.write_headers(pkt, 0..self.count(), &mut headers)?;
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(self.count());
+        let whole = matches!(self, Segments::Whole(_));
+        for piece in self.pieces(0..self.count(), 0) {
+            let (starts, bytes) = match piece {
+                SegmentPiece::Header(at, len) => (true, &headers[at..at + len]),
+                SegmentPiece::Payload(r) => (whole, pkt.get(r).ok_or(OffloadError::BadPacket)?),
+            };
+            if starts {
+                out.push(Vec::new());
+            }
+            out.last_mut()
+                .expect("a segment starts first")
+                .extend_from_slice(bytes);
+        }
+        Ok(out)
+    }
+
     /// The pieces of segments `segs`, whose chunk's headers start with
     /// segment `chunk_start`.
     pub fn pieces(
@@ -342,45 +354,6 @@ impl Segments {
         });
         whole.chain(split)
     }
-}
-
-/// [`split_plan`] and the headers of every segment into `headers`.
-pub fn gso_split_headers(
-    pkt: &[u8],
-    hdr: &VnetHdr,
-    headers: &mut [u8],
-) -> Result<SplitPlan, OffloadError> {
-    let plan = split_plan(pkt, hdr)?;
-    write_split_headers(pkt, &plan, 0..plan.count, headers)?;
-    Ok(plan)
-}
-
-/// Like [`gso_split_headers`], but writes whole packets back to back into
-/// `out`. Allocates: for tests and fuzzing, not the packet path (which
-/// sends the pieces with scatter-gather I/O instead of copying).
-pub fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, OffloadError> {
-    let mut headers = vec![0u8; MAX_GSO_HEADERS];
-    let plan = gso_split_headers(pkt, hdr, &mut headers)?;
-    let total = plan.total();
-    if out.len() < total {
-        return Err(OffloadError::NoRoom);
-    }
-    for k in 0..plan.count {
-        let at = k * plan.seg_len();
-        let data = &pkt[plan.data(k)];
-        out[at..at + plan.hlen].copy_from_slice(&headers[k * plan.hlen..(k + 1) * plan.hlen]);
-        out[at + plan.hlen..at + plan.hlen + data.len()].copy_from_slice(data);
-    }
-    let seg_len = if plan.count == 1 {
-        total
-    } else {
-        plan.seg_len()
-    };
-    Ok(Split {
-        count: plan.count,
-        seg_len,
-        total,
-    })
 }
 
 /// Room for the headers of every segment of a 64 KB super-packet even with
@@ -453,41 +426,6 @@ fn same_flow(a: &[u8], b: &[u8], hlen: usize) -> bool {
 fn same_connection(a: &[u8], b: &[u8]) -> bool {
     let span = IPV4_MIN_HEADER + 4;
     a.len() >= span && b.len() >= span && a[12..span] == b[12..span]
-}
-
-/// Length of the run of packets starting at `pkts[0]` that can be coalesced
-/// into one super-packet (1 when it cannot be coalesced with anything).
-/// `pkts` yields each packet's bytes.
-pub fn coalesce_run<'a>(pkts: impl IntoIterator<Item = &'a [u8]>) -> usize {
-    let mut it = pkts.into_iter();
-    let Some(first) = it.next() else { return 0 };
-    let Some(f) = tcp_segment(first) else {
-        return 1;
-    };
-    if f.psh {
-        return 1;
-    }
-    let gso = f.payload;
-    let mut n = 1;
-    let mut total = first.len();
-    let mut next_seq = f.seq.wrapping_add(gso as u32);
-    for p in it {
-        if n == MAX_GSO_SEGMENTS || p.len() < f.hlen || !same_flow(first, p, f.hlen) {
-            break;
-        }
-        let Some(s) = tcp_segment(p) else { break };
-        if s.seq != next_seq || s.payload > gso || total + s.payload > MAX_PACKET {
-            break;
-        }
-        n += 1;
-        total += s.payload;
-        next_seq = next_seq.wrapping_add(s.payload as u32);
-        // A short segment or PSH ends a run.
-        if s.payload < gso || s.psh {
-            break;
-        }
-    }
-    n
 }
 
 /// Flows a [`GroTable`] keeps open at once in a batch.
@@ -648,7 +586,7 @@ impl Iterator for GroItem<'_> {
 }
 
 /// Writes the vnet header and the IPv4/TCP headers of the super-packet of
-/// a run found by [`coalesce_run`] into `out` (GSO_TCPV4, NEEDS_CSUM with
+/// an item of a [`GroTable`] into `out` (GSO_TCPV4, NEEDS_CSUM with
 /// the pseudo-header sum in the TCP checksum field). The payloads follow
 /// unchanged, each packet's bytes after `hlen`. Returns (bytes written,
 /// hlen).
@@ -693,24 +631,6 @@ where
     // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum.
     t.set_checksum(fold(ip.pseudo_sum((len - IPV4_MIN_HEADER) as u16)));
     Ok((VNET_HDR_LEN + h, h))
-}
-
-/// Builds the whole super-packet of a run into `out` (one copy), vnet
-/// header first. Returns the bytes written.
-pub fn coalesce<'a, I>(run: I, out: &mut [u8]) -> Result<usize, OffloadError>
-where
-    I: Iterator<Item = &'a [u8]> + Clone,
-{
-    let (mut at, h) = coalesce_header(run.clone(), out)?;
-    for p in run {
-        let d = &p[h..];
-        if out.len() < at + d.len() {
-            return Err(OffloadError::NoRoom);
-        }
-        out[at..at + d.len()].copy_from_slice(d);
-        at += d.len();
-    }
-    Ok(at)
 }
 
 #[cfg(test)]
@@ -767,10 +687,77 @@ mod tests {
         }
     }
 
+    /// A super-packet's layout, for the tests' checks.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Split {
+        count: usize,
+        seg_len: usize,
+        total: usize,
+    }
+
+    /// The segments of a super-packet, back to back in `out`, as the
+    /// egress loop gathers them ([`Segments::collect`]).
+    fn gso_split(pkt: &[u8], hdr: &VnetHdr, out: &mut [u8]) -> Result<Split, OffloadError> {
+        let segs = Segments::Split(split_plan(pkt, hdr)?);
+        let all = segs.collect(pkt)?;
+        let total: usize = all.iter().map(Vec::len).sum();
+        if out.len() < total {
+            return Err(OffloadError::NoRoom);
+        }
+        let mut at = 0;
+        for seg in &all {
+            out[at..at + seg.len()].copy_from_slice(seg);
+            at += seg.len();
+        }
+        Ok(Split {
+            count: all.len(),
+            seg_len: all[0].len(),
+            total,
+        })
+    }
+
     fn segments(out: &[u8], s: Split) -> Vec<&[u8]> {
         (0..s.count)
             .map(|k| &out[k * s.seg_len..((k + 1) * s.seg_len).min(s.total)])
             .collect()
+    }
+
+    /// How many packets from the first on the ingress path's GRO table
+    /// puts into the first packet's super-packet.
+    fn coalesce_run<'a>(pkts: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        let pkts: Vec<&[u8]> = pkts.into_iter().collect();
+        if pkts.is_empty() {
+            return 0;
+        }
+        let mut g = GroTable::new();
+        g.group(pkts.len(), |i| pkts[i]);
+        (0..g.items())
+            .map(|k| g.item(k).collect::<Vec<_>>())
+            .find(|item| item[0] == 0)
+            .map_or(0, |item| {
+                // Only a run from the first packet on counts.
+                item.iter()
+                    .enumerate()
+                    .take_while(|(j, &i)| *j == i)
+                    .count()
+            })
+    }
+
+    /// The super-packet the ingress path writes for a run: the header it
+    /// builds, then each packet's payload (its gather write, as one buffer).
+    fn coalesce<'a, I>(run: I, out: &mut [u8]) -> Result<usize, OffloadError>
+    where
+        I: Iterator<Item = &'a [u8]> + Clone,
+    {
+        let (mut at, h) = coalesce_header(run.clone(), out)?;
+        for p in run {
+            let d = &p[h..];
+            out.get_mut(at..at + d.len())
+                .ok_or(OffloadError::NoRoom)?
+                .copy_from_slice(d);
+            at += d.len();
+        }
+        Ok(at)
     }
 
     #[test]
@@ -1059,7 +1046,6 @@ mod tests {
             .zip(&b)
             .flat_map(|(x, y)| [&x[..], &y[..]])
             .collect();
-        assert_eq!(coalesce_run(batch.iter().copied()), 1);
         let mut g = GroTable::new();
         g.group(batch.len(), |i| batch[i]);
         assert_eq!(g.items(), 2);

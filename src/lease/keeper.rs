@@ -275,7 +275,11 @@ impl Keeper {
             return None;
         }
         let retry = self.retry.as_ref().map(|(t, _)| *t);
-        let watch = self.watch_at.filter(|_| !self.watching);
+        // The watch is restarted only once no retry waits (see `next`):
+        // its time alone must not wake us, or we would spin until the retry.
+        let watch = self
+            .watch_at
+            .filter(|_| !self.watching && self.retry.is_none());
         [retry, self.renew_at, watch].into_iter().flatten().min()
     }
 
@@ -343,32 +347,30 @@ impl Keeper {
         }
         if self.retry.as_ref().is_some_and(|(at, _)| *at <= now) {
             let (_, a) = self.retry.take().expect("checked");
-            // A watch resumes from the cursor, or re-lists.
+            let purpose = self.purpose;
+            // A watch resumes from the cursor, or re-lists. A renewal is
+            // rebuilt on the revision known now: the failed one may have
+            // committed with its reply lost, and the watch (or a list) has
+            // since shown the key's new revision.
             let a = match a {
                 Action::Watch { .. } => self.resume(),
+                Action::Write { .. } if purpose == Some(Purpose::Renew) => match self.renewal() {
+                    Some(a) => a,
+                    None => return,
+                },
                 a => a,
             };
-            let purpose = self.purpose;
             out.extend(self.request(a, purpose));
             return;
         }
-        let Phase::Holding {
-            own,
-            revision,
-            reservation,
-        } = self.phase
-        else {
+        let Phase::Holding { reservation, .. } = self.phase else {
             return;
         };
         if !reservation && self.renew_at.is_some_and(|t| t <= now) {
             self.renew_at = None;
-            let a = Action::Write {
-                subnet: own,
-                value: self.value.clone(),
-                ttl: Some(self.s.ttl),
-                expect: Expect::Revision(revision),
-            };
-            out.extend(self.request(a, Some(Purpose::Renew)));
+            if let Some(a) = self.renewal() {
+                out.extend(self.request(a, Some(Purpose::Renew)));
+            }
             return;
         }
         if !self.watching && self.retry.is_none() && self.watch_at.is_none_or(|t| t <= now) {
@@ -376,6 +378,19 @@ impl Keeper {
             let a = self.resume();
             out.extend(self.request(a, None));
         }
+    }
+
+    /// The write that renews our lease, on the revision we last saw.
+    fn renewal(&self) -> Option<Action> {
+        let Phase::Holding { own, revision, .. } = self.phase else {
+            return None;
+        };
+        Some(Action::Write {
+            subnet: own,
+            value: self.value.clone(),
+            ttl: Some(self.s.ttl),
+            expect: Expect::Revision(revision),
+        })
     }
 
     /// How to get the watch going again: from the cursor, or by a re-list.
@@ -491,6 +506,16 @@ impl Keeper {
                                 *reservation = l.is_reservation();
                                 self.renew_at = (!*reservation).then_some(now);
                                 tracing::info!(subnet = %own, "our lease is confirmed in etcd");
+                            } else if !*reservation
+                                && self.renew_at.is_none()
+                                && self.retry.is_none()
+                            {
+                                // No renewal scheduled: a renewal whose
+                                // reply was lost (it may have committed, and
+                                // its compare is stale) ended in this list.
+                                // Renew at once on the listed revision.
+                                self.renew_at = Some(now);
+                                tracing::info!(subnet = %own, "renewing our lease at once on the listed revision");
                             }
                         }
                         self.resync_peers(&valid, out);
@@ -1038,6 +1063,53 @@ mod tests {
         assert_eq!(bed.keeper.stats.renewals, 2);
         assert_eq!(bed.holder(own(&bed)), Some(ME));
         assert!(bed.keeper.watching());
+    }
+
+    #[test]
+    fn a_renewal_whose_reply_is_lost_is_renewed_again_before_expiry() {
+        let mut bed = holding();
+        let k = key(&own(&bed).to_string());
+        // The renewal due at 540 s commits, but its answer is lost.
+        bed.store.lost_replies = 1;
+        let mut t = 0;
+        while t < 2000 {
+            bed.advance(Duration::from_secs(10));
+            t += 10;
+            assert!(bed.store.get(&k).is_some(), "our lease is gone at {t} s");
+        }
+        assert!(!bed.store.expired.contains(&k), "our lease expired");
+        // 540 (lost), then at once after the re-list, then every 540 s.
+        assert!(
+            bed.keeper.stats.renewals >= 3,
+            "{}",
+            bed.keeper.stats.renewals
+        );
+        assert_eq!(bed.holder(own(&bed)), Some(ME));
+    }
+
+    #[test]
+    fn a_renewal_retried_after_a_lost_reply_with_the_watch_down_still_renews() {
+        let mut bed = holding();
+        let k = key(&own(&bed).to_string());
+        bed.store.lost_replies = 1;
+        bed.advance(Duration::from_secs(541));
+        // The watch breaks too: the retry cannot learn the new revision
+        // from it, and must not be lost.
+        bed.store.down = true;
+        bed.advance(Duration::from_secs(5));
+        bed.store.down = false;
+        let mut t = 546;
+        while t < 2500 {
+            bed.advance(Duration::from_secs(10));
+            t += 10;
+            assert!(bed.store.get(&k).is_some(), "our lease is gone at {t} s");
+        }
+        assert!(!bed.store.expired.contains(&k), "our lease expired");
+        assert!(
+            bed.keeper.stats.renewals >= 3,
+            "{}",
+            bed.keeper.stats.renewals
+        );
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub struct Memory {
     pub refuse: bool,
     /// The next this many writes fail.
     pub failing_writes: usize,
+    /// The next this many writes commit, but answer with a time-out (the
+    /// reply was lost).
+    pub lost_replies: usize,
+    /// Keys whose TTL ran out, in order.
+    pub expired: Vec<String>,
 }
 
 impl Memory {
@@ -132,6 +137,7 @@ impl Memory {
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
+            self.expired.push(k.clone());
             self.remove(&k);
         }
     }
@@ -195,6 +201,12 @@ impl Memory {
             return Ok(None);
         }
         let revision = self.put(&key, value.as_bytes(), ttl, now);
+        if self.lost_replies > 0 {
+            self.lost_replies -= 1;
+            return Err(StoreError::Transient(
+                "context deadline exceeded (the write committed)".into(),
+            ));
+        }
         Ok(Some(Written {
             expires_in: ttl,
             revision,

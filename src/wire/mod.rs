@@ -383,6 +383,57 @@ pub const ICMP_ERROR_TTL: u8 = 8;
 /// Bytes an ICMP error we build can take: IPv4 20 + ICMP 8 + up to 60 + 8 quoted.
 pub const ICMP_ERROR_MAX: usize = 20 + 8 + 60 + 8;
 
+/// An IPv4 header without options, to emit (smoltcp's `Ipv4Repr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Repr {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    pub ttl: u8,
+    pub ident: u16,
+    pub dont_frag: bool,
+    /// Bytes after the header.
+    pub payload_len: usize,
+}
+
+impl Ipv4Repr {
+    /// Writes the 20-byte header, checksum filled, into `out[..20]`.
+    pub fn emit(&self, out: &mut [u8]) {
+        let h = &mut out[..IPV4_MIN_HEADER];
+        h.fill(0);
+        h[field::VER_IHL] = 0x45;
+        h[field::TOTAL_LEN]
+            .copy_from_slice(&((IPV4_MIN_HEADER + self.payload_len) as u16).to_be_bytes());
+        h[field::IDENT].copy_from_slice(&self.ident.to_be_bytes());
+        h[field::FLAGS_FRAG]
+            .copy_from_slice(&(if self.dont_frag { 0x4000u16 } else { 0 }).to_be_bytes());
+        h[field::TTL] = self.ttl;
+        h[field::PROTOCOL] = self.protocol;
+        h[field::SRC].copy_from_slice(&self.src.octets());
+        h[field::DST].copy_from_slice(&self.dst.octets());
+        Ipv4Packet::new_unchecked(h).fill_checksum();
+    }
+}
+
+/// An ICMP error message (destination unreachable, time exceeded), to emit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpErrorRepr {
+    pub icmp_type: u8,
+    pub code: u8,
+}
+
+impl IcmpErrorRepr {
+    /// Writes the 8-byte ICMP header and `quoted` (the offender's header
+    /// and first bytes) into `out`, checksum filled.
+    pub fn emit(&self, quoted: &[u8], out: &mut [u8]) {
+        let m = &mut out[..8 + quoted.len()];
+        m[..8].copy_from_slice(&[self.icmp_type, self.code, 0, 0, 0, 0, 0, 0]);
+        m[8..].copy_from_slice(quoted);
+        let ck = checksum(m);
+        m[2..4].copy_from_slice(&ck.to_be_bytes());
+    }
+}
+
 /// Whether an ICMP error may be sent about `offender` (RFC 1122 3.2.2):
 /// never about an ICMP error, a non-first fragment, or a packet whose source
 /// is not a single host.
@@ -428,25 +479,17 @@ pub fn build_icmp_error<T: AsRef<[u8]>>(
         return None;
     }
     let out = &mut out[..len];
-    out[0] = 0x45;
-    out[1] = 0;
-    out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    out[4..8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, DF
-    out[8] = ICMP_ERROR_TTL;
-    out[9] = PROTO_ICMP;
-    out[10..12].copy_from_slice(&[0, 0]);
-    out[12..16].copy_from_slice(&src.octets());
-    out[16..20].copy_from_slice(&offender.src().octets());
-    let ck = checksum(&out[..20]);
-    out[10..12].copy_from_slice(&ck.to_be_bytes());
-
-    let icmp = &mut out[20..];
-    icmp[0] = icmp_type;
-    icmp[1] = code;
-    icmp[2..8].copy_from_slice(&[0; 6]);
-    icmp[8..].copy_from_slice(&offender.as_bytes()[..quoted]);
-    let ck = checksum(icmp);
-    icmp[2..4].copy_from_slice(&ck.to_be_bytes());
+    Ipv4Repr {
+        src,
+        dst: offender.src(),
+        protocol: PROTO_ICMP,
+        ttl: ICMP_ERROR_TTL,
+        ident: 0,
+        dont_frag: true,
+        payload_len: 8 + quoted,
+    }
+    .emit(out);
+    IcmpErrorRepr { icmp_type, code }.emit(&offender.as_bytes()[..quoted], &mut out[20..]);
     Some(len)
 }
 

@@ -126,8 +126,10 @@ struct Cli {
           default_missing_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
     no_netlink_config: bool,
 
-    /// Address to serve /healthz and /metrics on.
-    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    /// Address to serve /healthz and /metrics on (flannel's default is
+    /// 0.0.0.0; ours is loopback: metrics name peers and subnets, and an
+    /// open port is an attack surface. Give 0.0.0.0 to serve every address).
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "127.0.0.1")]
     healthz_ip: std::net::IpAddr,
 
     /// Port to serve /healthz and /metrics on (0 disables).

@@ -31,6 +31,8 @@ pub struct Stats {
     pub leases_ignored: AtomicU64,
     /// The offloads the data path negotiated: TUN TSO, TUN USO, UDP GSO, UDP GRO.
     pub offloads: [AtomicBool; 4],
+    /// Ops-port connections closed because [`MAX_CONNECTIONS`] were open.
+    pub ops_refused: AtomicU64,
 }
 
 /// Names of [`Stats::offloads`], in order, as the `feature` label of `flannel_offload`.
@@ -131,6 +133,12 @@ impl Collector for FlannelCollector {
             "flannel_icmp_sent",
             "ICMP errors sent back into the TUN.",
             d.icmp_sent,
+        )?;
+        counter(
+            &mut e,
+            "flannel_ops_connections_refused",
+            "Connections to this ops port closed at once because 64 were already open.",
+            self.stats.ops_refused.load(Ordering::Relaxed),
         )?;
         counter(
             &mut e,
@@ -244,77 +252,99 @@ pub fn render(r: &Registry) -> String {
 /// Serves `GET /healthz` (liveness: 200 unless the data path failed),
 /// `GET /readyz` (200 once the lease is held, the TUN up and subnet.env
 /// written) and `GET /metrics`.
+/// Connections served at once; more are closed as soon as accepted, so a
+/// flood of idle clients cannot use up the daemon's descriptors (the TUN
+/// and sockets need them) or starve a liveness probe for long.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The time one connection gets for its whole request and answer, however
+/// slowly it sends.
+pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, stats: Arc<Stats>) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /healthz and /metrics");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused_logged = false;
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once: the descriptor is freed now, not after a timeout.
+            Stats::inc(&stats.ops_refused);
+            if !refused_logged {
+                refused_logged = true;
+                tracing::warn!("more than {MAX_CONNECTIONS} connections to the ops port at once; closing the extra ones (flannel_ops_connections_refused_total)");
+            }
+            drop(conn);
             continue;
         };
         let (registry, stats) = (registry.clone(), stats.clone());
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let mut n = 0;
-            // Read the request head (we only need the request line).
-            while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    conn.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
-                    break;
-                }
-            }
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = match (method, path) {
-                // Liveness, as flannel's /healthz: the process serves and
-                // its data path is alive (a dead data path exits the daemon).
-                ("GET", "/healthz") if !stats.failed.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ok\n".to_string())
-                }
-                ("GET", "/healthz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "data path failed\n".to_string(),
-                ),
-                // Readiness: lease held, TUN up, subnet.env written.
-                ("GET", "/readyz") if stats.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_string(),
-                ),
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    render(&registry),
-                ),
-                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET only\n".to_string(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(REQUEST_DEADLINE, answer(conn, &registry, &stats)).await;
         });
     }
+}
+
+/// Reads one request and answers it.
+async fn answer(mut conn: tokio::net::TcpStream, registry: &Registry, stats: &Stats) {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    // Read the request head (we only need the request line).
+    // The caller's deadline bounds the whole exchange.
+    while n < buf.len() {
+        match conn.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path) {
+        // Liveness, as flannel's /healthz: the process serves and
+        // its data path is alive (a dead data path exits the daemon).
+        ("GET", "/healthz") if !stats.failed.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ok\n".to_string())
+        }
+        ("GET", "/healthz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "data path failed\n".to_string(),
+        ),
+        // Readiness: lease held, TUN up, subnet.env written.
+        ("GET", "/readyz") if stats.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ready\n".to_string())
+        }
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(&registry),
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
 }
 
 /// Sends a systemd notification (`READY=1`, `STOPPING=1`, `STATUS=…`) to

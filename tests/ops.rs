@@ -429,3 +429,61 @@ fn icmp_errors_are_rate_limited() {
         "{sent} ICMP errors in {total:.2} s exceed 1000/s + burst"
     );
 }
+
+/// Descriptors the process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn a_flood_of_idle_clients_on_the_ops_port_neither_exhausts_descriptors_nor_blocks_health() {
+    // The test process holds 1100 sockets: raise its own limit.
+    let lim = libc::rlimit {
+        rlim_cur: 8192,
+        rlim_max: 8192,
+    };
+    // SAFETY: setrlimit with a valid struct, for this test process.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let mut bed = Bed::new(1);
+    const P: u16 = 9131;
+    // The daemon keeps the default soft limit (1024) a unit without
+    // LimitNOFILE gives it: the cap, not the limit, must protect it.
+    bed.start_ready_with(0, &[&format!("--healthz-port={P}")]);
+    let pid = bed.daemon_pid(0);
+    let before = open_fds(pid);
+    let ns = bed.ns(0);
+    let flood = in_ns(&ns, move || {
+        (0..1100)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], P)),
+                    Duration::from_millis(500),
+                )
+                .ok()
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(flood.len() > 1000, "only {} clients connected", flood.len());
+    let during = open_fds(pid);
+    assert!(
+        during < before + 200,
+        "the daemon holds {during} descriptors with 1100 idle clients (before: {before})"
+    );
+    // Health answers while the idle clients stay connected: each held
+    // slot is freed by its deadline.
+    let (code, _) = wait_for("/healthz during the flood", Duration::from_secs(10), || {
+        http_get(&ns, P, "/healthz")
+    });
+    assert_eq!(code, 200);
+    let m = wait_for("/metrics", Duration::from_secs(10), || {
+        http_get(&ns, P, "/metrics")
+    })
+    .1;
+    assert!(
+        metric(&m, "flannel_ops_connections_refused_total") > 900,
+        "{m}"
+    );
+    // The data path still opens descriptors fine: the daemon is alive.
+    assert!(bed.is_running(0), "{}", bed.log(0));
+    drop(flood);
+}

@@ -330,7 +330,7 @@ async fn answer(mut conn: tokio::net::TcpStream, registry: &Registry, stats: &St
         ("GET", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(&registry),
+            render(registry),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (

@@ -126,10 +126,8 @@ fn an_expired_client_certificate_is_a_clear_error() {
     assert!(err.contains("valid from") && err.contains(" to "), "{err}");
 }
 
-#[test]
-fn username_and_password_auth() {
-    let mut bed = Bed::empty();
-    bed.put(&format!("{PREFIX}/config"), DEFAULT_CONFIG);
+/// Enables etcd auth with a `flannel` user allowed the network prefix.
+fn enable_auth(bed: &mut Bed) {
     for args in [
         vec!["user", "add", "root:rootpw"],
         vec!["user", "add", "flannel:s3cret"],
@@ -153,6 +151,13 @@ fn username_and_password_auth() {
         );
     }
     bed.spec.ctl_args = vec!["--user=root:rootpw".into()];
+}
+
+#[test]
+fn username_and_password_auth() {
+    let mut bed = Bed::empty();
+    bed.put(&format!("{PREFIX}/config"), DEFAULT_CONFIG);
+    enable_auth(&mut bed);
     bed.add_host();
     bed.add_host();
     let (status, err, took) = run_briefly(
@@ -217,4 +222,68 @@ fn losing_the_etcd_member_in_use_does_not_interrupt_the_daemon() {
         });
     }
     assert!(bed.is_running(0) && bed.is_running(1));
+}
+
+#[test]
+fn expired_auth_tokens_are_refreshed_and_a_password_start_survives_etcd_being_down() {
+    // Tokens live 3 s (etcd extends a token each time it is used): with
+    // an 8 s lease, renewed every ~4 s, each renewal finds its token
+    // expired.
+    let mut bed = Bed::with_etcd(EtcdSpec {
+        members: 1,
+        etcd_args: vec!["--auth-token-ttl=3".into()],
+        ..EtcdSpec::default()
+    });
+    bed.put(&format!("{PREFIX}/config"), DEFAULT_CONFIG);
+    enable_auth(&mut bed);
+    bed.add_host();
+    bed.add_host();
+    const P: u16 = 9141;
+    let creds = ["--etcd-username=flannel", "--etcd-password=s3cret"];
+    let sn0 = bed.start_ready_with(
+        0,
+        &[
+            creds[0],
+            creds[1],
+            "--subnet-lease-ttl=8",
+            &format!("--healthz-port={P}"),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(14));
+    let m = http_get(&bed.ns(0), P, "/metrics").unwrap().1;
+    let renewals = metric(&m, "flannel_lease_renewals_total");
+    assert!(
+        renewals >= 2,
+        "{renewals} renewals in 14 s:\n{}",
+        bed.log(0)
+    );
+    assert!(bed.lease_id(&key_of(sn0)).is_some_and(|id| id > 0));
+    let log = bed.log(0);
+    assert!(!log.contains("refuses us"), "{log}");
+    // The watch still works on a fresh token: a new host is routed.
+    bed.start(1, &creds);
+    bed.wait_subnet(1);
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+    // etcd down at start: a password start waits instead of exiting, and
+    // comes up when etcd does.
+    bed.stop(1, libc::SIGTERM);
+    bed.stop_etcd();
+    let _ = std::fs::remove_file(&bed.hosts[1].subnet_file);
+    let _ = std::fs::remove_file(
+        bed.hosts[1]
+            .subnet_file
+            .with_file_name("subnet.env.peers.json"),
+    );
+    bed.start(1, &creds);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        bed.is_running(1),
+        "flanneld exited with etcd down:\n{}",
+        bed.log(1)
+    );
+    bed.start_etcd();
+    bed.wait_subnet(1);
 }

@@ -75,7 +75,6 @@ fn permanent_text(text: &str) -> bool {
         "authentication failed",
         "permission denied",
         "user name is empty",
-        "invalid auth token",
     ]
     .iter()
     .any(|k| text.contains(k))
@@ -86,10 +85,13 @@ pub fn classify(e: etcd_client::Error) -> StoreError {
     let text = e.to_string();
     let permanent = match &e {
         etcd_client::Error::GRpcStatus(st) => {
-            matches!(
-                st.code(),
-                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-            ) || permanent_text(&text)
+            // An expired token is not a wrong password: the client
+            // authenticates again (see `connect`), so retrying fixes it.
+            !st.message().contains("invalid auth token")
+                && (matches!(
+                    st.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) || permanent_text(&text))
         }
         _ => permanent_text(&text),
     };
@@ -113,10 +115,19 @@ async fn call<T>(
     }
 }
 
+/// The etcd store. The connection is made on first use, not at start: a
+/// connection with a username authenticates at once, and flanneld must
+/// start (from its peer cache) while etcd is down.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    conn: std::sync::Arc<Connector>,
     prefix: String,
+}
+
+struct Connector {
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    client: tokio::sync::OnceCell<Client>,
 }
 
 impl EtcdStore {
@@ -126,7 +137,12 @@ impl EtcdStore {
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let (Some(u), Some(p)) = (&o.username, &o.password) {
-            opts = opts.with_user(u.clone(), p.clone());
+            // etcd's auth tokens expire (`--auth-token-ttl`, 300 s by
+            // default): a call refused with "invalid auth token" then
+            // authenticates again and is retried once, by the client.
+            opts = opts
+                .with_user(u.clone(), p.clone())
+                .with_auto_token_refresh(true);
         }
         if o.cafile.is_some() || o.certfile.is_some() {
             let mut tls = TlsOptions::new();
@@ -149,19 +165,53 @@ impl EtcdStore {
             }
             opts = opts.with_tls(tls);
         }
-        let client = Client::connect(&o.endpoints, Some(opts))
-            .await
-            .with_context(|| format!("connecting to etcd at {}", o.endpoints.join(",")))?;
         Ok(EtcdStore {
-            client,
+            conn: std::sync::Arc::new(Connector {
+                endpoints: o.endpoints.clone(),
+                opts,
+                client: tokio::sync::OnceCell::new(),
+            }),
             prefix: o.prefix.trim_end_matches('/').to_string(),
         })
     }
 
+    /// The client, connecting (and authenticating) on first use; a failed
+    /// connection is an error of the call, tried again by the next one.
+    async fn client(&self) -> Result<Client, StoreError> {
+        let c = &self.conn;
+        c.client
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    Client::connect(&c.endpoints, Some(c.opts.clone())),
+                )
+                .await
+                {
+                    Ok(r) => r.map_err(|e| match classify(e) {
+                        StoreError::Transient(t) => StoreError::Transient(format!(
+                            "connecting to etcd at {}: {t}",
+                            c.endpoints.join(",")
+                        )),
+                        StoreError::Permanent(t) => StoreError::Permanent(format!(
+                            "connecting to etcd at {}: {t}",
+                            c.endpoints.join(",")
+                        )),
+                    }),
+                    Err(_) => Err(StoreError::Transient(format!(
+                        "connecting to etcd at {}: no answer within {} s",
+                        c.endpoints.join(","),
+                        CALL_TIMEOUT.as_secs()
+                    ))),
+                }
+            })
+            .await
+            .cloned()
+    }
+
     async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
         let r = call(
-            self.client
-                .clone()
+            self.client()
+                .await?
                 .lease_grant(ttl.as_secs().max(1) as i64, None),
         )
         .await?;
@@ -176,6 +226,7 @@ impl EtcdStore {
         end: &[u8],
         revision: i64,
         limit: i64,
+        client: &Client,
     ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
         let mut opts = GetOptions::new()
             .with_range(end.to_vec())
@@ -184,7 +235,7 @@ impl EtcdStore {
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        self.client
+        client
             .kv_client()
             .max_decoding_message_size(MAX_REPLY)
             .get(from.to_vec(), Some(opts))
@@ -217,7 +268,7 @@ impl LeaseStore for EtcdStore {
 
     async fn get_config(&self) -> Result<Option<String>, StoreError> {
         let key = format!("{}/config", self.prefix);
-        let r = call(self.client.clone().get(key, None)).await?;
+        let r = call(self.client().await?.get(key, None)).await?;
         Ok(r.kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
@@ -233,28 +284,31 @@ impl LeaseStore for EtcdStore {
         let mut revision = 0;
         let mut limit = PAGE;
         let mut leases = Vec::new();
+        let client = self.client().await?;
         loop {
-            let r =
-                match tokio::time::timeout(CALL_TIMEOUT, self.page(&from, &end, revision, limit))
-                    .await
+            let r = match tokio::time::timeout(
+                CALL_TIMEOUT,
+                self.page(&from, &end, revision, limit, &client),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Err(StoreError::Transient(format!(
+                        "etcd did not answer a list within {} s",
+                        CALL_TIMEOUT.as_secs()
+                    )))
+                }
+                Ok(Err(etcd_client::Error::GRpcStatus(st)))
+                    if limit > 1
+                        && (st.code() == tonic::Code::OutOfRange
+                            || st.message().contains("message length too large")) =>
                 {
-                    Err(_) => {
-                        return Err(StoreError::Transient(format!(
-                            "etcd did not answer a list within {} s",
-                            CALL_TIMEOUT.as_secs()
-                        )))
-                    }
-                    Ok(Err(etcd_client::Error::GRpcStatus(st)))
-                        if limit > 1
-                            && (st.code() == tonic::Code::OutOfRange
-                                || st.message().contains("message length too large")) =>
-                    {
-                        limit = (limit / 2).max(1);
-                        continue;
-                    }
-                    Ok(Err(e)) => return Err(classify(e)),
-                    Ok(Ok(r)) => r,
-                };
+                    limit = (limit / 2).max(1);
+                    continue;
+                }
+                Ok(Err(e)) => return Err(classify(e)),
+                Ok(Ok(r)) => r,
+            };
             if revision == 0 {
                 revision = r.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -293,10 +347,27 @@ impl LeaseStore for EtcdStore {
             None => (None, None),
         };
         let compare = condition(&key, expect);
+        let key_of_txn = key.clone();
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key, value, opts)]);
-        let r = call(self.client.clone().txn(txn)).await?;
+        let client = self.client().await?;
+        let r = match call(client.clone().txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The granted etcd lease must not leak (one per retry,
+                // each living a day): revoke it unless the write did
+                // commit with its reply lost, which the key shows.
+                if let Some((id, _)) = granted {
+                    if let Ok(g) = call(client.clone().get(key_of_txn.clone(), None)).await {
+                        if g.kvs().first().is_none_or(|kv| kv.lease() != id) {
+                            let _ = call(client.clone().lease_revoke(id)).await;
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        };
         if r.succeeded() {
             Ok(Some(Written {
                 expires_in: granted.map(|(_, d)| d),
@@ -304,7 +375,7 @@ impl LeaseStore for EtcdStore {
             }))
         } else {
             if let Some((id, _)) = granted {
-                let _ = call(self.client.clone().lease_revoke(id)).await;
+                let _ = call(client.clone().lease_revoke(id)).await;
             }
             Ok(None)
         }
@@ -316,7 +387,7 @@ impl LeaseStore for EtcdStore {
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::delete(key, None)]);
-        Ok(call(self.client.clone().txn(txn)).await?.succeeded())
+        Ok(call(self.client().await?.txn(txn)).await?.succeeded())
     }
 
     async fn watch(&self, revision: i64) -> Result<EtcdWatch, StoreError> {
@@ -325,7 +396,8 @@ impl LeaseStore for EtcdStore {
             .with_prefix()
             .with_start_revision(revision);
         let stream = call(
-            self.client
+            self.client()
+                .await?
                 .watch_client()
                 .max_decoding_message_size(MAX_REPLY)
                 .watch(format!("{}/", self.prefix), Some(opts)),
@@ -430,7 +502,6 @@ mod tests {
     fn credentials_and_trust_errors_are_permanent_outages_are_not() {
         // Permanent: retrying cannot fix these; the operator must.
         for (code, msg) in [
-            (tonic::Code::Unauthenticated, "invalid auth token"),
             (tonic::Code::PermissionDenied, "permission denied"),
             (
                 tonic::Code::Unknown,
@@ -455,6 +526,11 @@ mod tests {
             (tonic::Code::DeadlineExceeded, "context deadline exceeded"),
             (tonic::Code::Unknown, "etcdserver: leader changed"),
             (tonic::Code::OutOfRange, "decoded message length too large"),
+            // An expired token: the client authenticates again.
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token",
+            ),
         ] {
             assert!(!classify(grpc(code, msg)).is_permanent(), "{msg}");
         }

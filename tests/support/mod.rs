@@ -122,6 +122,8 @@ pub struct EtcdSpec {
     pub tls: Option<PathBuf>,
     /// Extra flags for etcdctl (e.g. --user).
     pub ctl_args: Vec<String>,
+    /// Extra flags for every etcd member (e.g. --auth-token-ttl).
+    pub etcd_args: Vec<String>,
 }
 
 /// One test's little world: a hub namespace with a bridge and etcd, and hosts.
@@ -340,6 +342,7 @@ impl Bed {
             "--initial-cluster-token",
             &self.name,
         ]);
+        c.args(&self.spec.etcd_args);
         if let Some(t) = &self.spec.tls {
             c.arg("--cert-file").arg(t.join("server.pem"));
             c.arg("--key-file").arg(t.join("server.key"));

@@ -341,3 +341,29 @@ fn unsafe_delegates_are_refused_and_del_survives_a_corrupt_saved_config() {
     assert!(!ipam_files(&bed, 0).contains(&ip), "IPAM allocation left");
     assert!(!saved_path.exists());
 }
+
+#[test]
+fn a_container_id_ending_in_tmp_keeps_its_saved_config() {
+    let mut bed = Bed::new(1);
+    bed.start_ready(0);
+    let (pa, pb) = (bed.add_ns_named("pa"), bed.add_ns_named("pb"));
+    let ns = bed.ns(0);
+    let conf = net_conf(&bed, 0);
+    assert!(cni(&ns, "flannel", "ADD", "abc.tmp", &pa, &conf).0);
+    // A temp file named `<id>.tmp` would overwrite, then rename away,
+    // the saved config of container `abc.tmp`.
+    assert!(cni(&ns, "flannel", "ADD", "abc", &pb, &conf).0);
+    assert!(
+        bed.dir.join("h0/cni/abc.tmp").exists(),
+        "abc.tmp's saved config is gone"
+    );
+    assert!(cni(&ns, "flannel", "DEL", "abc.tmp", &pa, &conf).0);
+    assert_eq!(
+        ipam_files(&bed, 0).len(),
+        1,
+        "abc.tmp's address leaked: {:?}",
+        ipam_files(&bed, 0)
+    );
+    assert!(cni(&ns, "flannel", "DEL", "abc", &pb, &conf).0);
+    assert!(ipam_files(&bed, 0).is_empty(), "{:?}", ipam_files(&bed, 0));
+}

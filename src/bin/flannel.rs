@@ -134,15 +134,9 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
                 .mode(0o700)
                 .create(&conf.data_dir)
                 .map_err(|e| io_err("creating dataDir", e))?;
-            let tmp = file.with_extension("tmp");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-                .and_then(|_| std::fs::rename(&tmp, &file))
+            // The temp file's name cannot be another container's file
+            // (`abc.tmp` as an ID): see `write_atomic_mode`.
+            flannel::subnet_env::write_atomic_mode(&file, &bytes, 0o600)
                 .map_err(|e| io_err("saving the delegate config", e))?;
             let ty = d["type"].as_str().unwrap_or("bridge").to_string();
             let (ok, out) = delegate_versioned(&ty, &d)?;
@@ -220,7 +214,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
     }
 }
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 
 /// CHECK: in the container's network namespace, `ifname` exists and holds
 /// every address of the cached result. Runs on a thread that enters the

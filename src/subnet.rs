@@ -35,7 +35,14 @@ pub fn subnets_prefix(prefix: &str) -> String {
 /// (`&fc00::-64`) is accepted and ignored, as this flanneld is IPv4-only.
 pub fn parse_key(key: &str) -> Result<Ipv4Network, KeyError> {
     let bad = || KeyError::Format(key.to_string());
-    let last = key.rsplit('/').next().unwrap_or(key);
+    // A lease is a direct child of `<prefix>/subnets/`: a deeper key
+    // (`…/subnets/x/10.5.1.0-24`) is not one, or any writer could alias
+    // (or, by deleting the alias, unroute) another host's subnet.
+    let last = match key.rsplit_once('/') {
+        Some((dir, last)) if dir.ends_with("/subnets") || dir == "subnets" => last,
+        Some(_) => return Err(bad()),
+        None => key,
+    };
     let v4 = match last.split_once('&') {
         Some((v4, v6)) => {
             let (ip6, len6) = v6.split_once('-').ok_or_else(bad)?;
@@ -155,6 +162,10 @@ mod tests {
             "10.5.34.0-24&zz::-64",
             "10.5.34.0-24&fc00::-129",
             "10.5.34.0-024000",
+            // Not a direct child of the subnets directory: an alias.
+            "/coreos.com/network/subnets/x/10.5.34.0-24",
+            "/coreos.com/network/subnets/10.5.33.0-24/10.5.34.0-24",
+            "/coreos.com/network/other/10.5.34.0-24",
         ] {
             assert!(parse_key(k).is_err(), "{k:?} should not parse");
         }

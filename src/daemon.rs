@@ -787,6 +787,7 @@ pub async fn run<S: LeaseStore>(
             threads: opts.worker_threads,
             busy_poll: opts.busy_poll,
             encap: Encap::for_backend(&cfg.backend, vtep_mac.unwrap_or_default()),
+            icmp_limit: Default::default(),
         },
     )?;
 

@@ -167,6 +167,8 @@ pub struct Totals {
     pub gso_fallbacks: AtomicU64,
     pub icmp_ratelimited: AtomicU64,
     pub arp_replies: AtomicU64,
+    /// Receive calls on the UDP socket that failed (ingress only).
+    pub rx_errors: AtomicU64,
 }
 
 /// Data-path counters, shared with the control plane and the metrics:

@@ -149,7 +149,8 @@ struct Cli {
     tun_name: String,
 
     /// Data-path workers: TUN queues (IFF_MULTI_QUEUE) and SO_REUSEPORT sockets,
-    /// one thread per direction each. Default: the number of CPUs.
+    /// one thread per direction each. Default: the number of CPUs, at most 8
+    /// (more queues than that only add threads and memory on big hosts).
     #[arg(long, env = "FLANNELD_WORKERS", value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
 
@@ -386,6 +387,7 @@ fn main() -> ExitCode {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
+                .min(DEFAULT_MAX_WORKERS)
         }),
         offload: cli.offload,
         pin_workers: cli.pin_workers,
@@ -410,3 +412,6 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The default worker count's ceiling (`--workers` sets any up to 64).
+const DEFAULT_MAX_WORKERS: usize = 8;

@@ -113,7 +113,7 @@ impl Collector for FlannelCollector {
         counter(
             &mut e,
             "flannel_icmp_ratelimited",
-            "ICMP errors not sent because the rate limit (1000/s, burst 50 per worker) was reached.",
+            "ICMP errors not sent because the rate limit (1000/s, burst 50, one for all workers) was reached.",
             d.icmp_ratelimited,
         )?;
         counter(
@@ -139,6 +139,12 @@ impl Collector for FlannelCollector {
             "flannel_ops_connections_refused",
             "Connections to this ops port closed at once because 64 were already open.",
             self.stats.ops_refused.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "flannel_udp_receive_errors",
+            "Receive calls on the UDP sockets that failed (e.g. an ICMP port unreachable about an earlier send); 10000 in a row end the daemon.",
+            self.data.ingress.rx_errors.load(Ordering::Relaxed),
         )?;
         counter(
             &mut e,

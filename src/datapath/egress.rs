@@ -9,7 +9,7 @@ use super::offload::{
 };
 use super::tun::Tun;
 use super::{Drain, Worker};
-use crate::forward::{egress, Counters, DropReason, Egress, IcmpLimit, Tally};
+use crate::forward::{egress, Counters, DropReason, Egress, Tally};
 use crate::wire::{self, Ipv4Packet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -46,17 +46,16 @@ fn read_tun(tun: &Tun, slots: &mut Slots) -> io::Result<usize> {
     Ok(n)
 }
 
-/// What one egress thread needs to answer with ICMP errors.
+/// What one egress thread needs to answer with ICMP errors (the rate
+/// limit is the data path's, shared by every worker).
 struct Icmp {
     out: [u8; wire::ICMP_ERROR_MAX],
-    limit: IcmpLimit,
 }
 
 impl Icmp {
     fn new() -> Self {
         Icmp {
             out: [0u8; wire::ICMP_ERROR_MAX],
-            limit: IcmpLimit::default(),
         }
     }
 }
@@ -64,7 +63,13 @@ impl Icmp {
 /// Answers a packet we cannot forward with an ICMP error into the TUN,
 /// within the rate limit.
 fn icmp_reply(w: &Worker, offender: &[u8], answer: (u8, u8), icmp: &mut Icmp, t: &mut Tally) {
-    if !icmp.limit.allow(Instant::now()) {
+    let allowed = w
+        .shared
+        .icmp_limit
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(Instant::now());
+    if !allowed {
         t.icmp_ratelimited += 1;
         return;
     }

@@ -13,6 +13,20 @@ use crate::wire::ether::ArpRepr;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+/// Receive errors in a row (no datagram between them) after which the
+/// socket is taken as broken.
+const MAX_RX_ERRORS_IN_A_ROW: u32 = 10_000;
+
+/// Whether a receive error only reports an ICMP error about an earlier
+/// send (a peer down or unreachable): normal, however often it comes.
+fn from_icmp(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EMSGSIZE)
+    )
+}
 
 /// Datagrams (or GRO trains) in batches; each inner packet validated; with
 /// a vnet TUN, runs of one TCP flow are coalesced into one write.
@@ -26,6 +40,7 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
     let mut gro = offload::GroTable::new();
     let sock = w.sock.as_raw_fd();
     let encap = w.shared.encap;
+    let mut errors_in_a_row = 0u32;
     Box::new(move || {
         let mut got = 0;
         loop {
@@ -34,11 +49,31 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => {
-                    // e.g. ECONNREFUSED from an ICMP error about an earlier send.
+                    // e.g. ECONNREFUSED from an ICMP error about an earlier
+                    // send: reported once, consumed by this call. Counted;
+                    // the drain ends so the thread waits in poll() instead of
+                    // spinning, and an error that never clears (the socket
+                    // broken) ends the thread: the daemon exits and its
+                    // supervisor restarts it.
                     tracing::debug!(error = %e, "UDP receive error");
-                    continue;
+                    w.shared
+                        .counters
+                        .ingress
+                        .rx_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !from_icmp(&e) {
+                        errors_in_a_row += 1;
+                    }
+                    if errors_in_a_row >= MAX_RX_ERRORS_IN_A_ROW {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("receiving on the UDP socket failed {errors_in_a_row} times in a row: {e}"),
+                        ));
+                    }
+                    break;
                 }
             };
+            errors_in_a_row = 0;
             if n == 0 {
                 break;
             }
@@ -153,6 +188,26 @@ fn write_tun(
             t.tun_tx_packets += run as u64;
         } else {
             t.drop_n(DropReason::TunWriteError, run as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn icmp_reports_never_count_as_a_broken_socket() {
+        for e in [
+            libc::ECONNREFUSED,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::EMSGSIZE,
+        ] {
+            assert!(from_icmp(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+        for e in [libc::EBADF, libc::ENOTSOCK, libc::EFAULT, libc::ENOMEM] {
+            assert!(!from_icmp(&io::Error::from_raw_os_error(e)), "{e}");
         }
     }
 }

@@ -60,6 +60,10 @@ pub struct Shared {
     pub busy_poll: Duration,
     /// The backend's encapsulation (udp: none; vxlan: VXLAN + Ethernet).
     pub encap: Encap,
+    /// One ICMP-error rate limit for the whole data path (as the kernel
+    /// has one per host), however many workers: taken only on the rare
+    /// path that answers with an ICMP error.
+    pub icmp_limit: Arc<std::sync::Mutex<crate::forward::IcmpLimit>>,
 }
 
 /// Restricts the calling thread to one CPU; failure is logged, not fatal.

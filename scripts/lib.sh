@@ -58,5 +58,5 @@ start_flanneld() {
   echo "flanneld on h$i did not get a lease:" >&2; cat "$WORK/flanneld-h$i.log" >&2; return 1
 }
 
-# tun_addr I: host I's overlay address.
-tun_addr() { ip -n $P-h$1 -4 -o addr show dev flannel0 | awk '{print $4}' | cut -d/ -f1; }
+# tun_addr I [DEV]: host I's overlay address (on flannel0, or DEV).
+tun_addr() { ip -n $P-h$1 -4 -o addr show dev "${2:-flannel0}" | awk '{print $4}' | cut -d/ -f1; }

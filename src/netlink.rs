@@ -187,8 +187,11 @@ impl Netlink {
         self.request(msg)
     }
 
-    /// `ip route add DST/PREFIX dev INDEX scope global` in the main table,
-    /// as flannel's udp backend installs it; an existing route is fine.
+    /// `ip route replace DST/PREFIX dev INDEX scope global` in the main
+    /// table, as flannel's udp backend installs it. flannel accepts an
+    /// existing route whatever its device (EEXIST); a stale route of that
+    /// prefix through another device would send the overlay's traffic
+    /// elsewhere, so ours replaces it.
     pub fn add_route(&mut self, dst: Ipv4Addr, prefix: u8, index: u32) -> io::Result<()> {
         let mut body = [0u8; 12]; // rtmsg
         body[0] = libc::AF_INET as u8;
@@ -199,13 +202,14 @@ impl Netlink {
         body[7] = libc::RTN_UNICAST;
         let msg = Msg::new(
             libc::RTM_NEWROUTE,
-            (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE)
+                as u16,
             self.seq,
             &body,
         )
         .attr(libc::RTA_DST, &dst.octets())
         .attr(libc::RTA_OIF, &index.to_ne_bytes());
-        ok_if_exists(self.request(msg))
+        self.request(msg)
     }
 }
 

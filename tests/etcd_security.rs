@@ -287,3 +287,19 @@ fn expired_auth_tokens_are_refreshed_and_a_password_start_survives_etcd_being_do
     bed.start_etcd();
     bed.wait_subnet(1);
 }
+
+#[test]
+fn a_key_file_without_a_certificate_is_refused_not_ignored() {
+    let mut bed = Bed::empty();
+    bed.put(&format!("{PREFIX}/config"), DEFAULT_CONFIG);
+    bed.add_host();
+    let key = bed.dir.join("client.key");
+    std::fs::write(&key, "not used").unwrap();
+    let (status, err, _) = run_briefly(&bed, &[format!("--etcd-keyfile={}", key.display())]);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a lone key file must fail: {err}"
+    );
+    assert!(err.contains("--etcd-certfile and --etcd-keyfile"), "{err}");
+    assert!(bed.leases().is_empty(), "it went on in plaintext");
+}

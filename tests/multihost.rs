@@ -662,3 +662,35 @@ fn the_external_interface_follows_public_ip_regex_and_can_reach() {
     assert!(!out.status.success());
     assert!(err.contains("--iface-regex"), "{err}");
 }
+
+#[test]
+fn a_stale_network_route_through_another_device_is_replaced() {
+    let mut bed = Bed::new(2);
+    // Left behind by something else: the Network through another device.
+    let ns0 = bed.ns(0);
+    sh(&[
+        "ip", "-n", &ns0, "link", "add", "stale0", "type", "veth", "peer", "name", "stale1",
+    ]);
+    sh(&["ip", "-n", &ns0, "link", "set", "stale0", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns0,
+        "route",
+        "add",
+        "10.5.0.0/16",
+        "dev",
+        "stale0",
+    ]);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    let route = sh(&["ip", "-n", &ns0, "route", "show", "10.5.0.0/16"]);
+    assert!(
+        route.contains("dev flannel0") && !route.contains("stale0"),
+        "{route}"
+    );
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1", Duration::from_secs(10), || {
+        bed.ping(0, dst).then_some(())
+    });
+}

@@ -144,7 +144,9 @@ impl EtcdStore {
                 .with_user(u.clone(), p.clone())
                 .with_auto_token_refresh(true);
         }
-        if o.cafile.is_some() || o.certfile.is_some() {
+        // A key file alone is a half-given client identity, refused below
+        // (never a silent fall-back to plaintext).
+        if o.cafile.is_some() || o.certfile.is_some() || o.keyfile.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &o.cafile {
                 let pem = std::fs::read(ca)

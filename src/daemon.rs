@@ -161,6 +161,8 @@ struct Control<'a> {
     /// The iptables/nftables rules we keep in place.
     rules: Option<masq::RuleSet>,
     rules_failing: bool,
+    /// A rules check that outlived [`RULES_TIMEOUT`], still running.
+    rules_inflight: Option<tokio::task::JoinHandle<std::io::Result<bool>>>,
     opts: &'a Options,
     cfg: NetworkConfig,
     cfg_text: String,
@@ -177,6 +179,10 @@ struct Control<'a> {
     vtep_mac: Option<Mac>,
     direct: DirectRoutes,
 }
+
+/// How long the control loop waits for one iptables/nftables check: the
+/// loop also renews the lease and follows the watch, and must not stall.
+const RULES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The peer cache is rewritten at most this often (a busy cluster changes
 /// leases many times a second; the cache only has to be roughly current,
@@ -299,7 +305,27 @@ impl Control<'_> {
         let Some(rules) = self.rules.clone() else {
             return;
         };
-        match tokio::task::spawn_blocking(move || rules.ensure()).await {
+        // One check at a time: a call that outlived its time (a hung
+        // iptables, a lock never released) is not stacked upon.
+        if let Some(h) = &self.rules_inflight {
+            if !h.is_finished() {
+                return;
+            }
+            self.rules_inflight = None;
+        }
+        let mut h = tokio::task::spawn_blocking(move || rules.ensure());
+        let r = match tokio::time::timeout(RULES_TIMEOUT, &mut h).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(
+                    "applying iptables rules did not finish within {} s (a hung iptables or a held xtables lock); the control loop goes on, and the rules are checked again once that call returns",
+                    RULES_TIMEOUT.as_secs()
+                );
+                self.rules_inflight = Some(h);
+                return;
+            }
+        };
+        match r {
             Ok(Ok(false)) => {}
             Ok(Ok(true)) => {
                 tracing::warn!("iptables/nftables rules were missing or changed; restored")
@@ -796,6 +822,7 @@ pub async fn run<S: LeaseStore>(
     let mut ctl = Control {
         rules: wanted_rules(&opts, &cfg, own),
         rules_failing: false,
+        rules_inflight: None,
         opts: &opts,
         cfg,
         cfg_text: text,

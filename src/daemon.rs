@@ -79,6 +79,10 @@ impl<S: LeaseStore> Driver<'_, S> {
                     Ok((leases, revision)) => Input::Listed { leases, revision },
                     Err(e) => Input::Failed(e),
                 },
+                Action::GetConfig => match self.store.get_config().await {
+                    Ok(text) => Input::Config(text),
+                    Err(e) => Input::Failed(e),
+                },
                 Action::Write {
                     subnet,
                     value,
@@ -407,9 +411,11 @@ impl Control<'_> {
 
     /// flannel applies a new config only on restart; we do the same but say
     /// so loudly, and never silently keep routing into a Network that changed.
+    /// The peer cache keeps the config we run on: the text changes there
+    /// only when the meaning is the same.
     fn config_changed(&mut self, text: Option<&str>) {
         let Some(text) = text else {
-            tracing::error!("the network config was deleted from etcd; keeping the running config {} until restart", self.cfg.network);
+            tracing::error!("the network config is not in etcd (deleted); keeping the running config {} until restart", self.cfg.network);
             return;
         };
         if text == self.cfg_text {
@@ -417,7 +423,9 @@ impl Control<'_> {
         }
         match NetworkConfig::parse(text) {
             Ok(new) if new == self.cfg => {
-                tracing::info!("network config rewritten with the same meaning")
+                tracing::info!("network config rewritten with the same meaning");
+                self.cfg_text = text.to_string();
+                self.cache_dirty = true;
             }
             Ok(new) => tracing::error!(
                 running = %self.cfg.network, new = %new.network,
@@ -427,7 +435,6 @@ impl Control<'_> {
                 "the network config in etcd is now invalid ({e}); keeping the running config"
             ),
         }
-        self.cfg_text = text.to_string();
     }
 
     /// Re-addresses the TUN and rewrites subnet.env and the rules for a new subnet.

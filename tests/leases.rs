@@ -250,6 +250,63 @@ fn a_restart_while_etcd_is_stopped_forwards_from_the_peer_cache() {
     assert_eq!(subnet_of(&bed, 0), Some(sn0));
 }
 
+/// A start from the peer cache runs on the config the node last saw; when
+/// etcd answers, flanneld reads the config as a start would have, and exits
+/// (for its supervisor to restart it) when it is not the one it runs on.
+#[test]
+fn a_config_changed_while_running_from_the_peer_cache_ends_that_run() {
+    let mut bed = Bed::new(2);
+    let sn0 = bed.start_ready(0);
+    bed.start_ready(1);
+    assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
+    // Meanwhile the network's config changes (h0's subnet still fits it).
+    let changed = r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.200.0","Backend":{"Type":"udp"}}"#;
+    bed.put(&format!("{PREFIX}/config"), changed);
+    let etcd = bed.etcd_pid();
+    // SAFETY: signalling the test's own etcd child.
+    unsafe { libc::kill(etcd, libc::SIGSTOP) };
+    bed.start(0, &[]);
+    let h1 = bed.tun_addr(1);
+    wait_for("h0 -> h1 from the cache", Duration::from_secs(10), || {
+        bed.ping_wait(0, h1, "0.1").then_some(())
+    });
+    assert!(
+        bed.log(0).contains("starting from the peer cache"),
+        "{}",
+        bed.log(0)
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(etcd, libc::SIGCONT) };
+    let status = wait_for(
+        "h0 to exit on etcd's config",
+        Duration::from_secs(30),
+        || bed.exit_status(0),
+    );
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        bed.log(0).contains("is not the one in the peer cache"),
+        "{}",
+        bed.log(0)
+    );
+    // Restarted, it runs on etcd's config (no second start from the
+    // cache), in the subnet it held.
+    bed.stop(0, libc::SIGTERM); // reaps the exited child
+    bed.start(0, &[]);
+    wait_for(
+        "h0 -> h1 after the restart",
+        Duration::from_secs(15),
+        || bed.ping(0, h1).then_some(()),
+    );
+    let log = bed.log(0);
+    assert_eq!(
+        log.matches("starting from the peer cache").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(subnet_of(&bed, 0), Some(sn0));
+    assert!(bed.is_running(0), "{log}");
+}
+
 #[test]
 fn a_re_create_refused_while_the_watch_is_healthy_is_retried() {
     let mut bed = Bed::empty();

@@ -32,6 +32,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 pub enum Action {
     /// List every lease; answer [`Input::Listed`] or [`Input::Failed`].
     List,
+    /// Read the network config; answer [`Input::Config`] or [`Input::Failed`].
+    GetConfig,
     /// Write a lease under a condition; answer [`Input::Wrote`] or [`Input::Failed`].
     Write {
         subnet: Ipv4Network,
@@ -62,7 +64,7 @@ impl Action {
     pub fn is_request(&self) -> bool {
         matches!(
             self,
-            Action::List | Action::Write { .. } | Action::Watch { .. }
+            Action::List | Action::GetConfig | Action::Write { .. } | Action::Watch { .. }
         )
     }
 }
@@ -77,6 +79,8 @@ pub enum Input {
     /// `None`: the write's condition failed.
     Wrote(Option<Written>),
     WatchStarted,
+    /// The network config key's text (`None`: no such key).
+    Config(Option<String>),
     Watch(WatchItem),
     /// The watch stream broke.
     WatchBroken(StoreError),
@@ -180,6 +184,9 @@ pub struct Keeper {
     outage_since: Option<Instant>,
     /// Started from the peer cache: our lease is not yet confirmed in the store.
     unconfirmed: bool,
+    /// Started from the peer cache: the network config has not been read
+    /// from the store yet (it is, before the first list).
+    config_unread: bool,
     pub stats: KeeperStats,
 }
 
@@ -216,6 +223,7 @@ impl Keeper {
             renew_at: None,
             outage_since: None,
             unconfirmed: false,
+            config_unread: false,
             stats: KeeperStats::default(),
         }
     }
@@ -238,6 +246,7 @@ impl Keeper {
             reservation: false,
         };
         k.unconfirmed = true;
+        k.config_unread = true;
         k.peers = PeerSet::new(Some(own));
         let valid: Vec<_> = peers
             .into_iter()
@@ -298,6 +307,12 @@ impl Keeper {
                 let purpose = self.purpose.take();
                 self.on_wrote(purpose, w, now, &mut out);
             }
+            Input::Config(text) => {
+                self.pending = None;
+                self.backoff = Backoff::new();
+                self.config_unread = false;
+                self.on_config(text, &mut out);
+            }
             Input::WatchStarted => {
                 self.pending = None;
                 self.backoff = Backoff::new();
@@ -342,7 +357,8 @@ impl Keeper {
     /// Issues what is due when nothing is outstanding: a failed request
     /// again, a renewal (even while the watch is down), the watch.
     fn next(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if self.pending.is_some() || out.iter().any(Action::is_request) {
+        let fatal = out.iter().any(|a| matches!(a, Action::Fatal(_)));
+        if fatal || self.pending.is_some() || out.iter().any(Action::is_request) {
             return;
         }
         if self.retry.as_ref().is_some_and(|(at, _)| *at <= now) {
@@ -363,6 +379,10 @@ impl Keeper {
             out.extend(self.request(a, purpose));
             return;
         }
+        if self.config_unread && self.retry.is_none() {
+            out.extend(self.request(Action::GetConfig, None));
+            return;
+        }
         let Phase::Holding { reservation, .. } = self.phase else {
             return;
         };
@@ -378,6 +398,33 @@ impl Keeper {
             let a = self.resume();
             out.extend(self.request(a, None));
         }
+    }
+
+    /// The config read when the store answers after a start from the peer
+    /// cache. flannel reads the config once, at start; a start from the
+    /// cache ran on the config the node last saw, so it now does what that
+    /// read would have: the same meaning goes on (the text is the cache's
+    /// from now on), another meaning ends the daemon so that the service
+    /// manager restarts it on etcd's config. A deleted or invalid config
+    /// keeps the running one, as it would while running.
+    fn on_config(&mut self, text: Option<String>, out: &mut Vec<Action>) {
+        if let Some(t) = &text {
+            match NetworkConfig::parse(t) {
+                Ok(c) if c != self.s.cfg => {
+                    let etcd: Vec<&str> = t.split_whitespace().collect();
+                    out.push(Action::Fatal(format!(
+                        "the network config in etcd is not the one in the peer cache flanneld started from; exiting so that flanneld restarts on etcd's config: {}",
+                        etcd.join(" ")
+                    )));
+                    return;
+                }
+                Ok(_) => {
+                    tracing::info!("etcd answers: its network config is the one we started from")
+                }
+                Err(_) => {}
+            }
+        }
+        out.push(Action::ConfigChanged(text));
     }
 
     /// The write that renews our lease, on the revision we last saw.
@@ -813,6 +860,7 @@ impl Keeper {
 fn describe(a: &Action) -> &'static str {
     match a {
         Action::List => "listing leases",
+        Action::GetConfig => "reading the network config",
         Action::Write { .. } => "writing our lease",
         Action::Watch { .. } => "starting the watch",
         _ => "a store call",
@@ -1207,6 +1255,60 @@ mod tests {
         assert_eq!(bed.keeper.stats.renewals, 1);
         assert!(bed.keeper.watching());
         assert!(bed.moved().is_empty());
+    }
+
+    /// The config a cache-started keeper reads when the store answers:
+    /// the same meaning goes on, another ends the daemon before anything is
+    /// written under the cached config, a missing one keeps the running one.
+    #[test]
+    fn a_keeper_resumed_from_the_cache_reads_the_config_before_anything_else() {
+        let key = format!("{PREFIX}/config");
+        let resumed = |config: Option<&str>| {
+            let config = config.map(str::to_string);
+            let key = key.clone();
+            let mut bed = Bed::from_cache(NET, "10.44.1.0/24", &[], move |m, now| {
+                if let Some(c) = &config {
+                    m.put(&key, c.as_bytes(), None, now);
+                }
+                m.put_lease("10.44.1.0/24", [192, 168, 0, 1], now);
+                m.down = true;
+            });
+            bed.advance(Duration::from_secs(2));
+            assert!(!bed
+                .effects
+                .iter()
+                .any(|a| matches!(a, Action::ConfigChanged(_) | Action::Fatal(_))));
+            let written = bed.store.revision;
+            bed.store.down = false;
+            bed.advance(Duration::from_secs(6));
+            (bed, written)
+        };
+        let fatal = |bed: &Bed| {
+            bed.effects.iter().find_map(|a| match a {
+                Action::Fatal(why) => Some(why.clone()),
+                _ => None,
+            })
+        };
+
+        let same = format!("{{ \"Network\": \"{NET}\" }}");
+        let (bed, _) = resumed(Some(&same));
+        assert_eq!(fatal(&bed), None);
+        assert!(bed.effects.contains(&Action::ConfigChanged(Some(same))));
+        assert_eq!(bed.keeper.stats.renewals, 1);
+        assert!(bed.keeper.watching());
+
+        let other = r#"{"Network":"10.44.0.0/16","SubnetMax":"10.44.9.0"}"#;
+        let (bed, written) = resumed(Some(other));
+        let why = fatal(&bed).expect("another config ends the daemon");
+        assert!(why.contains("SubnetMax"), "{why}");
+        assert_eq!(bed.keeper.stats.renewals, 0);
+        assert_eq!(bed.store.revision, written, "nothing written");
+        assert!(!bed.keeper.watching());
+
+        let (bed, _) = resumed(None);
+        assert_eq!(fatal(&bed), None);
+        assert!(bed.effects.contains(&Action::ConfigChanged(None)));
+        assert_eq!(bed.keeper.stats.renewals, 1);
     }
 
     #[test]

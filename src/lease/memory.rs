@@ -27,7 +27,7 @@ struct Entry {
 /// The store.
 #[derive(Debug, Default)]
 pub struct Memory {
-    revision: i64,
+    pub revision: i64,
     keys: BTreeMap<String, Entry>,
     log: Vec<(i64, WatchEvent)>,
     /// Revisions up to here are gone from the log.
@@ -338,6 +338,10 @@ impl Bed {
             let input = match a {
                 Action::List => match self.store.list() {
                     Ok((leases, revision)) => Input::Listed { leases, revision },
+                    Err(e) => Input::Failed(e),
+                },
+                Action::GetConfig => match self.store.get_config() {
+                    Ok(text) => Input::Config(text),
                     Err(e) => Input::Failed(e),
                 },
                 Action::Write {

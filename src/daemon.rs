@@ -165,8 +165,8 @@ struct Control<'a> {
     /// The iptables/nftables rules we keep in place.
     rules: Option<masq::RuleSet>,
     rules_failing: bool,
-    /// A rules check that outlived [`RULES_TIMEOUT`], still running.
-    rules_inflight: Option<tokio::task::JoinHandle<std::io::Result<bool>>>,
+    /// The rules check running on a blocking thread, if one is.
+    rules_inflight: Option<RulesCheck>,
     opts: &'a Options,
     cfg: NetworkConfig,
     cfg_text: String,
@@ -184,9 +184,27 @@ struct Control<'a> {
     direct: DirectRoutes,
 }
 
-/// How long the control loop waits for one iptables/nftables check: the
-/// loop also renews the lease and follows the watch, and must not stall.
+/// A rules check (iptables-save/-restore or nft) on a blocking thread. The
+/// control loop never waits for one (it renews the lease and follows the
+/// watch meanwhile); one that runs longer than this is reported once, and
+/// no second check is started until it returns.
 const RULES_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct RulesCheck {
+    handle: tokio::task::JoinHandle<std::io::Result<bool>>,
+    started: Instant,
+    reported: bool,
+}
+
+/// The running check's result; pending without one.
+async fn rules_result(
+    c: &mut Option<RulesCheck>,
+) -> Result<std::io::Result<bool>, tokio::task::JoinError> {
+    match c {
+        Some(c) => (&mut c.handle).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// The peer cache is rewritten at most this often (a busy cluster changes
 /// leases many times a second; the cache only has to be roughly current,
@@ -305,30 +323,35 @@ impl DirectRoutes {
 
 impl Control<'_> {
     /// Checks our iptables rules and restores them if someone removed them.
-    async fn resync_rules(&mut self) {
+    /// Starts a rules check unless one runs; reports one that runs too long.
+    fn start_rules_check(&mut self) {
         let Some(rules) = self.rules.clone() else {
             return;
         };
-        // One check at a time: a call that outlived its time (a hung
-        // iptables, a lock never released) is not stacked upon.
-        if let Some(h) = &self.rules_inflight {
-            if !h.is_finished() {
-                return;
-            }
-            self.rules_inflight = None;
-        }
-        let mut h = tokio::task::spawn_blocking(move || rules.ensure());
-        let r = match tokio::time::timeout(RULES_TIMEOUT, &mut h).await {
-            Ok(r) => r,
-            Err(_) => {
+        if let Some(c) = &mut self.rules_inflight {
+            if !c.reported && c.started.elapsed() >= RULES_TIMEOUT {
+                c.reported = true;
                 tracing::error!(
                     "applying iptables rules did not finish within {} s (a hung iptables or a held xtables lock); the control loop goes on, and the rules are checked again once that call returns",
                     RULES_TIMEOUT.as_secs()
                 );
-                self.rules_inflight = Some(h);
-                return;
             }
-        };
+            return;
+        }
+        self.rules_inflight = Some(RulesCheck {
+            handle: tokio::task::spawn_blocking(move || rules.ensure()),
+            started: Instant::now(),
+            reported: false,
+        });
+    }
+
+    /// The check started by [`Control::start_rules_check`] returned.
+    fn rules_done(&mut self, r: Result<std::io::Result<bool>, tokio::task::JoinError>) {
+        if let Some(c) = self.rules_inflight.take() {
+            if c.reported {
+                tracing::warn!(took = ?c.started.elapsed(), "the slow iptables call returned");
+            }
+        }
         match r {
             Ok(Ok(false)) => {}
             Ok(Ok(true)) => {
@@ -342,6 +365,18 @@ impl Control<'_> {
             _ => return,
         }
         self.rules_failing = false;
+    }
+
+    /// The first check, before READY: waited for, up to [`RULES_TIMEOUT`].
+    async fn first_rules(&mut self) {
+        self.start_rules_check();
+        let Some(c) = &mut self.rules_inflight else {
+            return;
+        };
+        match tokio::time::timeout(RULES_TIMEOUT, &mut c.handle).await {
+            Ok(r) => self.rules_done(r),
+            Err(_) => self.start_rules_check(),
+        }
     }
 
     /// Carries out the keeper's effects.
@@ -846,7 +881,7 @@ pub async fn run<S: LeaseStore>(
     };
     ctl.save(&keeper);
     // Rules before READY: a workload started on READY gets them.
-    ctl.resync_rules().await;
+    ctl.first_rules().await;
     stats.ready.store(true, Ordering::Relaxed);
     ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
     let result = loop {
@@ -868,9 +903,10 @@ pub async fn run<S: LeaseStore>(
             }
             _ = sleep_until(wakeup(&keeper)) => driver.tick(&mut keeper),
             _ = rules_tick.tick() => {
-                ctl.resync_rules().await;
+                ctl.start_rules_check();
                 ctl.save_if_due(&keeper);
             }
+            r = rules_result(&mut ctl.rules_inflight) => ctl.rules_done(r),
             item = next_item(&mut driver.watch), if driver.watch.is_some() => {
                 let input = match item {
                     Ok(item) => {
@@ -894,10 +930,16 @@ pub async fn run<S: LeaseStore>(
     ops::sd_notify("STOPPING=1");
     tracing::info!("shutting down; the lease stays in etcd");
     if let Some(rules) = ctl.rules.clone() {
-        match tokio::task::spawn_blocking(move || rules.remove()).await {
-            Ok(Ok(())) => tracing::info!("removed our iptables rules"),
+        // Bounded like a check: a hung iptables must not hang the exit.
+        let removal = tokio::task::spawn_blocking(move || rules.remove());
+        match tokio::time::timeout(RULES_TIMEOUT, removal).await {
+            Ok(Ok(Ok(()))) => tracing::info!("removed our iptables rules"),
+            Ok(Ok(Err(e))) => tracing::warn!("removing our iptables rules: {e}"),
             Ok(Err(e)) => tracing::warn!("removing our iptables rules: {e}"),
-            Err(e) => tracing::warn!("removing our iptables rules: {e}"),
+            Err(_) => tracing::error!(
+                "removing our iptables rules did not finish within {} s; leaving them",
+                RULES_TIMEOUT.as_secs()
+            ),
         }
     }
     if ctl.cache_dirty {

@@ -403,6 +403,9 @@ fn main() -> ExitCode {
         let store = EtcdStore::connect(&etcd).await?;
         daemon::run(store, opts, shutdown).await
     });
+    // A blocking call that hangs (an iptables never returning) must not
+    // hold the exit: the runtime's drop would wait for it forever.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -352,6 +352,24 @@ fn a_re_create_refused_while_the_watch_is_healthy_is_retried() {
             (log.contains("etcd refuses us") || log.contains("re-creating lease")).then_some(())
         },
     );
+    // Each refused attempt was granted an etcd lease before its write: none
+    // is left behind (before: one per attempt, each living a day). Left:
+    // the deleted key's own lease, and at most one attempt in flight.
+    wait_for("three refused re-creates", Duration::from_secs(20), || {
+        (bed.log(0).matches("etcd refuses us").count() >= 3).then_some(())
+    });
+    let listed = bed.etcdctl(&["lease", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let leases = listed
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    println!(
+        "etcd leases after {} refused writes: {leases}",
+        bed.log(0).matches("etcd refuses us").count()
+    );
+    assert!(leases <= 2, "{listed}");
     // Before, a failed re-create was retried only after a re-list, which a
     // healthy watch never needs: the lease stayed gone.
     grant(&bed, "readwrite");

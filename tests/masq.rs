@@ -495,3 +495,125 @@ fn a_busy_xtables_lock_delays_the_rules_instead_of_failing_them() {
     assert!(!text.contains("applying iptables rules failed"), "{text}");
     assert!(term_child(&mut child));
 }
+
+/// An iptables that hangs (a wedged kernel lock, a stuck NFS-mounted
+/// binary): the rules check is given 10 s, then the control loop goes on —
+/// the lease is renewed and peers are followed while the call hangs — and
+/// no second check is stacked on the hung one. The hang is the real
+/// `iptables-legacy-save` held back by a wrapper while a marker file exists.
+#[test]
+fn a_hung_iptables_never_stalls_the_control_loop() {
+    const PORT: u16 = 9131;
+    let mut bed = Bed::new(2);
+    bed.start_ready(1);
+    let bin = bed.dir.join("hang-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let marker = bed.dir.join("hang");
+    let save = bin.join("iptables-save");
+    std::fs::write(
+        &save,
+        format!(
+            "#!/bin/sh\nwhile [ -e {} ]; do sleep 0.1; done\nexec /usr/sbin/iptables-legacy-save \"$@\"\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&save, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = std::os::unix::fs::symlink(
+        "/usr/sbin/iptables-legacy-restore",
+        bin.join("iptables-restore"),
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let h = &bed.hosts[0];
+    let log = bed.dir.join("hang.log");
+    let _ = std::fs::remove_file(&h.subnet_file);
+    let (mut child, sn) = spawn_until_lease(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(flanneld_bin())
+            .arg(format!("--etcd-endpoints={}", bed.endpoint))
+            .arg(format!("--subnet-file={}", h.subnet_file.display()))
+            .args([
+                "--ip-masq",
+                "--iptables-forward-rules=false",
+                "--iptables-resync=1",
+                "--subnet-lease-ttl=6",
+                &format!("--healthz-port={PORT}"),
+            ])
+            .env("PATH", &path),
+        &log,
+        &h.subnet_file.clone(),
+        "a lease",
+    );
+    let ns0 = bed.ns(0);
+    let renewals = || {
+        metric(
+            &http_get(&ns0, PORT, "/metrics").expect("metrics").1,
+            "flannel_lease_renewals_total",
+        )
+    };
+    wait_for("the rules", Duration::from_secs(10), || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns0,
+            "iptables-legacy-save",
+            "-t",
+            "nat",
+        ])
+        .contains("FLANNEL-POSTRTG")
+        .then_some(())
+    });
+    std::fs::write(&marker, b"").unwrap();
+    let hung = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &save.display().to_string()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    wait_for("a check to hang", Duration::from_secs(5), || {
+        (hung() >= 1).then_some(())
+    });
+    let before = renewals();
+    let t = Instant::now();
+    // While it hangs (longer than two TTLs): renewals go on, a peer's
+    // deleted lease is followed, one hung call only.
+    let sn1 = flannel::subnet_env::read_previous_subnet(&bed.hosts[1].subnet_file).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    bed.stop(1, libc::SIGTERM);
+    bed.del(&key_of(sn1));
+    let mut most = 0;
+    while t.elapsed() < Duration::from_secs(14) {
+        most = most.max(hung());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let during = renewals() - before;
+    let text = std::fs::read_to_string(&log).unwrap();
+    println!("iptables hung 14 s: {during} renewals meanwhile, at most {most} hung checks at once");
+    assert!(during >= 3, "{during} renewals\n{text}");
+    assert_eq!(most, 1, "{text}");
+    assert!(text.contains("did not finish within 10 s"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("peer removed") && l.contains(&sn1.to_string())),
+        "{text}"
+    );
+    assert!(
+        bed.lease_id(&key_of(sn)).is_some(),
+        "our lease expired\n{text}"
+    );
+    // The hang ends: checks resume and the daemon is still well.
+    std::fs::remove_file(&marker).unwrap();
+    wait_for("the checks to resume", Duration::from_secs(10), || {
+        (hung() == 0).then_some(())
+    });
+    assert!(child.try_wait().unwrap().is_none(), "{text}");
+    assert!(term_child(&mut child));
+}

@@ -28,6 +28,38 @@ fn from_icmp(e: &io::Error) -> bool {
     )
 }
 
+/// Receive errors since the last datagram: ICMP reports are normal however
+/// often they come; any other error that repeats [`MAX_RX_ERRORS_IN_A_ROW`]
+/// times with no datagram between is a broken socket.
+#[derive(Debug, Default)]
+struct RxErrors {
+    in_a_row: u32,
+}
+
+impl RxErrors {
+    /// One error: `Err` when the socket is to be taken as broken.
+    fn on_error(&mut self, e: &io::Error) -> io::Result<()> {
+        if !from_icmp(e) {
+            self.in_a_row += 1;
+        }
+        if self.in_a_row >= MAX_RX_ERRORS_IN_A_ROW {
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "receiving on the UDP socket failed {} times in a row: {e}",
+                    self.in_a_row
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A datagram arrived (or the socket was drained).
+    fn on_success(&mut self) {
+        self.in_a_row = 0;
+    }
+}
+
 /// Datagrams (or GRO trains) in batches; each inner packet validated; with
 /// a vnet TUN, runs of one TCP flow are coalesced into one write.
 pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
@@ -40,7 +72,7 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
     let mut gro = offload::GroTable::new();
     let sock = w.sock.as_raw_fd();
     let encap = w.shared.encap;
-    let mut errors_in_a_row = 0u32;
+    let mut errors = RxErrors::default();
     Box::new(move || {
         let mut got = 0;
         loop {
@@ -61,19 +93,11 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
                         .ingress
                         .rx_errors
                         .fetch_add(1, Ordering::Relaxed);
-                    if !from_icmp(&e) {
-                        errors_in_a_row += 1;
-                    }
-                    if errors_in_a_row >= MAX_RX_ERRORS_IN_A_ROW {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            format!("receiving on the UDP socket failed {errors_in_a_row} times in a row: {e}"),
-                        ));
-                    }
+                    errors.on_error(&e)?;
                     break;
                 }
             };
-            errors_in_a_row = 0;
+            errors.on_success();
             if n == 0 {
                 break;
             }
@@ -209,5 +233,27 @@ mod tests {
         for e in [libc::EBADF, libc::ENOTSOCK, libc::EFAULT, libc::ENOMEM] {
             assert!(!from_icmp(&io::Error::from_raw_os_error(e)), "{e}");
         }
+    }
+
+    #[test]
+    fn only_an_error_repeated_with_no_datagram_between_breaks_the_socket() {
+        let bad = io::Error::from_raw_os_error(libc::ENOMEM);
+        let icmp = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        let mut r = RxErrors::default();
+        // ICMP reports never add up, interleaved or alone.
+        for _ in 0..3 * MAX_RX_ERRORS_IN_A_ROW {
+            r.on_error(&icmp).unwrap();
+        }
+        // An ICMP report between does not reset the run; a datagram does.
+        for _ in 0..MAX_RX_ERRORS_IN_A_ROW - 1 {
+            r.on_error(&bad).unwrap();
+            r.on_error(&icmp).unwrap();
+        }
+        r.on_success();
+        for _ in 0..MAX_RX_ERRORS_IN_A_ROW - 1 {
+            r.on_error(&bad).unwrap();
+        }
+        let e = r.on_error(&bad).unwrap_err();
+        assert!(e.to_string().contains("10000 times in a row"), "{e}");
     }
 }

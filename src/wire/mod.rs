@@ -6,6 +6,7 @@
 
 use std::net::Ipv4Addr;
 
+mod checksum;
 pub mod ether;
 
 mod field {
@@ -214,31 +215,7 @@ pub fn checksum(data: &[u8]) -> u16 {
     !fold(sum(data, 0))
 }
 
-/// One's-complement sum of `data` (big-endian 16-bit words, odd byte padded)
-/// added to `initial`, not folded: sums of pieces can be added together.
-#[inline]
-pub fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        // Add the two 32-bit halves; u64 cannot overflow for any IP-sized buffer.
-        acc += (w >> 32) + (w & 0xffff_ffff);
-    }
-    let mut rest = chunks.remainder();
-    if rest.len() >= 4 {
-        acc += u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as u64;
-        rest = &rest[4..];
-    }
-    if rest.len() >= 2 {
-        acc += u16::from_be_bytes([rest[0], rest[1]]) as u64;
-        rest = &rest[2..];
-    }
-    if let Some(&b) = rest.first() {
-        acc += (b as u64) << 8;
-    }
-    acc
-}
+pub use checksum::{sum, sum_reference};
 
 /// Folds a [`sum`] to 16 bits (not complemented).
 #[inline]

@@ -203,6 +203,49 @@ def cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_times():
+    """(busy, idle) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(v[:8]) - idle) / hz, idle / hz
+
+
+def profile(name, dst, args, pids):
+    """One TCP stream under `perf record -a -g`: the machine's idle share,
+    the top symbols (whole machine, and our daemons' threads), written to
+    <out>/profile-<case>.txt."""
+    os.makedirs(args.out, exist_ok=True)
+    data = f"{work}/perf-{name}.data"
+    b0, i0 = machine_times()
+    rec = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "999", "-o", data, "--", "sleep", str(args.seconds)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gbps, _ = tcp(dst, args.seconds, 1)
+    rec.wait()
+    b1, i1 = machine_times()
+    idle = (i1 - i0) / ((b1 - b0) + (i1 - i0))
+    report = lambda *a: sh("perf", "report", "-i", data, "--no-children", "--percent-limit", "0.7",
+                           "--stdio", "-g", "none", *a, check=False).stdout
+    lines = [l for l in report("--sort", "sym").splitlines() if l.strip() and not l.startswith("#")]
+    comms = [l for l in report("--sort", "comm").splitlines() if l.strip() and not l.startswith("#")]
+    text = (f"{name}: TCP 1 stream {gbps:.2f} Gbit/s under perf; machine idle {idle:.1%}\n\nby command:\n"
+            + "\n".join(comms[:12]) + "\n\nby symbol:\n" + "\n".join(lines[:30]) + "\n")
+    # Where threads go to sleep: the context switches' stacks (off-CPU causes).
+    sched = f"{work}/sched-{name}.data"
+    rec = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "sched:sched_switch", "-o", sched, "--",
+                            "sleep", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tcp(dst, 3, 1)
+    rec.wait()
+    sw = sh("perf", "report", "-i", sched, "--no-children", "--stdio", "--sort", "comm,sym", "-g",
+            "caller,0.5,callee,function,percent", "--percent-limit", "3", check=False).stdout
+    text += "\ncontext switches (who sleeps, and where):\n" + "\n".join(
+        l for l in sw.splitlines()[:120] if l.strip() and not l.startswith("#")) + "\n"
+    with open(f"{args.out}/profile-{name}.txt", "w") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
 def machine_busy_seconds():
     """CPU seconds the whole machine spent not idle, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -247,6 +290,8 @@ def measure(name, dst, args, daemons=None):
     if pids:
         r["cpu_s_per_gb"] = cpu / (moved / 1e9) if moved else None
         r["peak_rss_mb"] = peak_rss_mb(pids)
+    if name in args.profile:
+        profile(name, dst, args, pids)
     print(f"  {name:12s} " + " ".join(f"{k}={v:.3g}" for k, v in r.items()
                                         if isinstance(v, float)), flush=True)
     return r
@@ -338,10 +383,16 @@ def main():
     ap.add_argument("--out", default="target/e2e")
     ap.add_argument("--smoke", action="store_true", help="CI: vxlan and flannel-on only, 1 s, one rep")
     ap.add_argument("--flannel-arg", action="append", default=[], help="extra flanneld flag (repeatable)")
+    ap.add_argument("--profile", default="", help="comma-separated cases to profile with perf "
+                    "(one more TCP stream each; report in <out>/profile-<case>.txt)")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=BIN",
+                    help="also run flannel-on with another flanneld build, as case flannel-on@NAME "
+                    "(a before/after in one run; repeatable)")
     ap.add_argument("--cases", default="", help="comma-separated subset: veth,vxlan,flannel-off,flannel-on,"
                     "flannel-vxlan,kernel-to-flannel-vxlan,flannel-on-pmtu1400")
     args = ap.parse_args()
     EXTRA.extend(args.flannel_arg)
+    args.profile = [c for c in args.profile.split(",") if c]
     want = lambda c: not args.cases or c in args.cases.split(",")
     if args.smoke:
         args.reps, args.seconds, args.pings = 1, 1, 20
@@ -359,6 +410,11 @@ def main():
                 continue
             daemons, addr = start_flannel(args.bin, mode)
             results.append(measure(name, addr, args, daemons))
+            stop(daemons)
+        for spec in args.compare:
+            label, _, binary = spec.partition("=")
+            daemons, addr = start_flannel(binary, "auto")
+            results.append(measure(f"flannel-on@{label}", addr, args, daemons))
             stop(daemons)
         if want("flannel-vxlan") or want("kernel-to-flannel-vxlan"):
             etcdctl("put", "/coreos.com/network/config", VXLAN_CONFIG)

@@ -194,9 +194,9 @@ struct Cli {
     worker_threads: flannel::datapath::WorkerThreads,
 
     /// After traffic, keep polling the TUN and socket this long without
-    /// sleeping before waiting again (Go duration: 20us, 1ms; 0 never
-    /// spins). Saves the wake-up of the next packet of an exchange; an idle
-    /// daemon sleeps.
+    /// sleeping before waiting again, yielding the CPU between polls (Go
+    /// duration: 20us, 1ms; 0 never polls). Saves the wake-up of the next
+    /// packet of an exchange; an idle daemon sleeps.
     #[arg(long, env = "FLANNELD_BUSY_POLL", default_value = "20us", value_parser = flannel::goflags::parse_duration)]
     busy_poll: std::time::Duration,
 

@@ -303,7 +303,8 @@ pub(crate) type Drain<'a> = Box<dyn FnMut() -> io::Result<usize> + 'a>;
 /// After a drain that found work, keeps draining without sleeping until
 /// `window` passes with nothing new (`--busy-poll`): the next packet of an
 /// exchange (a ping's reply, a TCP ACK) is then picked up without a
-/// wake-up. Zero: never spins.
+/// wake-up (a halted vCPU costs an IPI through the hypervisor to wake).
+/// Between drains the thread yields its CPU. Zero: never polls.
 fn busy_window(
     window: Duration,
     stop: &StopFd,
@@ -319,7 +320,14 @@ fn busy_window(
         } else if Instant::now() >= until {
             break;
         } else {
-            std::hint::spin_loop();
+            // Yield, not spin: a runnable thread on this CPU (the
+            // application the packets are for, the other direction's
+            // thread) runs now instead of waiting for our window to end,
+            // and with nothing else runnable this returns at once. On
+            // 2 vCPUs: TCP-1 +23 %, UDP 64 B +40 % against a spin (the
+            // README's figures of 2026-12-06).
+            // SAFETY: no arguments, no memory.
+            unsafe { libc::sched_yield() };
         }
     }
     Ok(())

@@ -14,16 +14,25 @@ const WIDE_FROM: usize = 128;
 /// One's-complement sum of `data` (big-endian 16-bit words, odd byte padded)
 /// added to `initial`, not folded: sums of pieces can be added together
 /// (a piece of odd length must be the last). For buffers under 4 GiB.
-#[inline]
+#[inline(always)]
 pub fn sum(data: &[u8], initial: u64) -> u64 {
     initial + u16::from_be(super::fold(native(data))) as u64
 }
 
-/// The native-order sum, unfolded.
-#[inline]
+/// The native-order sum, unfolded: headers (addresses, a TCP header)
+/// inline where they are summed, payloads out of line in the wide build.
+#[inline(always)]
 fn native(data: &[u8]) -> u64 {
+    if data.len() < WIDE_FROM {
+        return lanes(data);
+    }
+    wide(data)
+}
+
+#[inline(never)]
+fn wide(data: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if data.len() >= WIDE_FROM && std::is_x86_feature_detected!("avx2") {
+    if std::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present (checked just above).
         return unsafe { lanes_avx2(data) };
     }

@@ -776,6 +776,11 @@ pub async fn run<S: LeaseStore>(
         return Ok(());
     };
     let Start { cfg, text, cached } = start;
+    let config_source = if cached.is_some() {
+        "the peer cache"
+    } else {
+        "etcd"
+    };
     tracing::info!(network = %cfg.network, subnet_len = cfg.subnet_len, port = cfg.port, "network config");
     let vtep_mac = match cfg.backend {
         Backend::Vxlan(_) => {
@@ -882,6 +887,16 @@ pub async fn run<S: LeaseStore>(
     ctl.save(&keeper);
     // Rules before READY: a workload started on READY gets them.
     ctl.first_rules().await;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        backend = ctl.cfg.backend.type_name(),
+        subnet = %own,
+        mtu,
+        iface = %ext.name,
+        %public_ip,
+        config = config_source,
+        "flanneld started"
+    );
     stats.ready.store(true, Ordering::Relaxed);
     ops::sd_notify(&format!("READY=1\nSTATUS=subnet {own} on {tun_name}"));
     let result = loop {

@@ -36,6 +36,76 @@ pub fn normalize<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString> {
     out
 }
 
+/// Go flanneld's logging flags (klog's): harmless here, accepted and
+/// ignored. `true`: the flag takes a value (`--vmodule x` or `=x`).
+const IGNORED: &[(&str, bool)] = &[
+    ("logtostderr", false),
+    ("alsologtostderr", false),
+    ("stderrthreshold", true),
+    ("vmodule", true),
+    ("log_backtrace_at", true),
+    ("log_dir", true),
+    ("log_file", true),
+    ("add_dir_header", false),
+    ("skip_headers", false),
+];
+
+/// Go flanneld's flags for what this flanneld does not do, and what to
+/// use instead.
+const REFUSED: &[(&str, &str)] = &[
+    ("kube-subnet-mgr", "the Kubernetes subnet manager is not implemented: run flanneld with etcd (--etcd-endpoints)"),
+    ("kube-api-url", "the Kubernetes subnet manager is not implemented: run flanneld with etcd (--etcd-endpoints)"),
+    ("kubeconfig-file", "the Kubernetes subnet manager is not implemented: run flanneld with etcd (--etcd-endpoints)"),
+    ("kube-annotation-prefix", "the Kubernetes subnet manager is not implemented: run flanneld with etcd (--etcd-endpoints)"),
+    ("set-node-network-unavailable", "it only acts with the Kubernetes subnet manager, which is not implemented: run flanneld with etcd (--etcd-endpoints)"),
+    ("net-config-path", "the network config is read from etcd: put the file's JSON at <prefix>/config (etcdctl put /coreos.com/network/config \"$(cat net-conf.json)\")"),
+    ("ip-blackhole-route", "it is not implemented: add the route yourself (ip route add blackhole <subnet>)"),
+    ("public-ipv6", "IPv6 is not supported: flanneld carries IPv4 only"),
+    ("iface-v6", "IPv6 is not supported: flanneld carries IPv4 only"),
+    ("auto-detect-ipv6", "IPv6 is not supported: flanneld carries IPv4 only"),
+];
+
+/// Takes Go flanneld's flags out of `args` (after [`normalize`]): the
+/// harmless ones are dropped and named in the second list (to warn about),
+/// one we cannot honour is an error that says what to use instead.
+pub fn strip_go_only(args: Vec<OsString>) -> Result<(Vec<OsString>, Vec<String>), String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut ignored = Vec::new();
+    let mut it = args.into_iter();
+    let mut rest = false;
+    while let Some(a) = it.next() {
+        let Some(s) = a.to_str().filter(|_| !rest) else {
+            out.push(a);
+            continue;
+        };
+        if s == "--" {
+            rest = true;
+            out.push(a);
+            continue;
+        }
+        let Some(flag) = s.strip_prefix("--") else {
+            out.push(a);
+            continue;
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (flag, false),
+        };
+        if let Some(&(_, why)) = REFUSED.iter().find(|(n, _)| *n == name) {
+            return Err(format!("--{name} (Go flanneld's) is not supported: {why}"));
+        }
+        if let Some(&(_, takes)) = IGNORED.iter().find(|(n, _)| *n == name) {
+            if takes && !value {
+                it.next();
+            }
+            ignored.push(name.to_string());
+            continue;
+        }
+        out.push(a);
+    }
+    Ok((out, ignored))
+}
+
 /// A boolean as Go's `strconv.ParseBool` reads it: 1, t, T, TRUE, true,
 /// True, 0, f, F, FALSE, false, False.
 pub fn parse_bool(s: &str) -> Result<bool, String> {
@@ -173,5 +243,43 @@ mod tests {
             unknown_env(env, &["FLANNELD_IFACE"]),
             ["FLANNELD_A", "FLANNELD_KUBE_SUBNET_MGR"]
         );
+    }
+
+    #[test]
+    fn go_only_flags_are_dropped_or_refused_with_a_way_out() {
+        let v = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        let (args, ignored) = strip_go_only(v(&[
+            "flanneld",
+            "--logtostderr",
+            "--v=2",
+            "--vmodule",
+            "x=3",
+            "--stderrthreshold=INFO",
+            "--iface",
+            "eth0",
+            "--",
+            "--logtostderr",
+        ]))
+        .unwrap();
+        assert_eq!(
+            args,
+            v(&[
+                "flanneld",
+                "--v=2",
+                "--iface",
+                "eth0",
+                "--",
+                "--logtostderr"
+            ])
+        );
+        assert_eq!(ignored, ["logtostderr", "vmodule", "stderrthreshold"]);
+        let e = strip_go_only(v(&["flanneld", "--kube-subnet-mgr"])).unwrap_err();
+        assert!(e.contains("--etcd-endpoints"), "{e}");
+        let e = strip_go_only(v(&[
+            "flanneld",
+            "--net-config-path=/etc/kube-flannel/net-conf.json",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("<prefix>/config"), "{e}");
     }
 }

@@ -21,6 +21,7 @@ pub mod netlink;
 pub mod ops;
 pub mod peer_cache;
 pub mod routes;
+pub mod startup;
 pub mod subnet;
 pub mod subnet_env;
 pub mod wire;

@@ -287,16 +287,19 @@ enum LogFormat {
 
 fn init_logs(v: u8, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
+    // -v raises our own crates' level only: the libraries' debug output
+    // (gRPC, HTTP/2) drowns ours and says nothing an operator needs.
     let level = match v {
         0 => "info",
-        1..=3 => "debug",
-        _ => "trace",
+        1..=3 => "info,flannel=debug,flanneld=debug",
+        _ => "info,flannel=trace,flanneld=trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        // Module paths at -v 1 and above, where they help find the code.
+        .with_target(v > 0);
     match format {
         LogFormat::Text => b
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -343,12 +346,83 @@ fn warn_unknown_env() {
     }
 }
 
+/// Go flanneld skips an empty FLANNELD_* variable (an env file's
+/// `FLANNELD_IFACE=` placeholder); so do we, instead of failing on it.
+fn drop_empty_env() {
+    for (k, v) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("FLANNELD_")) && v.is_empty() {
+            std::env::remove_var(&k);
+        }
+    }
+}
+
+/// Parses the command line; an invalid value names the flag and the
+/// environment variable that may have set it.
+fn parse_cli() -> Result<(Cli, Vec<String>), ExitCode> {
+    let args = flannel::goflags::normalize(std::env::args_os());
+    let (args, ignored) = match flannel::goflags::strip_go_only(args) {
+        Ok(a) => a,
+        Err(why) => {
+            eprintln!("flanneld: {why}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok((cli, ignored)),
+        Err(e) => {
+            use clap::error::{ContextKind, ContextValue};
+            let _ = e.print();
+            if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+                if let Some(flag) = arg
+                    .strip_prefix("--")
+                    .and_then(|a| a.split([' ', '=']).next())
+                {
+                    eprintln!(
+                        "  (the value comes from {}, whichever is set)",
+                        flannel::startup::setting(flag)
+                            .replace(" (", " or the environment variable ")
+                            .trim_end_matches(')')
+                    );
+                }
+            }
+            Err(ExitCode::from(e.exit_code() as u8))
+        }
+    }
+}
+
+/// What is checked before anything is touched (no lease, no device).
+fn check(cli: &Cli) -> Result<(), String> {
+    use flannel::startup::{check_endpoints, check_pair, check_tun_name};
+    check_endpoints(&cli.etcd_endpoints)?;
+    check_pair(
+        ("etcd-username", cli.etcd_username.is_some()),
+        ("etcd-password", cli.etcd_password.is_some()),
+    )?;
+    check_pair(
+        ("etcd-certfile", cli.etcd_certfile.is_some()),
+        ("etcd-keyfile", cli.etcd_keyfile.is_some()),
+    )?;
+    check_tun_name(&cli.tun_name)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let mut cli = Cli::parse_from(flannel::goflags::normalize(std::env::args_os()));
+    drop_empty_env();
+    let (mut cli, ignored) = match parse_cli() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     if let Some(cmd) = cli.command.take() {
         return mk_docker_opts(cmd);
     }
     init_logs(cli.verbosity, cli.log_format);
+    for flag in ignored {
+        tracing::warn!("--{flag} is Go flanneld's logging flag; ignored (logs go to stderr; -v sets the level)");
+    }
+    if let Err(why) = check(&cli) {
+        tracing::error!("{why}");
+        return ExitCode::FAILURE;
+    }
     warn_unknown_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -398,6 +472,9 @@ fn main() -> ExitCode {
         no_netlink_config: cli.no_netlink_config,
         healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),
     };
+    // At -v 1 and above: the settings in effect (no secrets: the etcd
+    // password is not among them).
+    tracing::debug!(options = ?opts, "settings");
     let result = rt.block_on(async {
         let shutdown = shutdown_signal()?;
         let store = EtcdStore::connect(&etcd).await?;
@@ -409,8 +486,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Once, in the log's format (JSON with --log-format json).
             tracing::error!("{e:#}");
-            eprintln!("flanneld: {e:#}");
             ExitCode::FAILURE
         }
     }

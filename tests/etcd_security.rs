@@ -300,6 +300,9 @@ fn a_key_file_without_a_certificate_is_refused_not_ignored() {
         status.is_some_and(|s| !s.success()),
         "a lone key file must fail: {err}"
     );
-    assert!(err.contains("--etcd-certfile and --etcd-keyfile"), "{err}");
+    assert!(
+        err.contains("--etcd-keyfile (FLANNELD_ETCD_KEYFILE) is given without --etcd-certfile"),
+        "{err}"
+    );
     assert!(bed.leases().is_empty(), "it went on in plaintext");
 }

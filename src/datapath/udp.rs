@@ -17,22 +17,20 @@ pub fn enable_offloads(s: &UdpSocket) -> (bool, bool) {
     (gro, gso)
 }
 
-/// A worker's send socket on `port` (the next free one above it if taken:
-/// any port keeps the flow entropy; the peers ignore it).
+/// A worker's send socket on `port` (Backend.Port + 1 + k). A port that is
+/// taken is an error, never a silent move to an ephemeral port: firewalls
+/// are told which source ports our datagrams come from.
 pub fn send_socket(bind: SocketAddrV4, port: u16) -> io::Result<UdpSocket> {
-    match bind_udp(SocketAddrV4::new(*bind.ip(), port), false) {
-        Ok(s) => Ok(s),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let s = bind_udp(SocketAddrV4::new(*bind.ip(), 0), false)?;
-            tracing::warn!(
-                port,
-                used = s.local_addr().map(|a| a.port()).unwrap_or(0),
-                "a worker's source port is taken; sending from another"
-            );
-            Ok(s)
+    bind_udp(SocketAddrV4::new(*bind.ip(), port), false).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                e.kind(),
+                format!("{e}: --udp-source-ports=per-worker sends worker k's datagrams from Backend.Port+1+k and UDP {port} is taken; free it, or use --udp-source-ports=fixed (every datagram from Backend.Port)"),
+            )
+        } else {
+            e
         }
-        Err(e) => Err(e),
-    }
+    })
 }
 
 /// Binds a backend UDP socket to `addr:port`, non-blocking.

@@ -171,6 +171,7 @@ struct Control<'a> {
     cfg: NetworkConfig,
     cfg_text: String,
     tun_index: u32,
+    tun_name: String,
     mtu: u32,
     routes: Arc<RouteTable>,
     stats: Arc<Stats>,
@@ -413,8 +414,48 @@ impl Control<'_> {
             }
         }
         export(&keeper.stats, &self.stats);
+        self.export_status(keeper);
         self.save_if_due(keeper);
         Ok(())
+    }
+
+    /// Refreshes what `/status` shows and the lease-expiry gauge.
+    fn export_status(&self, keeper: &Keeper) {
+        let unix = |t: Option<Instant>| {
+            t.map(|t| {
+                let ago = Instant::now().saturating_duration_since(t);
+                let ahead = t.saturating_duration_since(Instant::now());
+                (std::time::SystemTime::now() + ahead - ago)
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            })
+        };
+        let expires = unix(keeper.expires_at().map(Instant::from_std));
+        self.stats
+            .lease_expiry_unix
+            .store(expires.unwrap_or(0), Ordering::Relaxed);
+        let view = ops::StatusView {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            backend: self.cfg.backend.type_name().to_string(),
+            network: self.cfg.network.to_string(),
+            subnet: keeper.own().map(|s| s.to_string()),
+            tun: Some(self.tun_name.clone()),
+            mtu: Some(self.mtu),
+            public_ip: self.public_ip.to_string(),
+            lease_expires: expires,
+            last_etcd_contact: unix(keeper.last_contact().map(Instant::from_std)),
+            peers: keeper
+                .peers()
+                .iter()
+                .map(|(sn, p)| ops::PeerView {
+                    subnet: sn.to_string(),
+                    public_ip: p.ip.to_string(),
+                })
+                .collect(),
+            ready: false,
+        };
+        *self.stats.status.lock().unwrap_or_else(|e| e.into_inner()) = view;
     }
 
     /// Writes the peer cache if it changed and was not written lately.
@@ -874,6 +915,7 @@ pub async fn run<S: LeaseStore>(
         cfg,
         cfg_text: text,
         tun_index: netlink::if_index(&tun_name)?,
+        tun_name: tun_name.clone(),
         mtu,
         routes,
         stats: stats.clone(),
@@ -885,6 +927,7 @@ pub async fn run<S: LeaseStore>(
         direct,
     };
     ctl.save(&keeper);
+    ctl.export_status(&keeper);
     // Rules before READY: a workload started on READY gets them.
     ctl.first_rules().await;
     tracing::info!(

@@ -213,6 +213,20 @@ struct Cli {
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
+    /// The running daemon's state (lease, expiry, peers, backend, last etcd
+    /// answer), from its ops endpoint's /status. Exit 0 ready, 1 not ready,
+    /// 2 not reachable.
+    Status {
+        /// The daemon's --healthz-ip.
+        #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "127.0.0.1")]
+        healthz_ip: std::net::IpAddr,
+        /// The daemon's --healthz-port (the unit's env file sets 8471).
+        #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 8471)]
+        healthz_port: u16,
+        /// Print the JSON as served.
+        #[arg(long)]
+        json: bool,
+    },
     /// Docker daemon options from subnet.env, as flannel's mk-docker-opts.sh.
     MkDockerOpts {
         /// Path to flannel env file.
@@ -236,6 +250,51 @@ enum Command {
     },
 }
 
+/// `flanneld status`: GET /status from the running daemon and print it.
+fn status(addr: std::net::SocketAddr, json: bool) -> ExitCode {
+    use std::io::{Read, Write};
+    let fetch = || -> std::io::Result<String> {
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"GET /status HTTP/1.0\r\n\r\n")?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply)?;
+        Ok(reply)
+    };
+    let reply = match fetch() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flanneld status: no daemon answers on {addr} ({e}); is it running with --healthz-port={}?", addr.port());
+            return ExitCode::from(2);
+        }
+    };
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let view: flannel::ops::StatusView = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "flanneld status: {addr} did not answer with a status ({e}): {}",
+                reply.lines().next().unwrap_or("")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        print!("{body}");
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        print!("{}", view.render(now));
+    }
+    if view.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn mk_docker_opts(cmd: Command) -> ExitCode {
     let Command::MkDockerOpts {
         flannel_env,
@@ -244,7 +303,10 @@ fn mk_docker_opts(cmd: Command) -> ExitCode {
         combined,
         key,
         no_ipmasq,
-    } = cmd;
+    } = cmd
+    else {
+        unreachable!("only mk-docker-opts is passed here")
+    };
     use flannel::docker;
     let env = docker::parse_env(&std::fs::read_to_string(&flannel_env).unwrap_or_default());
     if let Some(sn) = docker::subnet_of(&env) {
@@ -412,8 +474,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(cmd) = cli.command.take() {
-        return mk_docker_opts(cmd);
+    match cli.command.take() {
+        Some(Command::Status {
+            healthz_ip,
+            healthz_port,
+            json,
+        }) => return status((healthz_ip, healthz_port).into(), json),
+        Some(cmd) => return mk_docker_opts(cmd),
+        None => {}
     }
     init_logs(cli.verbosity, cli.log_format);
     for flag in ignored {

@@ -33,6 +33,87 @@ pub struct Stats {
     pub offloads: [AtomicBool; 4],
     /// Ops-port connections closed because [`MAX_CONNECTIONS`] were open.
     pub ops_refused: AtomicU64,
+    /// When our lease expires (Unix seconds; 0: no TTL or no lease yet).
+    pub lease_expiry_unix: AtomicU64,
+    /// What `/status` (and `flanneld status`) shows.
+    pub status: std::sync::Mutex<StatusView>,
+}
+
+/// The daemon's state for `/status`: what an operator asks first.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub backend: String,
+    pub network: String,
+    pub subnet: Option<String>,
+    pub tun: Option<String>,
+    pub mtu: Option<u32>,
+    pub public_ip: String,
+    /// Unix seconds.
+    pub lease_expires: Option<u64>,
+    /// Unix seconds of etcd's last answer.
+    pub last_etcd_contact: Option<u64>,
+    pub peers: Vec<PeerView>,
+    #[serde(default)]
+    pub ready: bool,
+}
+
+/// A duration for people: `42 s`, `5 min`, `23 h 59 min`.
+fn human(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h {} min", secs / 3600, secs / 60 % 60),
+    }
+}
+
+impl StatusView {
+    /// What `flanneld status` prints, at Unix time `now`.
+    pub fn render(&self, now: u64) -> String {
+        let mut o = format!(
+            "flanneld {}: {}\nbackend   {}\nnetwork   {}\n",
+            self.version,
+            if self.ready { "ready" } else { "not ready" },
+            self.backend,
+            self.network
+        );
+        match &self.subnet {
+            Some(sn) => {
+                o += &format!(
+                    "subnet    {sn} on {} (MTU {}), public IP {}\n",
+                    self.tun.as_deref().unwrap_or("?"),
+                    self.mtu
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    self.public_ip
+                )
+            }
+            None => o += "subnet    none yet\n",
+        }
+        o += &match self.lease_expires {
+            Some(t) if t > now => format!("lease     expires in {} (Unix {t})\n", human(t - now)),
+            Some(t) => format!("lease     EXPIRED {} ago (Unix {t})\n", human(now - t)),
+            None => "lease     no expiry (a reservation) or not written yet\n".to_string(),
+        };
+        o += &match self.last_etcd_contact {
+            Some(t) => format!(
+                "etcd      last answer {} ago\n",
+                human(now.saturating_sub(t))
+            ),
+            None => "etcd      no answer yet\n".to_string(),
+        };
+        o += &format!("peers     {}\n", self.peers.len());
+        for p in &self.peers {
+            o += &format!("  {} via {}\n", p.subnet, p.public_ip);
+        }
+        o
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerView {
+    pub subnet: String,
+    pub public_ip: String,
 }
 
 /// Names of [`Stats::offloads`], in order, as the `feature` label of `flannel_offload`.
@@ -158,6 +239,24 @@ impl Collector for FlannelCollector {
             "Peers (other hosts' leases) in the route table.",
             get(&s.peers) as i64,
         )?;
+        gauge(
+            &mut e,
+            "flannel_lease_expiry_timestamp_seconds",
+            "When this host's lease expires unless renewed (Unix time; 0: no TTL or no lease yet).",
+            get(&s.lease_expiry_unix) as i64,
+        )?;
+        {
+            let i = prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]);
+            i.encode(e.encode_descriptor(
+                "flannel_build",
+                "The build's version, in a label.",
+                None,
+                i.metric_type(),
+            )?)?;
+        }
         gauge(
             &mut e,
             "flannel_lease_held",
@@ -333,6 +432,19 @@ async fn answer(mut conn: tokio::net::TcpStream, registry: &Registry, stats: &St
             "text/plain",
             "not ready\n".to_string(),
         ),
+        ("GET", "/status") => {
+            let mut v = stats
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            v.ready = stats.ready.load(Ordering::Relaxed);
+            (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+            )
+        }
         ("GET", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -422,5 +534,36 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn status_reads_as_an_operator_needs_it() {
+        let v = StatusView {
+            version: "0.1.0".into(),
+            backend: "udp".into(),
+            network: "10.5.0.0/16".into(),
+            subnet: Some("10.5.20.0/24".into()),
+            tun: Some("flannel0".into()),
+            mtu: Some(1472),
+            public_ip: "192.168.1.2".into(),
+            lease_expires: Some(1_000 + 86_340),
+            last_etcd_contact: Some(997),
+            peers: vec![PeerView {
+                subnet: "10.5.3.0/24".into(),
+                public_ip: "192.168.1.3".into(),
+            }],
+            ready: true,
+        };
+        let text = v.render(1_000);
+        assert!(text.starts_with("flanneld 0.1.0: ready\n"), "{text}");
+        assert!(
+            text.contains("subnet    10.5.20.0/24 on flannel0 (MTU 1472), public IP 192.168.1.2"),
+            "{text}"
+        );
+        assert!(text.contains("lease     expires in 23 h 59 min"), "{text}");
+        assert!(text.contains("etcd      last answer 3 s ago"), "{text}");
+        assert!(text.contains("  10.5.3.0/24 via 192.168.1.3"), "{text}");
+        let late = v.render(1_000 + 90_000);
+        assert!(late.contains("lease     EXPIRED 61 min ago"), "{late}");
     }
 }

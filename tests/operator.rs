@@ -134,3 +134,150 @@ fn empty_env_values_are_skipped_go_logging_flags_accepted_and_v_scoped_to_ours()
         );
     }
 }
+
+/// `flanneld status` shows the running daemon's lease, its expiry, the
+/// peers and the last etcd answer; /metrics has the build and the expiry.
+#[test]
+fn status_shows_the_lease_its_expiry_and_the_peers() {
+    const PORT: u16 = 9141;
+    let mut bed = Bed::new(2);
+    let sn0 = bed.start_ready_with(0, &[&format!("--healthz-port={PORT}")]);
+    let sn1 = bed.start_ready(1);
+    let ns0 = bed.ns(0);
+    let status = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns0])
+            .arg(flanneld_bin())
+            .arg("status")
+            .args(args)
+            .env_remove("FLANNELD_HEALTHZ_PORT")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let port = format!("--healthz-port={PORT}");
+    let text = wait_for("h1 in h0's status", Duration::from_secs(10), || {
+        let (code, out, _) = status(&[&port]);
+        (code == Some(0) && out.contains(&sn1.to_string())).then_some(out)
+    });
+    assert!(
+        text.starts_with("flanneld ") && text.contains(": ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("subnet    {sn0} on flannel")),
+        "{text}"
+    );
+    assert!(
+        text.contains("lease     expires in 23 h")
+            || text.contains("lease     expires in 24 h 0 min"),
+        "{text}"
+    );
+    assert!(text.contains("etcd      last answer"), "{text}");
+    assert!(
+        text.contains(&format!("  {sn1} via {}", bed.hosts[1].ip)),
+        "{text}"
+    );
+    let (_, json, _) = status(&[&port, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["subnet"], sn0.to_string());
+    assert_eq!(v["backend"], "udp");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires = v["lease_expires"].as_u64().unwrap();
+    assert!(
+        expires > now + 86_000 && expires <= now + 86_400,
+        "{expires} vs {now}"
+    );
+    let scrape = http_get(&ns0, PORT, "/metrics").unwrap().1;
+    assert!(
+        scrape.contains(&format!(
+            "flannel_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{scrape}"
+    );
+    assert_eq!(
+        metric(&scrape, "flannel_lease_expiry_timestamp_seconds"),
+        expires
+    );
+    // Nothing listening: exit 2 with a hint.
+    let (code, _, err) = status(&["--healthz-port=9142"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("is it running with --healthz-port=9142"),
+        "{err}"
+    );
+}
+
+/// The shipped unit and env file, run as systemd would: the env file's
+/// assignments (an empty one included) and `ExecStart`'s `$FLANNEL_OPTIONS`
+/// split on spaces. The file ships no active placeholder (a TLS path that
+/// does not exist would stop the start), and Go-style flags in
+/// FLANNEL_OPTIONS work.
+#[test]
+fn the_shipped_unit_and_env_file_start_the_daemon() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let unit = std::fs::read_to_string(format!("{root}/dist/flanneld.service")).unwrap();
+    let before = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Before="))
+        .unwrap();
+    assert!(
+        before.split_whitespace().any(|u| u == "kubelet.service"),
+        "{before}"
+    );
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    assert!(exec.ends_with(" $FLANNEL_OPTIONS"), "{exec}");
+    let envfile = std::fs::read_to_string(format!("{root}/dist/flanneld.default")).unwrap();
+    let vars: Vec<(String, String)> = envfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    assert!(
+        !vars
+            .iter()
+            .any(|(k, _)| k.contains("FILE") && k != "FLANNELD_SUBNET_FILE"),
+        "active TLS paths: {vars:?}"
+    );
+    let bed = Bed::new(1);
+    let h = &bed.hosts[0];
+    let options = format!(
+        "-etcd-endpoints={} -subnet-file={} -iface eth0 --healthz-port=9143",
+        bed.endpoint,
+        h.subnet_file.display()
+    );
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &h.ns])
+        .arg(flanneld_bin())
+        .env_remove("RUST_LOG");
+    for (k, v) in &vars {
+        cmd.env(k, v);
+    }
+    cmd.env("FLANNEL_OPTIONS", &options);
+    // systemd: an unquoted $VAR becomes one argument per word.
+    cmd.args(options.split_whitespace());
+    let log = bed.dir.join("unit.log");
+    let (mut child, _) = spawn_until_lease(&mut cmd, &log, &h.subnet_file.clone(), "a lease");
+    wait_for("ready", Duration::from_secs(10), || {
+        (http_get(&bed.ns(0), 9143, "/readyz").map(|r| r.0) == Some(200)).then_some(())
+    });
+    assert!(
+        term_child(&mut child),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}

@@ -184,6 +184,11 @@ pub struct Keeper {
     outage_since: Option<Instant>,
     /// Started from the peer cache: our lease is not yet confirmed in the store.
     unconfirmed: bool,
+    /// When our lease expires, as of its last successful write (None: a
+    /// reservation without TTL, or not written yet).
+    expires_at: Option<Instant>,
+    /// The last answer from the store.
+    last_contact: Option<Instant>,
     /// Started from the peer cache: the network config has not been read
     /// from the store yet (it is, before the first list).
     config_unread: bool,
@@ -224,6 +229,8 @@ impl Keeper {
             outage_since: None,
             unconfirmed: false,
             config_unread: false,
+            expires_at: None,
+            last_contact: None,
             stats: KeeperStats::default(),
         }
     }
@@ -273,6 +280,16 @@ impl Keeper {
         &self.peers
     }
 
+    /// When our lease expires, as of its last write.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.expires_at
+    }
+
+    /// When the store last answered.
+    pub fn last_contact(&self) -> Option<Instant> {
+        self.last_contact
+    }
+
     /// Whether the watch is running.
     pub fn watching(&self) -> bool {
         self.watching
@@ -295,6 +312,12 @@ impl Keeper {
     /// Handles one input at time `now`.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
+        if !matches!(
+            input,
+            Input::Failed(_) | Input::WatchBroken(_) | Input::Tick
+        ) {
+            self.last_contact = Some(now);
+        }
         match input {
             Input::Listed { leases, revision } => {
                 self.pending = None;
@@ -753,6 +776,7 @@ impl Keeper {
                 self.renew_at = w
                     .expires_in
                     .map(|d| now + renew_delay(d, self.s.renew_margin));
+                self.expires_at = w.expires_in.map(|d| now + d);
             }
             (Purpose::Renew, None) => {
                 // Our key changed since we wrote it: never overwrite
@@ -781,6 +805,7 @@ impl Keeper {
         self.renew_at = w
             .expires_in
             .map(|d| now + renew_delay(d, self.s.renew_margin));
+        self.expires_at = w.expires_in.map(|d| now + d);
         if let Some(c) = self.peers.set_own(own) {
             log_changes(&[c]);
         }
@@ -1260,6 +1285,25 @@ mod tests {
     /// The config a cache-started keeper reads when the store answers:
     /// the same meaning goes on, another ends the daemon before anything is
     /// written under the cached config, a missing one keeps the running one.
+    #[test]
+    fn the_lease_expiry_and_the_last_answer_are_known() {
+        let mut bed = holding();
+        let t0 = bed.now - Duration::from_millis(1); // written then
+        let exp = bed.keeper.expires_at().expect("a TTL lease");
+        assert_eq!(exp, t0 + Duration::from_secs(600));
+        assert!(bed.keeper.last_contact().is_some_and(|t| t >= t0));
+        // Renewed 60 s before expiry: the expiry moves on.
+        bed.advance(Duration::from_secs(560));
+        assert_eq!(bed.keeper.stats.renewals, 1);
+        let renewed = bed.keeper.expires_at().unwrap();
+        assert_eq!(renewed, t0 + Duration::from_secs(540 + 600));
+        // Down: the last answer stays where it was.
+        bed.store.down = true;
+        let before = bed.keeper.last_contact();
+        bed.advance(Duration::from_secs(600));
+        assert_eq!(bed.keeper.last_contact(), before);
+    }
+
     #[test]
     fn a_keeper_resumed_from_the_cache_reads_the_config_before_anything_else() {
         let key = format!("{PREFIX}/config");

@@ -367,3 +367,70 @@ fn a_container_id_ending_in_tmp_keeps_its_saved_config() {
     assert!(cni(&ns, "flannel", "DEL", "abc", &pb, &conf).0);
     assert!(ipam_files(&bed, 0).is_empty(), "{:?}", ipam_files(&bed, 0));
 }
+
+/// Runs the plugin like `cni`, with `netns` as CNI_NETNS (None: unset).
+fn add_with(bed: &Bed, id: &str, netns: Option<&str>) -> (Option<i32>, Value) {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &bed.ns(0)])
+        .arg(PathBuf::from(env!("CARGO_BIN_EXE_flannel")))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", plugin_dir())
+        .env_remove("CNI_NETNS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(n) = netns {
+        c.env("CNI_NETNS", n);
+    }
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(net_conf(bed, 0).to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+    )
+}
+
+/// ADD without CNI_NETNS is refused with code 4 before anything is saved;
+/// an ADD whose delegate fails (the pod already has an eth0) leaves no
+/// saved config and no address behind, and the pod can be added after.
+#[test]
+fn a_refused_or_failed_add_leaves_nothing_behind() {
+    let mut bed = Bed::new(1);
+    bed.start_ready(0);
+    let pod = bed.add_ns_named("pod");
+    let saved = |id: &str| bed.dir.join(format!("h0/cni/{id}")).exists();
+
+    let (code, err) = add_with(&bed, "nons", None);
+    assert_ne!(code, Some(0));
+    assert_eq!(err["code"], 4, "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("CNI_NETNS"), "{err}");
+    assert!(!saved("nons"));
+
+    sh(&[
+        "ip", "-n", &pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+    let (code, err) = add_with(&bed, "clash", Some(&format!("/run/netns/{pod}")));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(!saved("clash"), "a failed ADD left its saved config");
+    assert!(ipam_files(&bed, 0).is_empty(), "{:?}", ipam_files(&bed, 0));
+
+    // (The delegate's clean-up DEL may have removed it already, as the
+    // runtime's DEL after a failed ADD would.)
+    let _ = Command::new("ip")
+        .args(["-n", &pod, "link", "del", "eth0"])
+        .status();
+    let (code, res) = add_with(&bed, "clash", Some(&format!("/run/netns/{pod}")));
+    assert_eq!(code, Some(0), "{res}");
+    assert!(saved("clash"));
+    let conf = net_conf(&bed, 0);
+    assert!(cni(&bed.ns(0), "flannel", "DEL", "clash", &pod, &conf).0);
+    assert!(!saved("clash") && ipam_files(&bed, 0).is_empty());
+}

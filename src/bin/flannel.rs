@@ -115,6 +115,15 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
     let conf = NetConf::parse(stdin)?;
     match command {
         "ADD" => {
+            // The runtime names the pod's namespace; without it there is
+            // nothing to add to (code 4, before anything is written).
+            if !env("CNI_NETNS").is_ok_and(|n| !n.is_empty()) {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    "CNI_NETNS is not set: ADD needs the container's network namespace",
+                    "",
+                ));
+            }
             let text = std::fs::read_to_string(&conf.subnet_file).map_err(|e| {
                 CniError::new(
                     code::TRY_AGAIN_LATER,
@@ -139,7 +148,16 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
             flannel::subnet_env::write_atomic_mode(&file, &bytes, 0o600)
                 .map_err(|e| io_err("saving the delegate config", e))?;
             let ty = d["type"].as_str().unwrap_or("bridge").to_string();
-            let (ok, out) = delegate_versioned(&ty, &d)?;
+            let added = delegate_versioned(&ty, &d);
+            if !matches!(added, Ok((true, _))) {
+                // A failed ADD leaves nothing behind: the delegate undoes
+                // what it may have done (its IPAM allocation), then the
+                // saved config goes, so no later DEL trips over it.
+                std::env::set_var("CNI_COMMAND", "DEL");
+                let _ = delegate_versioned(&ty, &d);
+                let _ = std::fs::remove_file(&file);
+            }
+            let (ok, out) = added?;
             Ok((out, ok))
         }
         "DEL" => {

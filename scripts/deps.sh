@@ -42,6 +42,7 @@ NEEDS=(
   iptables-save:iptables
   iptables-restore:iptables
   nft:nftables
+  promtool:prometheus                               # metrics lint (tests/ops.rs)
   python3:python3                                   # benches/e2e.py
   /usr/lib/cni/bridge:containernetworking-plugins   # CNI tests
   /usr/lib/cni/host-local:containernetworking-plugins

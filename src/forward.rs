@@ -182,6 +182,9 @@ pub struct Counters {
     /// buckets of ≤ 1, 2, 4, 8, 16, 32, 64 and more.
     pub tx_batches: [AtomicU64; BATCH_BUCKETS],
     pub rx_batches: [AtomicU64; BATCH_BUCKETS],
+    /// Packets in all batches (the histograms' sums).
+    pub tx_batch_sum: AtomicU64,
+    pub rx_batch_sum: AtomicU64,
     /// Peers for which UDP GSO is off for now (after a refused GSO send),
     /// summed over the workers.
     pub gso_off_peers: AtomicU64,
@@ -285,11 +288,13 @@ impl Counters {
     /// Records one batch of `n` packets read from the TUN.
     pub fn tx_batch(&self, n: usize) {
         self.tx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
+        self.tx_batch_sum.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Records one batch of `n` datagrams received.
     pub fn rx_batch(&self, n: usize) {
         self.rx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
+        self.rx_batch_sum.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 

@@ -148,29 +148,34 @@ impl Collector for FlannelCollector {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         {
             let mut m = e.encode_descriptor(
-                "flannel_packets",
-                "Packets by direction and stage.",
+                "flannel_tun_packets",
+                "Packets read from the TUN (egress) and written to it (ingress).",
                 None,
                 MetricType::Counter,
             )?;
-            for (dir, stage, v) in [
-                ("egress", "tun_read", d.tun_rx_packets),
-                ("egress", "udp_sent", d.udp_tx_packets),
-                ("ingress", "udp_received", d.udp_rx_packets),
-                ("ingress", "tun_written", d.tun_tx_packets),
-            ] {
-                ConstCounter::new(v)
-                    .encode(m.encode_family(&[("direction", dir), ("stage", stage)])?)?;
+            for (dir, v) in [("read", d.tun_rx_packets), ("written", d.tun_tx_packets)] {
+                ConstCounter::new(v).encode(m.encode_family(&[("direction", dir)])?)?;
             }
         }
         {
             let mut m = e.encode_descriptor(
-                "flannel_bytes",
-                "UDP payload bytes by direction.",
+                "flannel_udp_packets",
+                "Tunnel packets sent and received over UDP (a GSO send or GRO train counts each packet in it).",
                 None,
                 MetricType::Counter,
             )?;
-            for (dir, v) in [("egress", d.udp_tx_bytes), ("ingress", d.udp_rx_bytes)] {
+            for (dir, v) in [("sent", d.udp_tx_packets), ("received", d.udp_rx_packets)] {
+                ConstCounter::new(v).encode(m.encode_family(&[("direction", dir)])?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_udp_payload_bytes",
+                "UDP payload bytes (the tunnelled packets with any backend header) sent and received.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (dir, v) in [("sent", d.udp_tx_bytes), ("received", d.udp_rx_bytes)] {
                 ConstCounter::new(v).encode(m.encode_family(&[("direction", dir)])?)?;
             }
         }
@@ -246,21 +251,21 @@ impl Collector for FlannelCollector {
             get(&s.lease_expiry_unix) as i64,
         )?;
         {
-            let i = prometheus_client::metrics::info::Info::new(vec![(
-                "version".to_string(),
-                env!("CARGO_PKG_VERSION").to_string(),
-            )]);
-            i.encode(e.encode_descriptor(
-                "flannel_build",
-                "The build's version, in a label.",
+            // A gauge named *_info (Prometheus' convention; an OpenMetrics
+            // info type is not read by every consumer, promtool included).
+            let mut m = e.encode_descriptor(
+                "flannel_build_info",
+                "Always 1; the build's version in a label.",
                 None,
-                i.metric_type(),
-            )?)?;
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(1i64)
+                .encode(m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)?;
         }
         gauge(
             &mut e,
-            "flannel_lease_held",
-            "1 while this host holds its lease and the TUN is up.",
+            "flannel_ready",
+            "1 while ready (/readyz): the lease held, the TUN up, subnet.env written.",
             s.ready.load(Ordering::Relaxed) as i64,
         )?;
         {
@@ -312,9 +317,9 @@ impl Collector for FlannelCollector {
                 None,
                 MetricType::Histogram,
             )?;
-            for (dir, buckets) in [
-                ("egress", &self.data.tx_batches),
-                ("ingress", &self.data.rx_batches),
+            for (dir, buckets, total) in [
+                ("egress", &self.data.tx_batches, &self.data.tx_batch_sum),
+                ("ingress", &self.data.rx_batches, &self.data.rx_batch_sum),
             ] {
                 let counts: Vec<u64> = buckets.iter().map(get).collect();
                 let mut bounds: Vec<(f64, u64)> = BATCH_BOUNDS
@@ -324,12 +329,7 @@ impl Collector for FlannelCollector {
                     .collect();
                 bounds.push((f64::MAX, counts[counts.len() - 1]));
                 let count = counts.iter().sum();
-                // The sum is estimated from bucket bounds (batches are counted, not summed).
-                let sum = BATCH_BOUNDS
-                    .iter()
-                    .zip(&counts)
-                    .map(|(b, c)| b * *c as f64)
-                    .sum::<f64>();
+                let sum = get(total) as f64;
                 m.encode_family(&[("direction", dir)])?
                     .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                         sum, count, &bounds, None,
@@ -348,6 +348,43 @@ pub fn registry(data: Arc<Counters>, stats: Arc<Stats>) -> Registry {
 }
 
 /// Renders the registry in Prometheus text format.
+/// OpenMetrics text as Prometheus' classic text format (0.0.4), for
+/// clients that do not ask for OpenMetrics (curl, promtool, older
+/// scrapers): a counter's HELP and TYPE name its `_total` samples, no
+/// `# UNIT`, no `# EOF`.
+pub fn to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for l in om.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| l.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out += &format!("{p}{name}_total {tail}\n");
+                } else {
+                    out += l;
+                    out.push('\n');
+                }
+            }
+            None => {
+                out += l;
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 pub fn render(r: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, r).expect("writing to a String");
@@ -398,18 +435,26 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, s
 async fn answer(mut conn: tokio::net::TcpStream, registry: &Registry, stats: &Stats) {
     let mut buf = [0u8; 2048];
     let mut n = 0;
-    // Read the request head (we only need the request line).
+    // Read the request head: the request line, and Accept for /metrics.
     // The caller's deadline bounds the whole exchange.
     while n < buf.len() {
         match conn.read(&mut buf[n..]).await {
             Ok(0) | Err(_) => break,
             Ok(k) => n += k,
         }
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..n].windows(2).any(|w| w == b"\n\n")
+        {
             break;
         }
     }
-    let line = String::from_utf8_lossy(&buf[..n]);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let openmetrics = head.lines().skip(1).any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    });
+    let line = head.lines().next().unwrap_or("");
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
@@ -445,10 +490,17 @@ async fn answer(mut conn: tokio::net::TcpStream, registry: &Registry, stats: &St
                 serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
             )
         }
-        ("GET", "/metrics") => (
+        // OpenMetrics to whoever asks for it (Prometheus does), the
+        // classic text format to everyone else.
+        ("GET", "/metrics") if openmetrics => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             render(registry),
+        ),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            to_prometheus_text(&render(registry)),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
@@ -514,7 +566,7 @@ mod tests {
         stats.peers.store(4, Ordering::Relaxed);
         let text = render(&registry(data, stats));
         assert!(
-            text.contains(r#"flannel_packets_total{direction="egress",stage="udp_sent"} 7"#),
+            text.contains(r#"flannel_udp_packets_total{direction="sent"} 7"#),
             "{text}"
         );
         assert!(
@@ -565,5 +617,14 @@ mod tests {
         assert!(text.contains("  10.5.3.0/24 via 192.168.1.3"), "{text}");
         let late = v.render(1_000 + 90_000);
         assert!(late.contains("lease     EXPIRED 61 min ago"), "{late}");
+    }
+
+    #[test]
+    fn the_classic_text_format_names_counters_by_their_samples() {
+        let om = "# HELP flannel_x Xs.\n# TYPE flannel_x counter\nflannel_x_total 3\n# HELP flannel_g G.\n# TYPE flannel_g gauge\n# UNIT flannel_g seconds\nflannel_g 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP flannel_x_total Xs.\n# TYPE flannel_x_total counter\nflannel_x_total 3\n# HELP flannel_g G.\n# TYPE flannel_g gauge\nflannel_g 1\n"
+        );
     }
 }

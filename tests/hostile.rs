@@ -264,7 +264,7 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
                 },
             );
             let d = |m: &str| metric(&after, m) - metric(&before, m);
-            let received = d(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#);
+            let received = d(r#"flannel_udp_packets_total{direction="received"}"#);
             let expected = drops(&after, reason) - drops(&before, reason);
             println!("{name}: sent {sent}, daemon received {received} (incl. legit), dropped as {reason}: {expected}");
             assert!(
@@ -283,8 +283,8 @@ fn hostile_traffic_is_dropped_counted_and_survived() {
     // with a reason.
     let last = settled(&scrape);
     let d = |m: &str| metric(&last, m) - metric(&first, m);
-    let received = d(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#);
-    let written = d(r#"flannel_packets_total{direction="ingress",stage="tun_written"}"#);
+    let received = d(r#"flannel_udp_packets_total{direction="received"}"#);
+    let written = d(r#"flannel_tun_packets_total{direction="written"}"#);
     let dropped: u64 = REASONS
         .iter()
         .map(|r| drops(&last, r) - drops(&first, r))

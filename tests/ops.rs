@@ -105,13 +105,50 @@ fn health_and_metrics_follow_the_daemon_and_the_traffic() {
     assert_eq!(delta(MALFORMED), 7);
     assert_eq!(delta(SPOOFED), 5);
     // Echo replies go out of h0: at least the 50 (plus whatever else ran).
-    assert!(delta(r#"flannel_packets_total{direction="egress",stage="udp_sent"}"#) >= 50);
-    assert!(delta(r#"flannel_packets_total{direction="ingress",stage="tun_written"}"#) >= 50);
-    assert!(delta(r#"flannel_packets_total{direction="ingress",stage="udp_received"}"#) >= 62);
+    assert!(delta(r#"flannel_udp_packets_total{direction="sent"}"#) >= 50);
+    assert!(delta(r#"flannel_tun_packets_total{direction="written"}"#) >= 50);
+    assert!(delta(r#"flannel_udp_packets_total{direction="received"}"#) >= 62);
     assert_eq!(metric(&after, "flannel_peers"), 1);
-    assert_eq!(metric(&after, "flannel_lease_held"), 1);
+    assert_eq!(metric(&after, "flannel_ready"), 1);
     assert!(after.contains("flannel_batch_size_bucket"));
     println!("sample scrape:\n{after}");
+    // Prometheus' own linter accepts the exposition (names, units, types).
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt prometheus, scripts/deps.sh)");
+    use std::io::Write as _;
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(after.as_bytes())
+        .unwrap();
+    let lint = lint.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert!(
+        lint.status.success() && said.trim().is_empty(),
+        "promtool check metrics:\n{said}"
+    );
+    // Every metric is documented.
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    for name in after
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "{name} is not in docs/metrics.md"
+        );
+    }
     // SIGTERM: the endpoint goes away with the daemon.
     assert!(bed.stop(0, libc::SIGTERM).unwrap().success());
     assert!(http_get(&ns0, PORT, "/healthz").is_none());

@@ -305,7 +305,9 @@ METRICS = [("tcp1_gbps", "TCP 1 stream", "Gbit/s", True), ("tcp4_gbps", "TCP 4 s
 
 def report(results, args):
     base = next((r for r in results if r["case"] == "vxlan"), None)
-    lines = [f"Each case: median of {args.reps} x {args.seconds} s; ratio to kernel VXLAN in brackets "
+    lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.uname().nodename}: "
+             f"`{' '.join(['benches/e2e.py'] + sys.argv[1:])}`.", "",
+             f"Each case: median of {args.reps} x {args.seconds} s; ratio to kernel VXLAN in brackets "
              f"(higher is better for throughput, lower for ping). {os.cpu_count()} CPUs, kernel {os.uname().release}.",
              "", "| case | " + " | ".join(f"{t} ({u})" for _, t, u, _ in METRICS)
              + " | machine CPU s/GB | daemon CPU s/GB | peak RSS MB |",

@@ -184,7 +184,7 @@ struct Cli {
     /// How each worker runs its two directions: `combined` (the default),
     /// one thread polling both the TUN and the socket; `split`, a thread
     /// each. Measured: combined answers a ping in ~0.8x the time and moves
-    /// as much (see the README's latency notes).
+    /// as much (see docs/benchmarks.md, latency).
     #[arg(
         long,
         env = "FLANNELD_WORKER_THREADS",

@@ -325,7 +325,7 @@ fn busy_window(
             // thread) runs now instead of waiting for our window to end,
             // and with nothing else runnable this returns at once. On
             // 2 vCPUs: TCP-1 +23 %, UDP 64 B +40 % against a spin (the
-            // README's figures of 2026-12-06).
+            // docs/benchmarks.md, 2026-12-06).
             // SAFETY: no arguments, no memory.
             unsafe { libc::sched_yield() };
         }

@@ -118,7 +118,7 @@ fn an_expired_client_certificate_is_a_clear_error() {
     // The message names the file and the expiry, not just "no connection".
     assert!(
         err.contains(&format!(
-            "--etcd-certfile {} is not valid now",
+            "--etcd-certfile (FLANNELD_ETCD_CERTFILE) {} is not valid now",
             f("client.pem")
         )),
         "{err}"

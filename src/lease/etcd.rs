@@ -42,20 +42,20 @@ pub struct EtcdOptions {
 fn check_certificate_dates(pem: &[u8], path: &std::path::Path) -> anyhow::Result<()> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| {
         anyhow::anyhow!(
-            "--etcd-certfile {} is not a PEM certificate: {e}",
+            "--etcd-certfile (FLANNELD_ETCD_CERTFILE) {} is not a PEM certificate: {e}",
             path.display()
         )
     })?;
     let cert = pem.parse_x509().map_err(|e| {
         anyhow::anyhow!(
-            "--etcd-certfile {} is not an X.509 certificate: {e}",
+            "--etcd-certfile (FLANNELD_ETCD_CERTFILE) {} is not an X.509 certificate: {e}",
             path.display()
         )
     })?;
     let v = cert.validity();
     if !v.is_valid() {
         anyhow::bail!(
-            "client certificate --etcd-certfile {} is not valid now: valid from {} to {}",
+            "client certificate --etcd-certfile (FLANNELD_ETCD_CERTFILE) {} is not valid now: valid from {} to {}",
             path.display(),
             v.not_before,
             v.not_after
@@ -149,17 +149,29 @@ impl EtcdStore {
         if o.cafile.is_some() || o.certfile.is_some() || o.keyfile.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &o.cafile {
-                let pem = std::fs::read(ca)
-                    .with_context(|| format!("reading --etcd-cafile {}", ca.display()))?;
+                let pem = std::fs::read(ca).with_context(|| {
+                    format!(
+                        "reading --etcd-cafile (FLANNELD_ETCD_CAFILE) {}",
+                        ca.display()
+                    )
+                })?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             match (&o.certfile, &o.keyfile) {
                 (Some(c), Some(k)) => {
-                    let cert = std::fs::read(c)
-                        .with_context(|| format!("reading --etcd-certfile {}", c.display()))?;
+                    let cert = std::fs::read(c).with_context(|| {
+                        format!(
+                            "reading --etcd-certfile (FLANNELD_ETCD_CERTFILE) {}",
+                            c.display()
+                        )
+                    })?;
                     check_certificate_dates(&cert, c)?;
-                    let key = std::fs::read(k)
-                        .with_context(|| format!("reading --etcd-keyfile {}", k.display()))?;
+                    let key = std::fs::read(k).with_context(|| {
+                        format!(
+                            "reading --etcd-keyfile (FLANNELD_ETCD_KEYFILE) {}",
+                            k.display()
+                        )
+                    })?;
                     tls = tls.identity(Identity::from_pem(cert, key));
                 }
                 (None, None) => {}

@@ -4,7 +4,7 @@
 //! (environment variables, JSON on stdin/stdout, exec of the delegate), so
 //! it is implemented here rather than through a crate.
 
-use crate::docker::parse_env;
+use crate::subnet_env::vars;
 use ipnetwork::Ipv4Network;
 use serde_json::{json, Map, Value};
 
@@ -126,7 +126,7 @@ pub struct FlannelEnv {
 /// Reads subnet.env text as flannel's plugin does; a missing FLANNEL_NETWORK
 /// or FLANNEL_SUBNET is an error (flanneld has not started yet: try again).
 pub fn parse_flannel_env(text: &str) -> Result<FlannelEnv, CniError> {
-    let env = parse_env(text);
+    let env = vars(text);
     let net = |k: &str| -> Result<Option<Ipv4Network>, CniError> {
         env.get(k)
             .map(|v| {

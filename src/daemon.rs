@@ -594,7 +594,11 @@ async fn start_from<S: LeaseStore>(
     cache_path: &std::path::Path,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<Option<Start>> {
-    if let Some(c) = PeerCache::load(cache_path, &opts.subnet_file, public_ip) {
+    if let Some(c) = PeerCache::load(
+        cache_path,
+        subnet_env::read_previous_subnet(&opts.subnet_file),
+        public_ip,
+    ) {
         let why = match tokio::time::timeout(CACHED_START_WAIT, store.get_config()).await {
             Ok(Err(e)) if e.is_permanent() => {
                 bail!("reading the network config: etcd refused us: {e}")

@@ -18,26 +18,7 @@ pub struct DockerOptsArgs {
     pub no_ipmasq: bool,
 }
 
-/// Variables of a `subnet.env` as a shell would source them (no expansion).
-pub fn parse_env(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            if l.starts_with('#') {
-                return None;
-            }
-            let (k, v) = l.split_once('=')?;
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                .unwrap_or(v);
-            Some((k.trim().to_string(), v.to_string()))
-        })
-        .collect()
-}
+pub use crate::subnet_env::vars as parse_env;
 
 /// The Docker env file's text. `existing` is the combined key's current
 /// value from the environment (the script starts from it).

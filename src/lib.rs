@@ -6,6 +6,7 @@
 //! [`routes`], [`wire`], [`forward`], [`subnet_env`], [`datapath::offload`]) do no
 //! I/O and are unit tested and fuzzed.
 
+pub mod atomic_file;
 pub mod backend;
 pub mod cni;
 pub mod config;

@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use flannel::daemon::{self, Options};
-use flannel::datapath::OffloadMode;
 use flannel::lease::etcd::{EtcdOptions, EtcdStore};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -157,7 +156,7 @@ struct Cli {
     /// Kernel offloads: TUN TSO/GRO with virtio headers, UDP GSO/GRO. `auto` uses
     /// what the kernel supports (logged at start); `off` moves one packet at a time.
     #[arg(long, env = "FLANNELD_OFFLOAD", value_enum, default_value = "auto")]
-    offload: OffloadMode,
+    offload: Offload,
 
     /// Accept datagrams from any sender whose inner packet is for us, not only from
     /// the PublicIP of the peer that leases the inner source. For peers behind NAT,
@@ -179,7 +178,7 @@ struct Cli {
         value_enum,
         default_value = "per-worker"
     )]
-    udp_source_ports: flannel::datapath::SourcePorts,
+    udp_source_ports: SourcePorts,
 
     /// How each worker runs its two directions: `combined` (the default),
     /// one thread polling both the TUN and the socket; `split`, a thread
@@ -191,7 +190,7 @@ struct Cli {
         value_enum,
         default_value = "combined"
     )]
-    worker_threads: flannel::datapath::WorkerThreads,
+    worker_threads: WorkerThreads,
 
     /// After traffic, keep polling the TUN and socket this long without
     /// sleeping before waiting again, yielding the CPU between polls (Go
@@ -337,6 +336,53 @@ fn mk_docker_opts(cmd: Command) -> ExitCode {
         Err(e) => {
             eprintln!("writing {}: {e}", docker_env.display());
             ExitCode::FAILURE
+        }
+    }
+}
+
+// The data path's choices, as the command line spells them (the data path
+// itself knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Offload {
+    Auto,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourcePorts {
+    PerWorker,
+    Fixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WorkerThreads {
+    Split,
+    Combined,
+}
+
+impl Offload {
+    fn mode(self) -> flannel::datapath::OffloadMode {
+        match self {
+            Offload::Auto => flannel::datapath::OffloadMode::Auto,
+            Offload::Off => flannel::datapath::OffloadMode::Off,
+        }
+    }
+}
+
+impl SourcePorts {
+    fn mode(self) -> flannel::datapath::SourcePorts {
+        match self {
+            SourcePorts::PerWorker => flannel::datapath::SourcePorts::PerWorker,
+            SourcePorts::Fixed => flannel::datapath::SourcePorts::Fixed,
+        }
+    }
+}
+
+impl WorkerThreads {
+    fn mode(self) -> flannel::datapath::WorkerThreads {
+        match self {
+            WorkerThreads::Split => flannel::datapath::WorkerThreads::Split,
+            WorkerThreads::Combined => flannel::datapath::WorkerThreads::Combined,
         }
     }
 }
@@ -531,10 +577,10 @@ fn main() -> ExitCode {
                 .unwrap_or(1)
                 .min(DEFAULT_MAX_WORKERS)
         }),
-        offload: cli.offload,
+        offload: cli.offload.mode(),
         pin_workers: cli.pin_workers,
-        source_ports: cli.udp_source_ports,
-        worker_threads: cli.worker_threads,
+        source_ports: cli.udp_source_ports.mode(),
+        worker_threads: cli.worker_threads.mode(),
         busy_poll: cli.busy_poll,
         accept_unknown_peers: cli.accept_unknown_peers,
         no_netlink_config: cli.no_netlink_config,

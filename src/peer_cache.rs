@@ -66,7 +66,7 @@ impl PeerCache {
             vtep_mac: self.vtep_mac.map(|m| m.to_string()),
         };
         let json = serde_json::to_vec(&w).map_err(std::io::Error::other)?;
-        crate::subnet_env::write_atomic(path, &json)
+        crate::atomic_file::write_atomic(path, &json)
     }
 
     fn parse(text: &[u8]) -> Result<PeerCache, String> {
@@ -97,9 +97,13 @@ impl PeerCache {
     }
 
     /// The cache, if it is there, readable, and written for `public_ip`
-    /// holding the subnet `subnet.env` names; `None` (with the reason
-    /// logged) otherwise.
-    pub fn load(path: &Path, subnet_file: &Path, public_ip: Ipv4Addr) -> Option<PeerCache> {
+    /// holding `leased` (the subnet subnet.env names); `None` (with the
+    /// reason logged) otherwise.
+    pub fn load(
+        path: &Path,
+        leased: Option<Ipv4Network>,
+        public_ip: Ipv4Addr,
+    ) -> Option<PeerCache> {
         let text = std::fs::read(path).ok()?;
         let cache = match PeerCache::parse(&text) {
             Ok(c) => c,
@@ -108,8 +112,7 @@ impl PeerCache {
                 return None;
             }
         };
-        let env = crate::subnet_env::read_previous_subnet(subnet_file);
-        if env != Some(cache.subnet) || cache.public_ip != public_ip {
+        if leased != Some(cache.subnet) || cache.public_ip != public_ip {
             tracing::info!(
                 "the peer cache {} is for another lease ({} of {}); ignored",
                 path.display(),
@@ -156,7 +159,10 @@ mod tests {
         c.write(&path).unwrap();
         assert_eq!(PeerCache::vtep_mac(&path), c.vtep_mac);
         // No subnet.env: not trusted.
-        assert_eq!(PeerCache::load(&path, &env, me), None);
+        assert_eq!(
+            PeerCache::load(&path, crate::subnet_env::read_previous_subnet(&env), me),
+            None
+        );
         let mut e = SubnetEnv {
             network: "10.5.0.0/16".parse().unwrap(),
             subnet: "10.5.3.0/24".parse().unwrap(),
@@ -164,18 +170,31 @@ mod tests {
             ipmasq: false,
         };
         e.write(&env).unwrap();
-        assert_eq!(PeerCache::load(&path, &env, me), Some(c.clone()));
+        assert_eq!(
+            PeerCache::load(&path, crate::subnet_env::read_previous_subnet(&env), me),
+            Some(c.clone())
+        );
         // Another PublicIP, or subnet.env naming another subnet: not trusted.
         assert_eq!(
-            PeerCache::load(&path, &env, Ipv4Addr::new(192, 168, 0, 9)),
+            PeerCache::load(
+                &path,
+                crate::subnet_env::read_previous_subnet(&env),
+                Ipv4Addr::new(192, 168, 0, 9)
+            ),
             None
         );
         e.subnet = "10.5.9.0/24".parse().unwrap();
         e.write(&env).unwrap();
-        assert_eq!(PeerCache::load(&path, &env, me), None);
+        assert_eq!(
+            PeerCache::load(&path, crate::subnet_env::read_previous_subnet(&env), me),
+            None
+        );
         // Garbage: ignored, never a panic.
         std::fs::write(&path, b"{not json").unwrap();
-        assert_eq!(PeerCache::load(&path, &env, me), None);
+        assert_eq!(
+            PeerCache::load(&path, crate::subnet_env::read_previous_subnet(&env), me),
+            None
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

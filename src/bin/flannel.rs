@@ -145,7 +145,7 @@ fn run(command: &str, stdin: &[u8]) -> Result<(Vec<u8>, bool), CniError> {
                 .map_err(|e| io_err("creating dataDir", e))?;
             // The temp file's name cannot be another container's file
             // (`abc.tmp` as an ID): see `write_atomic_mode`.
-            flannel::subnet_env::write_atomic_mode(&file, &bytes, 0o600)
+            flannel::atomic_file::write_atomic_mode(&file, &bytes, 0o600)
                 .map_err(|e| io_err("saving the delegate config", e))?;
             let ty = d["type"].as_str().unwrap_or("bridge").to_string();
             let added = delegate_versioned(&ty, &d);

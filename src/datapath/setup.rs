@@ -7,7 +7,7 @@ use std::io;
 use std::net::{SocketAddrV4, UdpSocket};
 
 /// `--offload`: use kernel offloads when available, or never.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffloadMode {
     Auto,
     Off,
@@ -15,7 +15,7 @@ pub enum OffloadMode {
 
 /// `--udp-source-ports`: where our datagrams come from. The destination is
 /// always the peer's Backend.Port, the payload the raw IPv4 packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourcePorts {
     /// Worker k sends from Backend.Port + 1 + k. A flow stays on one worker
     /// (the TUN's queue choice hashes the flow), so the outer source port
@@ -28,7 +28,7 @@ pub enum SourcePorts {
 }
 
 /// `--worker-threads`: how a worker's two directions are scheduled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerThreads {
     /// A thread per direction, each asleep in poll() on its descriptor.
     Split,

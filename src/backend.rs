@@ -25,11 +25,21 @@ pub struct Peer {
     pub ip: Ipv4Addr,
     /// Its VtepMAC (vxlan backend).
     pub mac: Option<Mac>,
+    /// Its WireGuard public key (wireguard backend).
+    pub key: Option<[u8; 32]>,
+    /// The port it receives on, when its lease names one (wireguard's
+    /// `BackendData.Port`); else the network's.
+    pub port: Option<u16>,
 }
 
 impl From<Ipv4Addr> for Peer {
     fn from(ip: Ipv4Addr) -> Self {
-        Peer { ip, mac: None }
+        Peer {
+            ip,
+            mac: None,
+            key: None,
+            port: None,
+        }
     }
 }
 
@@ -55,26 +65,45 @@ pub enum BackendReject {
     Type { found: String, want: &'static str },
     #[error("its BackendData is not valid for the vxlan backend: {0}")]
     Data(String),
+    #[error("its BackendData is not valid for the wireguard backend: {0}")]
+    WireguardData(String),
+}
+
+/// Our own backend identity, as our lease carries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// vxlan: our VtepMAC.
+    pub mac: Option<Mac>,
+    /// wireguard: our public key.
+    pub key: Option<[u8; 32]>,
 }
 
 /// What our own lease says besides PublicIP: (`BackendType`, `BackendData`).
 /// The udp backend writes neither, exactly as Go's does.
-pub fn lease_fields(backend: &Backend, mac: Option<Mac>) -> (Option<String>, Option<Value>) {
+pub fn lease_fields(backend: &Backend, id: Identity) -> (Option<String>, Option<Value>) {
     match backend {
         Backend::Udp { .. } => (None, None),
         Backend::Vxlan(v) => (
             Some("vxlan".into()),
             Some(serde_json::json!({
                 "VNI": v.vni,
-                "VtepMAC": mac.unwrap_or_default().to_string(),
+                "VtepMAC": id.mac.unwrap_or_default().to_string(),
+            })),
+        ),
+        // flannel's wireguardLeaseAttrs: {PublicKey, Port}.
+        Backend::Wireguard(w) => (
+            Some("wireguard".into()),
+            Some(serde_json::json!({
+                "PublicKey": crate::wireguard::key_to_base64(&id.key.unwrap_or_default()),
+                "Port": w.listen_port,
             })),
         ),
     }
 }
 
 /// Our lease's value.
-pub fn lease_attrs(backend: &Backend, public_ip: Ipv4Addr, mac: Option<Mac>) -> LeaseAttrs {
-    let (backend_type, backend_data) = lease_fields(backend, mac);
+pub fn lease_attrs(backend: &Backend, public_ip: Ipv4Addr, id: Identity) -> LeaseAttrs {
+    let (backend_type, backend_data) = lease_fields(backend, id);
     LeaseAttrs {
         backend_type,
         backend_data,
@@ -87,8 +116,10 @@ pub fn lease_attrs(backend: &Backend, public_ip: Ipv4Addr, mac: Option<Mac>) -> 
 /// backend fields); on vxlan, flannel ignores leases of another type and
 /// those whose BackendData does not decode, and so do we.
 pub fn peer(backend: &Backend, attrs: &LeaseAttrs) -> Result<Peer, BackendReject> {
-    let Backend::Vxlan(v) = backend else {
-        return Ok(attrs.public_ip.into());
+    let v = match backend {
+        Backend::Udp { .. } => return Ok(attrs.public_ip.into()),
+        Backend::Wireguard(_) => return wireguard_peer(attrs),
+        Backend::Vxlan(v) => v,
     };
     let found = attrs.backend_type.as_deref().unwrap_or("");
     if found != "vxlan" {
@@ -130,8 +161,53 @@ pub fn peer(backend: &Backend, attrs: &LeaseAttrs) -> Result<Peer, BackendReject
         )));
     }
     Ok(Peer {
-        ip: attrs.public_ip,
         mac: Some(mac),
+        ..attrs.public_ip.into()
+    })
+}
+
+/// A wireguard lease (flannel's `{"PublicKey": <base64>, "Port": n}`;
+/// older flannel writes no Port, and a Port of 0 means the same: the
+/// network's ListenPort).
+fn wireguard_peer(attrs: &LeaseAttrs) -> Result<Peer, BackendReject> {
+    let found = attrs.backend_type.as_deref().unwrap_or("");
+    if found != "wireguard" {
+        return Err(BackendReject::Type {
+            found: found.into(),
+            want: "wireguard",
+        });
+    }
+    let bad = |s: &str| BackendReject::WireguardData(s.into());
+    let data = attrs
+        .backend_data
+        .as_ref()
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("not a JSON object"))?;
+    let get = |name: &str| {
+        data.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    };
+    let text = get("PublicKey")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("PublicKey is missing or not a string"))?;
+    let key = crate::wireguard::key_from_base64(text)
+        .map_err(|e| BackendReject::WireguardData(format!("PublicKey {e}")))?;
+    if key == [0u8; 32] {
+        return Err(bad("PublicKey is all zeros"));
+    }
+    let port = match get("Port") {
+        None | Some(Value::Null) => None,
+        Some(p) => match p.as_u64() {
+            Some(0) => None,
+            Some(n) if n <= 65535 => Some(n as u16),
+            _ => return Err(bad("Port is not a port number")),
+        },
+    };
+    Ok(Peer {
+        key: Some(key),
+        port,
+        ..attrs.public_ip.into()
     })
 }
 
@@ -156,6 +232,7 @@ pub fn overhead(backend: &Backend) -> u32 {
     match backend {
         Backend::Udp { .. } => crate::wire::ENCAP_OVERHEAD as u32,
         Backend::Vxlan(_) => ether::VXLAN_OVERHEAD as u32,
+        Backend::Wireguard(_) => crate::wireguard::OVERHEAD as u32,
     }
 }
 
@@ -166,6 +243,9 @@ pub enum Encap {
     Plain,
     /// vxlan backend: VXLAN header + Ethernet header before the packet.
     Vxlan { vni: u32, mac: Mac },
+    /// wireguard backend: each packet sealed whole into a data message
+    /// (see [`crate::wireguard`]); nothing is put before it in the clear.
+    Wireguard,
 }
 
 /// What a received datagram (one segment of a GRO train) holds.
@@ -183,6 +263,7 @@ impl Encap {
         match backend {
             Backend::Udp { .. } => Encap::Plain,
             Backend::Vxlan(v) => Encap::Vxlan { vni: v.vni, mac },
+            Backend::Wireguard(_) => Encap::Wireguard,
         }
     }
 
@@ -190,7 +271,7 @@ impl Encap {
     #[inline]
     pub fn prefix_len(&self) -> usize {
         match self {
-            Encap::Plain => 0,
+            Encap::Plain | Encap::Wireguard => 0,
             Encap::Vxlan { .. } => VXLAN_PREFIX,
         }
     }
@@ -273,7 +354,14 @@ mod tests {
 
     #[test]
     fn our_vxlan_lease_is_what_go_flanneld_writes() {
-        let a = lease_attrs(&vxlan(), Ipv4Addr::new(192, 168, 0, 1), Some(MAC));
+        let a = lease_attrs(
+            &vxlan(),
+            Ipv4Addr::new(192, 168, 0, 1),
+            Identity {
+                mac: Some(MAC),
+                key: None,
+            },
+        );
         assert_eq!(
             a.to_json(),
             r#"{"PublicIP":"192.168.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":7,"VtepMAC":"02:42:00:00:00:01"}}"#
@@ -282,7 +370,7 @@ mod tests {
         let u = lease_attrs(
             &Backend::Udp { port: 8285 },
             Ipv4Addr::new(192, 168, 0, 1),
-            None,
+            Identity::default(),
         );
         assert_eq!(
             u.to_json(),
@@ -399,5 +487,61 @@ mod tests {
         assert!(e
             .arp_answer(&req, own, Ipv4Addr::new(192, 168, 0, 66), Some(hop))
             .is_none());
+    }
+
+    #[test]
+    fn wireguard_leases_are_flannels_and_bad_ones_are_refused() {
+        let wg: Backend = crate::config::NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","ListenPort":51821}}"#,
+        )
+        .unwrap()
+        .backend;
+        let ip = Ipv4Addr::new(192, 168, 0, 1);
+        let key = [0x11u8; 32];
+        let a = lease_attrs(
+            &wg,
+            ip,
+            Identity {
+                mac: None,
+                key: Some(key),
+            },
+        );
+        let text = crate::wireguard::key_to_base64(&key);
+        assert_eq!(
+            a.to_json(),
+            format!(
+                r#"{{"PublicIP":"192.168.0.1","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"Port":51821,"PublicKey":"{text}"}}}}"#
+            )
+        );
+        let p = peer(&wg, &a).unwrap();
+        assert_eq!((p.key, p.port), (Some(key), Some(51821)));
+        let attrs = |ty: &str, data: serde_json::Value| LeaseAttrs {
+            backend_type: Some(ty.into()),
+            backend_data: Some(data),
+            ..LeaseAttrs::udp(ip)
+        };
+        // Older flannel writes no Port: the network's ListenPort applies.
+        let p = peer(
+            &wg,
+            &attrs("wireguard", serde_json::json!({"publickey": text})),
+        )
+        .unwrap();
+        assert_eq!(p.port, None);
+        for bad in [
+            attrs("vxlan", serde_json::json!({"PublicKey": text})),
+            attrs("wireguard", serde_json::json!({"PublicKey": "AAAA"})),
+            attrs(
+                "wireguard",
+                serde_json::json!({"PublicKey": crate::wireguard::key_to_base64(&[0; 32])}),
+            ),
+            attrs(
+                "wireguard",
+                serde_json::json!({"PublicKey": text, "Port": 70000}),
+            ),
+            attrs("wireguard", serde_json::json!({})),
+        ] {
+            assert!(peer(&wg, &bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(overhead(&wg), 80);
     }
 }

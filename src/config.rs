@@ -12,6 +12,8 @@ use std::net::Ipv4Addr;
 pub const DEFAULT_UDP_PORT: u16 = 8285;
 /// The kernel's VXLAN port, which flannel's vxlan backend uses for `Port: 0`.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// WireGuard's port, flannel's wireguard backend's default `ListenPort`.
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
 
 /// The network's backend (`Backend.Type` and its keys). One setting for
 /// the whole network: every host encapsulates the same way.
@@ -24,6 +26,35 @@ pub enum Backend {
     },
     /// flannel's vxlan backend (RFC 7348), spoken in userspace.
     Vxlan(VxlanConfig),
+    /// flannel's wireguard backend, spoken in userspace (WireGuard over
+    /// our batched TUN data path).
+    Wireguard(WireguardConfig),
+}
+
+/// The wireguard backend's keys, flannel's defaults filled in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// `ListenPort` (default 51820).
+    pub listen_port: u16,
+    /// `PSK`: the preshared key every peer uses (base64 of 32 bytes).
+    pub psk: Option<[u8; 32]>,
+    /// `PersistentKeepaliveInterval` in seconds (0: off).
+    pub keepalive: u16,
+    /// `MTU`: the MTU to subtract the 80-byte overhead from, in place of
+    /// the external interface's.
+    pub mtu: Option<u32>,
+}
+
+// The PSK is a secret: never printed.
+impl std::fmt::Debug for WireguardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireguardConfig")
+            .field("listen_port", &self.listen_port)
+            .field("psk", &self.psk.map(|_| "<set>"))
+            .field("keepalive", &self.keepalive)
+            .field("mtu", &self.mtu)
+            .finish()
+    }
 }
 
 /// The vxlan backend's keys, flannel's defaults filled in.
@@ -46,6 +77,7 @@ impl Backend {
         match self {
             Backend::Udp { .. } => "udp",
             Backend::Vxlan(_) => "vxlan",
+            Backend::Wireguard(_) => "wireguard",
         }
     }
 
@@ -54,6 +86,7 @@ impl Backend {
         match self {
             Backend::Udp { port } => *port,
             Backend::Vxlan(v) => v.port,
+            Backend::Wireguard(w) => w.listen_port,
         }
     }
 
@@ -76,10 +109,13 @@ impl Backend {
                 port: if port == 0 { DEFAULT_UDP_PORT } else { port },
             });
         }
+        if ty.eq_ignore_ascii_case("wireguard") {
+            return Self::parse_wireguard(b).map_err(named);
+        }
         if !ty.eq_ignore_ascii_case("vxlan") {
             return Err(field_err(
                 "Backend.Type",
-                format!("backend {ty:?} is not supported: this flanneld implements \"udp\" and \"vxlan\""),
+                format!("backend {ty:?} is not supported: this flanneld implements \"udp\", \"vxlan\" and \"wireguard\""),
             ));
         }
         let vni = b.uint("VNI", (1 << 24) - 1).map_err(named)?.unwrap_or(1) as u32;
@@ -117,8 +153,59 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The wireguard backend's keys (flannel's `pkg/backend/wireguard`).
+    fn parse_wireguard(b: &Fields) -> Result<Self, ConfigError> {
+        let listen_port = match b.uint("ListenPort", 65535)? {
+            None | Some(0) => DEFAULT_WIREGUARD_PORT,
+            Some(p) => p as u16,
+        };
+        let psk = match b.string("PSK")? {
+            None | Some("") => None,
+            Some(text) => Some(
+                crate::wireguard::key_from_base64(text)
+                    .map_err(|e| field_err("PSK", format!("{e} (make one with `wg genpsk`)")))?,
+            ),
+        };
+        let keepalive = b.uint("PersistentKeepaliveInterval", 65535)?.unwrap_or(0) as u16;
+        let mtu =
+            match b.uint("MTU", 65535)? {
+                None | Some(0) => None,
+                Some(m) if m < 68 + 80 => return Err(field_err(
+                    "MTU",
+                    format!(
+                        "{m} leaves less than IPv4's 68 bytes after the 80-byte WireGuard overhead"
+                    ),
+                )),
+                Some(m) => Some(m as u32),
+            };
+        match b.string("Mode")? {
+            None | Some("") => {}
+            Some(m) if ["separate", "auto", "ipv4"].iter().any(|k| m.eq_ignore_ascii_case(k)) => {}
+            Some(m) if m.eq_ignore_ascii_case("ipv6") => {
+                return Err(field_err(
+                    "Mode",
+                    "\"ipv6\" is not implemented by this flanneld, which carries IPv4 only; use \"separate\", \"auto\" or \"ipv4\"",
+                ))
+            }
+            Some(m) => {
+                return Err(field_err(
+                    "Mode",
+                    format!("{m:?} is not a wireguard mode: use \"separate\" (the default), \"auto\" or \"ipv4\""),
+                ))
+            }
+        }
+        Ok(Backend::Wireguard(WireguardConfig {
+            listen_port,
+            psk,
+            keepalive,
+            mtu,
+        }))
+    }
+}
+
 /// Backend keys and the name an error gives them.
-const BACKEND_FIELDS: [(&str, &str); 7] = [
+const BACKEND_FIELDS: [(&str, &str); 11] = [
     ("Type", "Backend.Type"),
     ("Port", "Backend.Port"),
     ("VNI", "Backend.VNI"),
@@ -126,6 +213,13 @@ const BACKEND_FIELDS: [(&str, &str); 7] = [
     ("Learning", "Backend.Learning"),
     ("DirectRouting", "Backend.DirectRouting"),
     ("MTU", "Backend.MTU"),
+    ("ListenPort", "Backend.ListenPort"),
+    ("PSK", "Backend.PSK"),
+    (
+        "PersistentKeepaliveInterval",
+        "Backend.PersistentKeepaliveInterval",
+    ),
+    ("Mode", "Backend.Mode"),
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -524,5 +618,53 @@ mod tests {
     fn network_host_bits_are_masked() {
         let c = NetworkConfig::parse(r#"{"Network":"10.5.3.4/16"}"#).unwrap();
         assert_eq!(c.network.to_string(), "10.5.0.0/16");
+    }
+
+    #[test]
+    fn wireguard_keys_defaults_and_refusals() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#)
+            .unwrap();
+        assert_eq!(c.port, DEFAULT_WIREGUARD_PORT);
+        let Backend::Wireguard(w) = c.backend else {
+            panic!()
+        };
+        assert_eq!(
+            (w.listen_port, w.psk, w.keepalive, w.mtu),
+            (51820, None, 0, None)
+        );
+        let psk = crate::wireguard::key_to_base64(&[5; 32]);
+        let c = NetworkConfig::parse(&format!(
+            r#"{{"Network":"10.5.0.0/16","Backend":{{"type":"WireGuard","listenPort":51999,"psk":"{psk}","persistentKeepaliveInterval":25,"mtu":1400,"mode":"Separate"}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.port, 51999);
+        assert_eq!(c.backend.type_name(), "wireguard");
+        let Backend::Wireguard(w) = c.backend else {
+            panic!()
+        };
+        assert_eq!(
+            (w.listen_port, w.psk, w.keepalive, w.mtu),
+            (51999, Some([5; 32]), 25, Some(1400))
+        );
+        assert!(!format!("{w:?}").contains(&psk), "the PSK is never printed");
+        for (json, field) in [
+            (r#""PSK":"short""#, "Backend.PSK"),
+            (r#""Mode":"ipv6""#, "Backend.Mode"),
+            (r#""Mode":"both""#, "Backend.Mode"),
+            (r#""ListenPort":70000"#, "Backend.ListenPort"),
+            (
+                r#""PersistentKeepaliveInterval":"25s""#,
+                "Backend.PersistentKeepaliveInterval",
+            ),
+            (r#""MTU":100"#, "Backend.MTU"),
+        ] {
+            assert_eq!(
+                err_field(&format!(
+                    r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard",{json}}}}}"#
+                )),
+                field,
+                "{json}"
+            );
+        }
     }
 }

@@ -40,6 +40,8 @@ pub struct Options {
     pub iface_can_reach: Option<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
     pub subnet_file: PathBuf,
+    /// The wireguard backend's private key file.
+    pub wireguard_key_file: PathBuf,
     pub renew_margin: Duration,
     pub lease_ttl: Duration,
     pub ip_masq: bool,
@@ -183,6 +185,8 @@ struct Control<'a> {
     cache_written: Option<Instant>,
     vtep_mac: Option<Mac>,
     direct: DirectRoutes,
+    /// The wireguard backend's peer table.
+    wg: Option<Arc<crate::wireguard::Wg>>,
 }
 
 /// A rules check (iptables-save/-restore or nft) on a blocking thread. The
@@ -234,7 +238,20 @@ fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Opt
 /// Swaps in a new route snapshot for the data path, and the peers gauge.
 /// Peers reached by a DirectRouting kernel route are left out: their
 /// traffic never enters the TUN.
-fn publish(keeper: &Keeper, routes: &RouteTable, stats: &Stats, port: u16, direct: &DirectRoutes) {
+fn publish(
+    keeper: &Keeper,
+    routes: &RouteTable,
+    stats: &Stats,
+    port: u16,
+    direct: &DirectRoutes,
+    wg: Option<&crate::wireguard::Wg>,
+) {
+    // WireGuard peers first: a route is only useful once its peer is there.
+    if let Some(wg) = wg {
+        wg.sync(keeper.peers().iter().filter_map(|(sn, p)| {
+            Some((sn, SocketAddrV4::new(p.ip, p.port.unwrap_or(port)), p.key?))
+        }));
+    }
     routes.store(
         keeper
             .peers()
@@ -392,6 +409,7 @@ impl Control<'_> {
                         &self.stats,
                         self.cfg.port,
                         &self.direct,
+                        self.wg.as_deref(),
                     );
                     self.cache_dirty = true;
                 }
@@ -404,6 +422,7 @@ impl Control<'_> {
                         &self.stats,
                         self.cfg.port,
                         &self.direct,
+                        self.wg.as_deref(),
                     );
                     self.save(keeper);
                 }
@@ -673,6 +692,7 @@ fn open_tun(
 ) -> anyhow::Result<(datapath::Devices, u32)> {
     let base = match cfg.backend {
         Backend::Vxlan(v) => v.mtu.unwrap_or(ext.mtu),
+        Backend::Wireguard(w) => w.mtu.unwrap_or(ext.mtu),
         Backend::Udp { .. } => ext.mtu,
     };
     let overhead = backend::overhead(&cfg.backend);
@@ -691,7 +711,13 @@ fn open_tun(
         opts.workers,
         opts.offload,
         bind,
-        opts.source_ports,
+        // WireGuard peers answer (and roam) to the address a message came
+        // from: every datagram leaves from ListenPort.
+        if matches!(cfg.backend, Backend::Wireguard(_)) {
+            datapath::SourcePorts::Fixed
+        } else {
+            opts.source_ports
+        },
     )?;
     let tun_name = &devices.tun_name;
     let mtu = if opts.no_netlink_config {
@@ -732,6 +758,7 @@ fn open_tun(
 fn tun_pattern(asked: &str, backend: &Backend) -> String {
     match backend {
         Backend::Vxlan(v) if asked == DEFAULT_TUN_NAME => format!("flannel.{}", v.vni),
+        Backend::Wireguard(_) if asked == DEFAULT_TUN_NAME => "flannel-wg".into(),
         _ => asked.to_string(),
     }
 }
@@ -831,7 +858,25 @@ pub async fn run<S: LeaseStore>(
         Backend::Vxlan(_) => {
             Some(choose_vtep_mac(&store, cached.is_some(), public_ip, &cache_path).await)
         }
-        Backend::Udp { .. } => None,
+        Backend::Udp { .. } | Backend::Wireguard(_) => None,
+    };
+    let wg = match cfg.backend {
+        Backend::Wireguard(w) => {
+            let key = crate::wireguard::load_or_create_key(&opts.wireguard_key_file)?;
+            let wg = crate::wireguard::Wg::new(key, w.psk, w.keepalive);
+            tracing::info!(
+                public_key = %crate::wireguard::key_to_base64(&wg.public_key()),
+                key_file = %opts.wireguard_key_file.display(),
+                listen_port = w.listen_port, psk = w.psk.is_some(), keepalive = w.keepalive,
+                "wireguard key ready"
+            );
+            Some(Arc::new(wg))
+        }
+        _ => None,
+    };
+    let identity = backend::Identity {
+        mac: vtep_mac,
+        key: wg.as_ref().map(|w| w.public_key()),
     };
     let mut direct = DirectRoutes::default();
     if let Backend::Vxlan(v) = cfg.backend {
@@ -844,7 +889,7 @@ pub async fn run<S: LeaseStore>(
     let settings = Settings {
         cfg: cfg.clone(),
         public_ip,
-        vtep_mac,
+        identity,
         ttl: opts.lease_ttl,
         renew_margin: opts.renew_margin,
         // flannel: a minute; sooner for short test TTLs.
@@ -876,7 +921,7 @@ pub async fn run<S: LeaseStore>(
         }
     };
     direct.sync(&keeper);
-    publish(&keeper, &routes, &stats, cfg.port, &direct);
+    publish(&keeper, &routes, &stats, cfg.port, &direct, wg.as_deref());
     tracing::info!(
         peers = keeper.peers().len(), build = ?built.elapsed(),
         "route table built from the lease list"
@@ -906,6 +951,7 @@ pub async fn run<S: LeaseStore>(
             busy_poll: opts.busy_poll,
             encap: Encap::for_backend(&cfg.backend, vtep_mac.unwrap_or_default()),
             icmp_limit: Default::default(),
+            wg: wg.clone(),
         },
     )?;
 
@@ -929,6 +975,7 @@ pub async fn run<S: LeaseStore>(
         cache_written: None,
         vtep_mac,
         direct,
+        wg: wg.clone(),
     };
     ctl.save(&keeper);
     ctl.export_status(&keeper);

@@ -31,11 +31,18 @@ pub enum DropReason {
     WrongVni,
     /// A VXLAN frame for another Ethernet address than our VtepMAC.
     WrongMac,
+    /// wireguard: a datagram no session of ours authenticates (garbage, a
+    /// replay, an unknown receiver index, a handshake from an unknown key
+    /// or with the wrong PSK).
+    Unauthenticated,
+    /// wireguard: a packet for a peer whose handshake has not completed,
+    /// when the packets already waiting for it fill its queue.
+    NoSession,
 }
 
 impl DropReason {
     /// Every reason, with its `reason` label on `/metrics`, in counter order.
-    pub const ALL: [(DropReason, &'static str); 10] = [
+    pub const ALL: [(DropReason, &'static str); 12] = [
         (DropReason::NoRoute, "no_route"),
         (DropReason::Ttl, "ttl"),
         (DropReason::Malformed, "malformed"),
@@ -46,6 +53,8 @@ impl DropReason {
         (DropReason::TunWriteError, "tun_write_error"),
         (DropReason::WrongVni, "wrong_vni"),
         (DropReason::WrongMac, "wrong_mac"),
+        (DropReason::Unauthenticated, "unauthenticated"),
+        (DropReason::NoSession, "no_session"),
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -62,6 +71,8 @@ impl DropReason {
             DropReason::TunWriteError => 7,
             DropReason::WrongVni => 8,
             DropReason::WrongMac => 9,
+            DropReason::Unauthenticated => 10,
+            DropReason::NoSession => 11,
         }
     }
 

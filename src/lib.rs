@@ -26,3 +26,4 @@ pub mod startup;
 pub mod subnet;
 pub mod subnet_env;
 pub mod wire;
+pub mod wireguard;

@@ -91,6 +91,11 @@ struct Cli {
     )]
     subnet_file: PathBuf,
 
+    /// wireguard backend: our private key (made, mode 0400, when missing;
+    /// kept across restarts). flannel's variable and path.
+    #[arg(long, env = "WIREGUARD_KEY_FILE", default_value = flannel::wireguard::DEFAULT_KEY_FILE)]
+    wireguard_key_file: PathBuf,
+
     /// Renew the lease this many minutes before it expires (1..1439).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=1439))]
@@ -564,6 +569,7 @@ fn main() -> ExitCode {
         iface_can_reach: cli.iface_can_reach,
         public_ip: cli.public_ip,
         subnet_file: cli.subnet_file,
+        wireguard_key_file: cli.wireguard_key_file,
         renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),
         lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
         ip_masq: cli.ip_masq,

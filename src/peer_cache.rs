@@ -45,6 +45,11 @@ struct Wire {
     peer_macs: std::collections::BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vtep_mac: Option<String>,
+    /// Peers' WireGuard public keys and ports by subnet (wireguard backend).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    peer_keys: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    peer_ports: std::collections::BTreeMap<String, u16>,
 }
 
 impl PeerCache {
@@ -64,6 +69,18 @@ impl PeerCache {
                 .filter_map(|(sn, p)| Some((sn.to_string(), p.mac?.to_string())))
                 .collect(),
             vtep_mac: self.vtep_mac.map(|m| m.to_string()),
+            peer_keys: self
+                .peers
+                .iter()
+                .filter_map(|(sn, p)| {
+                    Some((sn.to_string(), crate::wireguard::key_to_base64(&p.key?)))
+                })
+                .collect(),
+            peer_ports: self
+                .peers
+                .iter()
+                .filter_map(|(sn, p)| Some((sn.to_string(), p.port?)))
+                .collect(),
         };
         let json = serde_json::to_vec(&w).map_err(std::io::Error::other)?;
         crate::atomic_file::write_atomic(path, &json)
@@ -82,7 +99,24 @@ impl PeerCache {
                 .iter()
                 .map(|(sn, ip)| {
                     let m = w.peer_macs.get(sn).map(mac).transpose()?;
-                    Ok((net(sn)?, Peer { ip: *ip, mac: m }))
+                    let key = w
+                        .peer_keys
+                        .get(sn)
+                        .map(|k| {
+                            crate::wireguard::key_from_base64(k)
+                                .map_err(|e| format!("key of {sn} {e}"))
+                        })
+                        .transpose()?;
+                    let port = w.peer_ports.get(sn).copied();
+                    Ok((
+                        net(sn)?,
+                        Peer {
+                            mac: m,
+                            key,
+                            port,
+                            ..Peer::from(*ip)
+                        },
+                    ))
                 })
                 .collect::<Result<_, String>>()?,
             vtep_mac: w.vtep_mac.as_ref().map(mac).transpose()?,
@@ -149,8 +183,16 @@ mod tests {
                 (
                     "10.5.5.0/24".parse().unwrap(),
                     Peer {
-                        ip: Ipv4Addr::new(192, 168, 0, 3),
                         mac: Some(Mac([2, 0, 0, 0, 0, 3])),
+                        ..Ipv4Addr::new(192, 168, 0, 3).into()
+                    },
+                ),
+                (
+                    "10.5.6.0/24".parse().unwrap(),
+                    Peer {
+                        key: Some([9; 32]),
+                        port: Some(51999),
+                        ..Ipv4Addr::new(192, 168, 0, 4).into()
                     },
                 ),
             ],

@@ -144,6 +144,11 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
     let mut icmp = Icmp::new();
     let mut gso_off = GsoOff::new(w.shared.counters.clone());
     let sock = w.tx.as_raw_fd();
+    // wireguard: each segment is gathered into `plain`, sealed into
+    // `sealed`, and runs of sealed datagrams to one peer go out as one GSO
+    // message from there.
+    let wg = w.shared.wg.clone();
+    let mut sealed = Sealer::new(wg.is_some(), if vnet > 0 { CHUNK } else { BATCH });
     Box::new(move || {
         let mut got = 0;
         loop {
@@ -186,12 +191,28 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                     }
                     continue;
                 };
+                let wg_peer = match &wg {
+                    Some(wg) => match wg.peer(peer.addr) {
+                        Some(p) => Some(p),
+                        None => {
+                            t.drop(DropReason::NoRoute);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 let Ok(segs) = Segments::of(pkt, &hdr) else {
                     t.drop(DropReason::Malformed);
                     continue;
                 };
                 t.udp_tx_bytes += segs.total() as u64;
-                let dgram = segs.seg_len() + pre;
+                let dgram = segs.seg_len()
+                    + pre
+                    + if wg.is_some() {
+                        crate::wireguard::DATA_OVERHEAD
+                    } else {
+                        0
+                    };
                 // One GSO send carries at most 64 segments and 64 KB.
                 let per = if w.caps.udp_gso && segs.count() > 1 && gso_off.allows(*peer.addr.ip()) {
                     MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / dgram).max(1)
@@ -204,10 +225,16 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                     let chunk = first..(first + CHUNK).min(segs.count());
                     let bytes = pre + segs.header_bytes(chunk.len());
                     let pieces = segs.pieces_for(chunk.len()) + extra * chunk.len();
-                    if !mmsg.has_room_for(chunk.len().div_ceil(per), pieces)
-                        || hoff + bytes > headers.len()
-                    {
-                        flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+                    let room = if wg.is_some() {
+                        mmsg.has_room_for(chunk.len(), chunk.len())
+                            && sealed.has_room(chunk.len() * dgram)
+                    } else {
+                        mmsg.has_room_for(chunk.len().div_ceil(per), pieces)
+                    };
+                    if !room || hoff + bytes > headers.len() {
+                        let aux = sealed.aux_or(&mut headers);
+                        flush(&mut mmsg, sock, rx.bytes_mut(), aux, &mut t);
+                        sealed.clear();
                         gso_off.refused(&mmsg.gso_refused);
                         hoff = 0;
                     }
@@ -218,6 +245,27 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                         .expect("room checked above");
                     let prefix = (pre > 0).then_some((Buf::Aux, hoff, pre));
                     let hdrs = hoff + pre;
+                    if let Some(wp) = &wg_peer {
+                        let pieces = |c: usize| {
+                            segs.pieces(c..c + 1, chunk.start).map(|p| match p {
+                                SegmentPiece::Header(at, len) => (Buf::Aux, hdrs + at, len),
+                                SegmentPiece::Payload(r) => (Buf::Main, start + r.start, r.len()),
+                            })
+                        };
+                        sealed.seal_chunk(
+                            w,
+                            wp,
+                            chunk.clone(),
+                            pieces,
+                            (rx.bytes(), &headers),
+                            per,
+                            &mut mmsg,
+                            &mut t,
+                        );
+                        hoff += bytes;
+                        first = chunk.end;
+                        continue;
+                    }
                     for c in chunk.clone().step_by(per) {
                         let run = c..(c + per).min(chunk.end);
                         let gso = if run.len() > 1 { dgram as u16 } else { 0 };
@@ -238,7 +286,14 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                     first = chunk.end;
                 }
             }
-            flush(&mut mmsg, sock, rx.bytes_mut(), &mut headers, &mut t);
+            flush(
+                &mut mmsg,
+                sock,
+                rx.bytes_mut(),
+                sealed.aux_or(&mut headers),
+                &mut t,
+            );
+            sealed.clear();
             gso_off.refused(&mmsg.gso_refused);
             hoff = 0;
             w.shared.counters.egress.add(&t);
@@ -310,6 +365,116 @@ impl GsoOff {
             tracing::warn!(peer = %ip, "the kernel refused a UDP GSO send (a path MTU below the segment size, or an IPsec policy); resent as plain datagrams, and GSO stays off for this peer for {} s", GSO_OFF_FOR.as_secs());
             self.until.push((ip, Instant::now() + GSO_OFF_FOR));
             self.counters.gso_off_peers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The wireguard step of the egress loop: segments sealed one after the
+/// other into one buffer, so a run of them to one peer is one GSO message.
+struct Sealer {
+    /// Sealed datagrams, queued as `Buf::Aux` pieces (empty without wireguard).
+    out: Vec<u8>,
+    used: usize,
+    /// One segment's plaintext, gathered from its header and payload.
+    plain: Vec<u8>,
+}
+
+impl Sealer {
+    fn new(on: bool, per_batch: usize) -> Self {
+        let (out, plain) = if on {
+            (
+                vec![0u8; per_batch * (SLOT + crate::wireguard::DATA_OVERHEAD)],
+                vec![0u8; SLOT],
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Sealer {
+            out,
+            used: 0,
+            plain,
+        }
+    }
+
+    fn has_room(&self, bytes: usize) -> bool {
+        self.used + bytes <= self.out.len()
+    }
+
+    fn clear(&mut self) {
+        self.used = 0;
+    }
+
+    /// The buffer `Buf::Aux` pieces are in: ours with wireguard, else
+    /// the header area.
+    fn aux_or<'a>(&'a mut self, headers: &'a mut Vec<u8>) -> &'a mut [u8] {
+        if self.out.is_empty() {
+            headers
+        } else {
+            &mut self.out
+        }
+    }
+
+    /// Seals the segments `chunk` (each gathered from `pieces(c)` out of
+    /// `bufs`: main, aux) for `peer` and queues them, equal-sized runs of up
+    /// to `per` as one GSO message. A handshake initiation (no session
+    /// yet; the packet waits in the peer's queue) goes out at once.
+    #[allow(clippy::too_many_arguments)]
+    fn seal_chunk<I: Iterator<Item = (Buf, usize, usize)>>(
+        &mut self,
+        w: &Worker,
+        peer: &crate::wireguard::WgPeer,
+        chunk: std::ops::Range<usize>,
+        pieces: impl Fn(usize) -> I,
+        bufs: (&[u8], &[u8]),
+        per: usize,
+        mmsg: &mut Mmsg,
+        t: &mut Tally,
+    ) {
+        use crate::wireguard::{seal, Sealed};
+        let mut tunn = peer.lock();
+        // The open run: (start in `out`, datagrams, each one's length).
+        let mut run: Option<(usize, usize, usize)> = None;
+        let queue = |mmsg: &mut Mmsg, (at, n, len): (usize, usize, usize), total: usize| {
+            let gso = if n > 1 { len as u16 } else { 0 };
+            mmsg.queue_gather([(Buf::Aux, at, total)], peer.endpoint, gso);
+        };
+        let mut run_bytes = 0;
+        for c in chunk {
+            let mut n = 0;
+            for (buf, at, len) in pieces(c) {
+                let src = if buf == Buf::Main { bufs.0 } else { bufs.1 };
+                self.plain[n..n + len].copy_from_slice(&src[at..at + len]);
+                n += len;
+            }
+            let at = self.used;
+            match seal(peer, &mut tunn, &self.plain[..n], &mut self.out[at..]) {
+                Sealed::Data(len) => {
+                    self.used += len;
+                    match run {
+                        Some((s, k, l)) if k < per && len <= l && run_bytes == k * l => {
+                            run = Some((s, k + 1, l));
+                            run_bytes += len;
+                        }
+                        open => {
+                            if let Some(r) = open {
+                                queue(mmsg, r, run_bytes);
+                            }
+                            run = Some((at, 1, len));
+                            run_bytes = len;
+                        }
+                    }
+                }
+                Sealed::Handshake(len) => {
+                    if w.tx.send_to(&self.out[at..at + len], peer.endpoint).is_ok() {
+                        t.udp_tx_packets += 1;
+                    }
+                }
+                Sealed::Waiting => {}
+                Sealed::Full => t.drop(DropReason::NoSession),
+            }
+        }
+        if let Some(r) = run {
+            queue(mmsg, r, run_bytes);
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::backend::Decap;
 use crate::forward::{ingress, DropReason, Ingress, Tally};
 use crate::routes::RouteSnapshot;
 use crate::wire::ether::ArpRepr;
+use crate::wireguard::{Opened, Wg};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -73,6 +74,14 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
     let sock = w.sock.as_raw_fd();
     let encap = w.shared.encap;
     let mut errors = RxErrors::default();
+    // wireguard: datagrams are opened from the receive slots into `plain`
+    // (at the same offsets), and the TUN writes gather from there.
+    let wg = w.shared.wg.clone();
+    let (mut plain, mut wout) = if wg.is_some() {
+        (vec![0u8; slots.bytes().len()], vec![0u8; SLOT + 64])
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Box::new(move || {
         let mut got = 0;
         loop {
@@ -120,6 +129,46 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
                     t.drop(DropReason::Malformed);
                     continue;
                 }
+                if let Some(wg) = &wg {
+                    let mut off = 0;
+                    while off < len {
+                        let l = seg.min(len - off);
+                        t.udp_rx_packets += 1;
+                        let at = start + off;
+                        let d = &slots.bytes()[at..at + l];
+                        let out = &mut plain[at..at + l];
+                        let to_flush = match wg.open(slots.addr[i], d, out) {
+                            Opened::Packet(n, peer) => {
+                                // Cryptokey routing checked the source; the
+                                // rest of the checks are the udp backend's.
+                                match ingress(&mut plain[at..at + n], from, &routes, true) {
+                                    Ingress::Deliver => pkts.push((at, n)),
+                                    Ingress::Drop(r) => t.drop(r),
+                                }
+                                Some(peer)
+                            }
+                            Opened::Reply(n, peer) => {
+                                let _ = w.tx.send_to(&plain[at..at + n], slots.addr[i]);
+                                Some(peer)
+                            }
+                            Opened::Nothing(peer) => Some(peer),
+                            Opened::Drop(r) => {
+                                t.drop(r);
+                                None
+                            }
+                        };
+                        if let Some(peer) = to_flush {
+                            // A session just came up: what waited for it goes.
+                            while let Some(n) = Wg::next_waiting(&peer, &mut wout) {
+                                if w.tx.send_to(&wout[..n], peer.endpoint).is_ok() {
+                                    t.udp_tx_packets += 1;
+                                }
+                            }
+                        }
+                        off += l;
+                    }
+                    continue;
+                }
                 let buf = slots.bytes_mut();
                 let mut off = 0;
                 while off < len {
@@ -139,7 +188,12 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
                     off += l;
                 }
             }
-            write_tun(w, slots.bytes(), &pkts, &mut gro, &mut gro_head, &mut t);
+            let delivered = if wg.is_some() {
+                &plain[..]
+            } else {
+                slots.bytes()
+            };
+            write_tun(w, delivered, &pkts, &mut gro, &mut gro_head, &mut t);
             w.shared.counters.ingress.add(&t);
             w.shared.counters.rx_batch(t.udp_rx_packets as usize);
             if n < slots.count() {

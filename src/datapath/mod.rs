@@ -64,6 +64,8 @@ pub struct Shared {
     /// has one per host), however many workers: taken only on the rare
     /// path that answers with an ICMP error.
     pub icmp_limit: Arc<std::sync::Mutex<crate::forward::IcmpLimit>>,
+    /// The wireguard backend's peers and keys (with `Encap::Wireguard`).
+    pub wg: Option<Arc<crate::wireguard::Wg>>,
 }
 
 /// Restricts the calling thread to one CPU; failure is logged, not fatal.
@@ -152,6 +154,14 @@ fn wait_readable(fd: RawFd, stop: &StopFd) -> bool {
     }
 }
 
+/// Sleeps `d` or until stop is signalled; true when it was.
+fn wait_stop(stop: &StopFd, d: Duration) -> bool {
+    let mut fds = [pollin(stop.0.as_raw_fd())];
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(fds.as_mut_ptr(), 1, d.as_millis() as libc::c_int) };
+    stop.is_set()
+}
+
 /// The running data path; dropping it stops and joins the threads.
 pub struct Datapath {
     stop: Arc<StopFd>,
@@ -212,6 +222,25 @@ impl Datapath {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        if let (Some(wg), Some((_, _, tx))) = (shared.wg.clone(), devices.queues.first()) {
+            // WireGuard's timers (handshake retries, rekeys, keepalives),
+            // sending from ListenPort like the workers.
+            let tx = tx.try_clone()?;
+            let (st, f) = (stop.clone(), failure.clone());
+            threads.push(std::thread::Builder::new().name("wg-timers".into()).spawn(
+                move || {
+                    guarded("wg-timers".into(), f, || {
+                        let mut out = vec![0u8; 256];
+                        while !wait_stop(&st, crate::wireguard::TICK) {
+                            wg.tick(&mut out, |d, to| {
+                                let _ = tx.send_to(d, to);
+                            });
+                        }
+                        Ok(())
+                    })
+                },
+            )?);
+        }
         for (k, (tun, sock, tx)) in devices.queues.into_iter().enumerate() {
             let cpu = shared.pin.then_some(k % cpus);
             let w = Arc::new(Worker {

@@ -151,8 +151,9 @@ impl Backoff {
 pub struct Settings {
     pub cfg: NetworkConfig,
     pub public_ip: Ipv4Addr,
-    /// Our VtepMAC, written into our lease on the vxlan backend.
-    pub vtep_mac: Option<crate::wire::ether::Mac>,
+    /// What our lease says of us besides PublicIP (vxlan: our VtepMAC;
+    /// wireguard: our public key).
+    pub identity: crate::backend::Identity,
     pub ttl: Duration,
     pub renew_margin: Duration,
     /// How soon a failed renewal is tried again (flannel: a minute).
@@ -207,7 +208,7 @@ impl Keeper {
     /// A keeper acquiring, with nothing asked yet.
     fn idle(s: Settings, previous: Option<Ipv4Network>, rng: StdRng) -> Self {
         Keeper {
-            value: crate::backend::lease_attrs(&s.cfg.backend, s.public_ip, s.vtep_mac).to_json(),
+            value: crate::backend::lease_attrs(&s.cfg.backend, s.public_ip, s.identity).to_json(),
             s,
             rng,
             phase: Phase::Acquiring {
@@ -258,8 +259,13 @@ impl Keeper {
         let valid: Vec<_> = peers
             .into_iter()
             .filter(|&(sn, p)| {
-                let vxlan = matches!(k.s.cfg.backend, crate::config::Backend::Vxlan(_));
-                validate_addr(&k.s.cfg, sn, p.ip).is_ok() && (!vxlan || p.mac.is_some())
+                use crate::config::Backend;
+                let complete = match k.s.cfg.backend {
+                    Backend::Udp { .. } => true,
+                    Backend::Vxlan(_) => p.mac.is_some(),
+                    Backend::Wireguard(_) => p.key.is_some(),
+                };
+                validate_addr(&k.s.cfg, sn, p.ip).is_ok() && complete
             })
             .collect();
         k.peers.resync(valid);

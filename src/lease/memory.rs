@@ -265,7 +265,7 @@ fn settings(network: &str) -> Settings {
     Settings {
         cfg: NetworkConfig::parse(&json).expect("cfg"),
         public_ip: ME,
-        vtep_mac: None,
+        identity: Default::default(),
         ttl: Duration::from_secs(600),
         renew_margin: Duration::from_secs(60),
         renew_retry: Duration::from_secs(15),

@@ -305,7 +305,7 @@ impl PeerSet {
                 (
                     *sn,
                     Hop {
-                        addr: std::net::SocketAddrV4::new(p.ip, port),
+                        addr: std::net::SocketAddrV4::new(p.ip, p.port.unwrap_or(port)),
                         mac: p.mac.unwrap_or_default(),
                     },
                 )

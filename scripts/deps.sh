@@ -44,6 +44,8 @@ NEEDS=(
   nft:nftables
   promtool:prometheus                               # metrics lint (tests/ops.rs)
   python3:python3                                   # benches/e2e.py
+  wireguard-go:wireguard-go                         # wireguard reference node (tests, bench)
+  wg:wireguard-tools
   /usr/lib/cni/bridge:containernetworking-plugins   # CNI tests
   /usr/lib/cni/host-local:containernetworking-plugins
   /usr/lib/cni/portmap:containernetworking-plugins

@@ -168,17 +168,18 @@ impl Backend {
             ),
         };
         let keepalive = b.uint("PersistentKeepaliveInterval", 65535)?.unwrap_or(0) as u16;
-        let mtu =
-            match b.uint("MTU", 65535)? {
-                None | Some(0) => None,
-                Some(m) if m < 68 + 80 => return Err(field_err(
+        let mtu = match b.uint("MTU", 65535)? {
+            None | Some(0) => None,
+            Some(m) if m < 68 + 80 => {
+                return Err(field_err(
                     "MTU",
                     format!(
                         "{m} leaves less than IPv4's 68 bytes after the 80-byte WireGuard overhead"
                     ),
-                )),
-                Some(m) => Some(m as u32),
-            };
+                ))
+            }
+            Some(m) => Some(m as u32),
+        };
         match b.string("Mode")? {
             None | Some("") => {}
             Some(m) if ["separate", "auto", "ipv4"].iter().any(|k| m.eq_ignore_ascii_case(k)) => {}

@@ -494,6 +494,11 @@ impl Bed {
             .arg(format!("--etcd-endpoints={}", self.endpoint))
             .args(self.tls_flags(true))
             .arg(format!("--subnet-file={}", h.subnet_file.display()))
+            // Each host its own WireGuard key (they share one filesystem).
+            .arg(format!(
+                "--wireguard-key-file={}",
+                h.subnet_file.with_file_name("wgkey").display()
+            ))
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -1032,3 +1037,4 @@ pub fn spawn_until_lease(
     (child, sn)
 }
 pub mod kernel_vxlan;
+pub mod wg_node;

@@ -132,18 +132,7 @@ impl Backend {
             ));
         }
         let direct_routing = b.bool("DirectRouting").map_err(named)?.unwrap_or(false);
-        let mtu = match b.uint("MTU", 65535).map_err(named)? {
-            None | Some(0) => None,
-            Some(m) if m < 68 + 50 => {
-                return Err(field_err(
-                    "Backend.MTU",
-                    format!(
-                        "{m} leaves less than IPv4's 68 bytes after the 50-byte VXLAN overhead"
-                    ),
-                ))
-            }
-            Some(m) => Some(m as u32),
-        };
+        let mtu = backend_mtu(b, 50, "VXLAN").map_err(named)?;
         Ok(Backend::Vxlan(VxlanConfig {
             vni,
             port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
@@ -168,18 +157,7 @@ impl Backend {
             ),
         };
         let keepalive = b.uint("PersistentKeepaliveInterval", 65535)?.unwrap_or(0) as u16;
-        let mtu = match b.uint("MTU", 65535)? {
-            None | Some(0) => None,
-            Some(m) if m < 68 + 80 => {
-                return Err(field_err(
-                    "MTU",
-                    format!(
-                        "{m} leaves less than IPv4's 68 bytes after the 80-byte WireGuard overhead"
-                    ),
-                ))
-            }
-            Some(m) => Some(m as u32),
-        };
+        let mtu = backend_mtu(b, 80, "WireGuard")?;
         match b.string("Mode")? {
             None | Some("") => {}
             Some(m) if ["separate", "auto", "ipv4"].iter().any(|k| m.eq_ignore_ascii_case(k)) => {}
@@ -202,6 +180,21 @@ impl Backend {
             keepalive,
             mtu,
         }))
+    }
+}
+
+/// `Backend.MTU`: absent or 0 means the external interface's; else it
+/// must leave IPv4's 68 bytes after the backend's `overhead`.
+fn backend_mtu(b: &Fields, overhead: u64, what: &str) -> Result<Option<u32>, ConfigError> {
+    match b.uint("MTU", 65535)? {
+        None | Some(0) => Ok(None),
+        Some(m) if m < 68 + overhead => Err(field_err(
+            "MTU",
+            format!(
+                "{m} leaves less than IPv4's 68 bytes after the {overhead}-byte {what} overhead"
+            ),
+        )),
+        Some(m) => Ok(Some(m as u32)),
     }
 }
 

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Bytes WireGuard adds on the underlay to an IPv4 packet: outer IPv4 (20)
-/// + UDP (8) + message header (16) + AEAD tag (16), plus flannel's margin
+/// Bytes WireGuard adds on the underlay to an IPv4 packet: outer IPv4 (20),
+/// UDP (8), message header (16) and AEAD tag (16), with flannel's margin
 /// for IPv6 underlays: flannel subtracts 80 from the interface MTU.
 pub const OVERHEAD: usize = 80;
 /// What a data message adds to its plaintext (header + tag).

@@ -406,7 +406,7 @@ impl Sealer {
 
     /// The buffer `Buf::Aux` pieces are in: ours with wireguard, else
     /// the header area.
-    fn aux_or<'a>(&'a mut self, headers: &'a mut Vec<u8>) -> &'a mut [u8] {
+    fn aux_or<'a>(&'a mut self, headers: &'a mut [u8]) -> &'a mut [u8] {
         if self.out.is_empty() {
             headers
         } else {

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddrV4};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -158,6 +158,10 @@ pub struct WgPeer {
     tunn: Mutex<Tunn>,
     /// Packets handed to `seal` while there was no session, not yet sent.
     waiting: AtomicUsize,
+    /// A new peer: the next tick starts a handshake with it, so that a peer
+    /// still holding a session with an earlier run of ours (we restarted)
+    /// gets a new one at once rather than after its 15 s of silence.
+    greet: AtomicBool,
 }
 
 impl std::fmt::Debug for WgPeer {
@@ -337,6 +341,7 @@ impl Wg {
             index,
             tunn: Mutex::new(tunn),
             waiting: AtomicUsize::new(0),
+            greet: AtomicBool::new(true),
         }))
     }
 
@@ -453,8 +458,14 @@ impl Wg {
             }
         }
         for p in self.peers() {
-            let r = p.lock().update_timers(out);
-            if let TunnResult::WriteToNetwork(d) = r {
+            let mut t = p.lock();
+            if p.greet.swap(false, Ordering::Relaxed) && t.time_since_last_handshake().is_none() {
+                if let TunnResult::WriteToNetwork(d) = t.format_handshake_initiation(out, false) {
+                    send(d, p.endpoint);
+                    continue;
+                }
+            }
+            if let TunnResult::WriteToNetwork(d) = t.update_timers(out) {
                 send(d, p.endpoint);
             }
         }
@@ -668,6 +679,58 @@ mod tests {
         // Our own key never becomes a peer; a deleted lease removes the peer.
         a.sync([(net("10.5.9.0/24"), B_EP, a.public_key())]);
         assert!(a.peer(B_EP).is_none());
+    }
+
+    #[test]
+    fn a_restarted_peer_greets_and_the_survivor_moves_to_its_new_session_at_once() {
+        let raw_b: [u8; 32] = rand::random();
+        let a = Wg::new(PrivateKey::generate(), None, 0);
+        let b = Wg::new(PrivateKey::from_bytes(raw_b), None, 0);
+        a.sync([(net("10.5.2.0/24"), B_EP, b.public_key())]);
+        b.sync([(net("10.5.1.0/24"), A_EP, a.public_key())]);
+        handshake(&a, &b, &packet([10, 5, 1, 2], [10, 5, 2, 2], b"x"));
+        let mut buf = vec![0u8; 2048];
+        let mut sent = Vec::new();
+        // Peers with a session are not greeted again.
+        a.tick(&mut buf, |d, to| sent.push((d.to_vec(), to)));
+        assert!(sent.is_empty(), "{sent:?}");
+        // B restarts with the same key and no sessions: A's data is opaque
+        // to it...
+        drop(b);
+        let b = Wg::new(PrivateKey::from_bytes(raw_b), None, 0);
+        b.sync([(net("10.5.1.0/24"), A_EP, a.public_key())]);
+        let pkt = packet([10, 5, 1, 2], [10, 5, 2, 2], b"after");
+        let (r, old) = seal_one(&a, &pkt);
+        assert!(matches!(r, Sealed::Data(_)), "{r:?}");
+        assert!(matches!(
+            b.open(A_EP, &old, &mut buf),
+            Opened::Drop(DropReason::Unauthenticated)
+        ));
+        // ...until its first tick greets A, once.
+        b.tick(&mut buf, |d, to| sent.push((d.to_vec(), to)));
+        b.tick(&mut buf, |d, to| sent.push((d.to_vec(), to)));
+        assert_eq!(sent.len(), 1, "one greeting");
+        let (init, to) = sent.pop().unwrap();
+        assert_eq!((init[0], init.len(), to), (1, 148, A_EP));
+        let Opened::Reply(n, _) = a.open(B_EP, &init, &mut buf) else {
+            panic!("A answers the greeting")
+        };
+        let resp = buf[..n].to_vec();
+        let Opened::Reply(n, _) = b.open(A_EP, &resp, &mut buf) else {
+            panic!("B confirms with a keepalive")
+        };
+        let keepalive = buf[..n].to_vec();
+        assert!(matches!(
+            a.open(B_EP, &keepalive, &mut buf),
+            Opened::Nothing(_)
+        ));
+        // A now seals with the new session, which B opens.
+        let (r, d) = seal_one(&a, &pkt);
+        assert!(matches!(r, Sealed::Data(_)), "{r:?}");
+        let Opened::Packet(n, _) = b.open(A_EP, &d, &mut buf) else {
+            panic!("B opens A's data on the new session")
+        };
+        assert_eq!(buf[..n], pkt[..]);
     }
 
     #[test]

@@ -14,6 +14,17 @@ a real etcd, and for each case
                 (flannel.1, nolearning, static neighbour/FDB/route as flannel
                 programs them), h2 runs our daemon; traffic kernel -> ours
 
+  flannel-wg    our daemon on both hosts in a network whose config says
+                "Backend":{"Type":"wireguard"} (offloads on): ours <-> ours
+  wg-go-to-flannel-wg  h1 is a Go-flanneld-like wireguard node (Debian's
+                wireguard-go on flannel-wg, programmed with `wg set` as
+                flannel does), h2 runs our daemon; traffic wireguard-go -> ours
+  wireguard-go  wireguard-go on both hosts, no flannel: the userspace
+                WireGuard users would otherwise run
+  boringtun     boringtun-cli on both hosts (when `boringtun-cli` is on PATH
+                or in target/boringtun/bin: `cargo install boringtun-cli
+                --root target/boringtun`)
+
   flannel-on-pmtu1400  flannel-on with a path MTU of 1400 to the peer
                 (`ip route add <peer> dev eth0 mtu 1400` on both hosts), below
                 the interface MTU: GSO sends are refused and resent as plain
@@ -101,6 +112,7 @@ EXTRA = []  # --flannel-arg: extra daemon flags for every flannel case
 
 UDP_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
 VXLAN_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
+WG_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}'
 KERNEL_SUBNET = "10.5.200.0"
 
 
@@ -115,7 +127,8 @@ def start_flannel(binary, offload, hosts=((1, H1), (2, H2)), dev="flannel0"):
         env_file = f"{work}/h{i}/subnet.env"
         log = open(f"{work}/flanneld-h{i}-{offload}.log", "w")
         p = subprocess.Popen(["ip", "netns", "exec", ns, binary, f"--etcd-endpoints={EP}",
-                              f"--subnet-file={env_file}", f"--offload={offload}", *EXTRA],
+                              f"--subnet-file={env_file}", f"--offload={offload}",
+                              f"--wireguard-key-file={work}/h{i}/wgkey", *EXTRA],
                              stdout=log, stderr=subprocess.STDOUT)
         procs.append(p)
         daemons.append(p)
@@ -144,6 +157,47 @@ def kernel_node(ns, ip, peer_ip, peer_addr, peer_mac):
     sh("ip", "-n", ns, "neigh", "replace", peer_addr, "lladdr", peer_mac, "dev", "flannel.1", "nud", "permanent")
     sh("bridge", "-n", ns, "fdb", "replace", peer_mac, "dev", "flannel.1", "dst", peer_ip, "self", "permanent")
     sh("ip", "-n", ns, "route", "replace", f"{peer_addr}/24", "via", peer_addr, "dev", "flannel.1", "onlink")
+
+
+def wg(*args, stdin=None):
+    return subprocess.run(["wg", *args], check=True, capture_output=True, text=True, input=stdin).stdout.strip()
+
+
+def userspace_wg(ns, dev, cmd, addr, port=51820):
+    """Runs a userspace WireGuard (`cmd` + device name) in `ns` with a new
+    key, listening on `port`, `addr` on the device (MTU 1420); returns
+    (process, public key). Device names must differ between namespaces:
+    the UAPI sockets in /var/run/wireguard are shared."""
+    p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd, dev], stdout=subprocess.DEVNULL,
+                         stderr=open(f"{work}/{dev}.log", "w"), env={**os.environ, "WG_SUDO": "1"})
+    procs.append(p)
+    for _ in range(100):
+        if subprocess.run(["wg", "show", dev], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        sys.exit(f"{cmd[0]} did not make {dev}; see {work}/{dev}.log")
+    private = wg("genkey")
+    with open(f"{work}/{dev}.key", "w") as f:
+        f.write(private)
+    wg("set", dev, "private-key", f"{work}/{dev}.key", "listen-port", str(port))
+    sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+    sh("ip", "-n", ns, "link", "set", dev, "mtu", "1420", "up")
+    return p, wg("pubkey", stdin=private)
+
+
+def wg_pair(cmd, name):
+    """`cmd` on both hosts, each the other's only peer; returns the daemons."""
+    a, ka = userspace_wg(H1, f"{name}1", cmd, "10.98.0.1/24")
+    b, kb = userspace_wg(H2, f"{name}2", cmd, "10.98.0.2/24")
+    wg("set", f"{name}1", "peer", kb, "endpoint", "192.168.77.2:51820", "allowed-ips", "10.98.0.2/32")
+    wg("set", f"{name}2", "peer", ka, "endpoint", "192.168.77.1:51820", "allowed-ips", "10.98.0.1/32")
+    return [a, b]
+
+
+def boringtun_cli():
+    local = os.path.abspath("target/boringtun/bin/boringtun-cli")
+    return shutil.which("boringtun-cli") or (local if os.path.exists(local) else None)
 
 
 def kernel_node_down(ns):
@@ -391,7 +445,8 @@ def main():
                     help="also run flannel-on with another flanneld build, as case flannel-on@NAME "
                     "(a before/after in one run; repeatable)")
     ap.add_argument("--cases", default="", help="comma-separated subset: veth,vxlan,flannel-off,flannel-on,"
-                    "flannel-vxlan,kernel-to-flannel-vxlan,flannel-on-pmtu1400")
+                    "flannel-vxlan,kernel-to-flannel-vxlan,flannel-wg,wg-go-to-flannel-wg,wireguard-go,boringtun,"
+                    "flannel-on-pmtu1400")
     args = ap.parse_args()
     EXTRA.extend(args.flannel_arg)
     args.profile = [c for c in args.profile.split(",") if c]
@@ -438,6 +493,38 @@ def main():
                     kernel_node_down(H1)
                     etcdctl("del", f"/coreos.com/network/subnets/{KERNEL_SUBNET}-24")
             etcdctl("put", "/coreos.com/network/config", UDP_CONFIG)
+        if want("flannel-wg") or want("wg-go-to-flannel-wg"):
+            etcdctl("put", "/coreos.com/network/config", WG_CONFIG)
+            if want("flannel-wg"):
+                daemons, addr = start_flannel(args.bin, "auto", dev="flannel-wg")
+                results.append(measure("flannel-wg", addr, args, daemons))
+                stop(daemons)
+            if want("wg-go-to-flannel-wg"):
+                ref, key = userspace_wg(H1, "flannel-wg", ["wireguard-go", "-f"], f"{KERNEL_SUBNET}/16")
+                value = json.dumps({"PublicIP": "192.168.77.1", "PublicIPv6": None, "BackendType": "wireguard",
+                                    "BackendData": {"PublicKey": key, "Port": 51820}})
+                etcdctl("put", f"/coreos.com/network/subnets/{KERNEL_SUBNET}-24", value)
+                daemons, addr = start_flannel(args.bin, "auto", hosts=((2, H2),), dev="flannel-wg")
+                ours = lease_of(addr)["BackendData"]["PublicKey"]
+                wg("set", "flannel-wg", "peer", ours, "endpoint", "192.168.77.2:51820", "allowed-ips", f"{addr}/24")
+                try:
+                    results.append(measure("wg-go-to-flannel-wg", addr, args, daemons + [ref]))
+                finally:
+                    stop(daemons + [ref])
+                    etcdctl("del", f"/coreos.com/network/subnets/{KERNEL_SUBNET}-24")
+            etcdctl("put", "/coreos.com/network/config", UDP_CONFIG)
+        if not args.smoke and want("wireguard-go"):
+            daemons = wg_pair(["wireguard-go", "-f"], "wgg")
+            results.append(measure("wireguard-go", "10.98.0.2", args, daemons))
+            stop(daemons)
+        if not args.smoke and want("boringtun"):
+            cli = boringtun_cli()
+            if cli:
+                daemons = wg_pair([cli, "-f", "--disable-drop-privileges"], "btn")
+                results.append(measure("boringtun", "10.98.0.2", args, daemons))
+                stop(daemons)
+            else:
+                print("  boringtun    skipped: no boringtun-cli (cargo install boringtun-cli --root target/boringtun)")
         if not args.smoke and want("flannel-on-pmtu1400"):
             daemons, addr = start_flannel(args.bin, "auto")
             for ns, peer in ((H1, "192.168.77.2"), (H2, "192.168.77.1")):

@@ -416,9 +416,45 @@ fn a_restart_keeps_the_key_a_new_key_is_followed_and_a_deleted_lease_is_unreacha
     let _g = heavy();
     let mut bed = bed_with(WG, 2);
     let mut r = WgNode::new(&bed, 0, REF_SUBNET, 51820, None, 0);
-    bed.start_ready(1);
-    r.sync(&bed);
+    // Leases no wireguard peer can be made of: another backend, a bad key,
+    // an all-zero key.
+    let foreign = [
+        (
+            "10.5.201.0-24",
+            r#"{"PublicIP":"192.168.100.50","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:00:00:00:00:01"}}"#,
+        ),
+        (
+            "10.5.202.0-24",
+            r#"{"PublicIP":"192.168.100.51","BackendType":"wireguard","BackendData":{"PublicKey":"bm90IGEga2V5","Port":51820}}"#,
+        ),
+        (
+            "10.5.203.0-24",
+            r#"{"PublicIP":"192.168.100.52","BackendType":"wireguard","BackendData":{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","Port":51820}}"#,
+        ),
+    ];
+    for (sn, v) in foreign {
+        bed.put(&format!("{PREFIX}/subnets/{sn}"), v);
+    }
+    bed.start_ready_with(1, &["--healthz-port=9314"]);
     let (rip, a1) = (r.subnet.network(), bed.tun_addr(1));
+    let log = bed.log(1);
+    for (sn, _) in foreign {
+        assert!(
+            log.contains(&format!("ignoring lease {PREFIX}/subnets/{sn}")),
+            "{sn}:\n{log}"
+        );
+        let dst: Ipv4Addr = sn.replace("0-24", "9").parse().unwrap();
+        assert_eq!(
+            udp_probe_error(&bed, 1, dst),
+            Some(libc::ENETUNREACH),
+            "{dst} is routed"
+        );
+    }
+    assert_eq!(metric(&scrape(&bed, 1, 9314), "flannel_leases_ignored"), 3);
+    for (sn, _) in foreign {
+        bed.del(&format!("{PREFIX}/subnets/{sn}"));
+    }
+    r.sync(&bed);
     wait_for("ref -> ours", Duration::from_secs(15), || {
         bed.ping(0, a1).then_some(())
     });

@@ -7,7 +7,7 @@ use crate::config::{Backend, NetworkConfig};
 use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::config_wait::{ConfigWait, Next};
-use crate::lease::keeper::{Action, Input, Keeper, KeeperStats, Settings};
+use crate::lease::keeper::{Action, Effect, Input, Keeper, KeeperStats, Request, Settings};
 use crate::lease::store::{LeaseStore, LeaseWatch, StoreError, WatchItem};
 use crate::masq;
 use crate::netlink::{self, Netlink};
@@ -73,19 +73,26 @@ struct Driver<'a, S: LeaseStore> {
 
 impl<S: LeaseStore> Driver<'_, S> {
     /// Runs requests until none is left; returns the effects, in order.
-    async fn pump(&mut self, keeper: &mut Keeper) -> Vec<Action> {
+    async fn pump(&mut self, keeper: &mut Keeper) -> Vec<Effect> {
         let mut effects = Vec::new();
         while let Some(a) = self.todo.pop_front() {
-            let input = match a {
-                Action::List => match self.store.list().await {
+            let r = match a {
+                Action::Request(r) => r,
+                Action::Effect(e) => {
+                    effects.push(e);
+                    continue;
+                }
+            };
+            let input = match r {
+                Request::List => match self.store.list().await {
                     Ok((leases, revision)) => Input::Listed { leases, revision },
                     Err(e) => Input::Failed(e),
                 },
-                Action::GetConfig => match self.store.get_config().await {
+                Request::GetConfig => match self.store.get_config().await {
                     Ok(text) => Input::Config(text),
                     Err(e) => Input::Failed(e),
                 },
-                Action::Write {
+                Request::Write {
                     subnet,
                     value,
                     ttl,
@@ -94,14 +101,14 @@ impl<S: LeaseStore> Driver<'_, S> {
                     Ok(w) => Input::Wrote(w),
                     Err(e) => Input::Failed(e),
                 },
-                Action::Watch { from } => match self.store.watch(from).await {
+                Request::Watch { from } => match self.store.watch(from).await {
                     Ok(w) => {
                         self.watch = Some(w);
                         Input::WatchStarted
                     }
                     Err(e) => Input::Failed(e),
                 },
-                Action::Delete { subnet, expect } => {
+                Request::Delete { subnet, expect } => {
                     match self.store.delete(subnet, expect).await {
                         Ok(true) => {}
                         Ok(false) => {
@@ -109,10 +116,6 @@ impl<S: LeaseStore> Driver<'_, S> {
                         }
                         Err(e) => tracing::warn!(%subnet, "deleting a stale lease failed: {e}"),
                     }
-                    continue;
-                }
-                effect => {
-                    effects.push(effect);
                     continue;
                 }
             };
@@ -125,6 +128,24 @@ impl<S: LeaseStore> Driver<'_, S> {
     fn tick(&mut self, keeper: &mut Keeper) {
         self.todo
             .extend(keeper.handle(Input::Tick, std::time::Instant::now()));
+    }
+
+    /// Hands the keeper what the watch gave (dropping a watch that ended).
+    fn watched(&mut self, keeper: &mut Keeper, item: Result<WatchItem, StoreError>) {
+        let input = match item {
+            Ok(item) => {
+                if item == WatchItem::Compacted {
+                    self.watch = None;
+                }
+                Input::Watch(item)
+            }
+            Err(e) => {
+                self.watch = None;
+                Input::WatchBroken(e)
+            }
+        };
+        self.todo
+            .extend(keeper.handle(input, std::time::Instant::now()));
     }
 }
 
@@ -398,10 +419,10 @@ impl Control<'_> {
     }
 
     /// Carries out the keeper's effects.
-    fn apply(&mut self, keeper: &Keeper, effects: Vec<Action>) -> anyhow::Result<()> {
+    fn apply(&mut self, keeper: &Keeper, effects: Vec<Effect>) -> anyhow::Result<()> {
         for e in effects {
             match e {
-                Action::Publish => {
+                Effect::Publish => {
                     self.direct.sync(keeper);
                     publish(
                         keeper,
@@ -413,7 +434,7 @@ impl Control<'_> {
                     );
                     self.cache_dirty = true;
                 }
-                Action::Moved { from, to } => {
+                Effect::Moved { from, to } => {
                     self.move_to(from, to)?;
                     self.direct.sync(keeper);
                     publish(
@@ -426,10 +447,9 @@ impl Control<'_> {
                     );
                     self.save(keeper);
                 }
-                Action::ConfigChanged(text) => self.config_changed(text.as_deref()),
-                Action::Fatal(why) => bail!("{why}"),
-                Action::Acquired(_) => {}
-                request => tracing::debug!("unexpected keeper action {request:?}"),
+                Effect::ConfigChanged(text) => self.config_changed(text.as_deref()),
+                Effect::Fatal(why) => bail!("{why}"),
+                Effect::Acquired(_) => {}
             }
         }
         export(&keeper.stats, &self.stats);
@@ -665,8 +685,8 @@ async fn acquire<S: LeaseStore>(
         let mut got = None;
         for e in effects {
             match e {
-                Action::Acquired(sn) => got = Some(sn),
-                Action::Fatal(why) => bail!("{why}"),
+                Effect::Acquired(sn) => got = Some(sn),
+                Effect::Fatal(why) => bail!("{why}"),
                 _ => {}
             }
         }
@@ -1017,19 +1037,7 @@ pub async fn run<S: LeaseStore>(
             }
             r = rules_result(&mut ctl.rules_inflight) => ctl.rules_done(r),
             item = next_item(&mut driver.watch), if driver.watch.is_some() => {
-                let input = match item {
-                    Ok(item) => {
-                        if item == WatchItem::Compacted {
-                            driver.watch = None;
-                        }
-                        Input::Watch(item)
-                    }
-                    Err(e) => {
-                        driver.watch = None;
-                        Input::WatchBroken(e)
-                    }
-                };
-                driver.todo.extend(keeper.handle(input, std::time::Instant::now()));
+                driver.watched(&mut keeper, item);
             }
         }
     };
@@ -1072,5 +1080,83 @@ async fn next_item<W: LeaseWatch>(w: &mut Option<W>) -> Result<WatchItem, StoreE
     match w {
         Some(w) => w.next().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::memory::{settings, SharedMemory, ME, PREFIX};
+    use crate::subnet::{lease_key, LeaseAttrs};
+
+    fn shutdown_never() -> std::pin::Pin<Box<std::future::Pending<()>>> {
+        Box::pin(std::future::pending())
+    }
+
+    /// The daemon's driver itself, over the store seam: it acquires a
+    /// lease, follows another host's lease through the watch, and gets the
+    /// watch back after an outage.
+    #[tokio::test]
+    async fn the_driver_acquires_follows_the_watch_and_recovers_from_an_outage() {
+        let store = SharedMemory::default();
+        let t0 = std::time::Instant::now();
+        store.lock().put_lease("10.44.7.0/24", [192, 168, 0, 7], t0);
+        let mut driver = Driver {
+            store: &store,
+            watch: None,
+            todo: VecDeque::new(),
+        };
+        let (mut keeper, first) = Keeper::new(
+            settings("10.44.0.0/16"),
+            None,
+            rand::rngs::StdRng::seed_from_u64(3),
+        );
+        driver.todo.extend(first);
+        let stats = Stats::default();
+        let mut shutdown = shutdown_never();
+        let own = acquire(&mut keeper, &mut driver, &stats, &mut shutdown.as_mut())
+            .await
+            .unwrap()
+            .expect("a lease");
+        let (v, _) = store.lock().get(&lease_key(PREFIX, own)).expect("written");
+        assert_eq!(LeaseAttrs::from_json(&v).unwrap().public_ip, ME);
+        assert_ne!(own, "10.44.7.0/24".parse().unwrap());
+        assert_eq!(keeper.peers().len(), 1);
+        driver.pump(&mut keeper).await;
+        assert!(driver.watch.is_some(), "the watch runs after acquiring");
+
+        // Another host joins: the watch brings it, the driver publishes it.
+        store
+            .lock()
+            .put_lease("10.44.9.0/24", [192, 168, 0, 9], std::time::Instant::now());
+        let item = tokio::time::timeout(Duration::from_secs(5), next_item(&mut driver.watch))
+            .await
+            .expect("the watch delivers");
+        driver.watched(&mut keeper, item);
+        let effects = driver.pump(&mut keeper).await;
+        assert!(effects.contains(&Effect::Publish), "{effects:?}");
+        assert_eq!(keeper.peers().len(), 2);
+
+        // etcd goes away: the watch breaks; when it is back, the driver's
+        // ticks get a watch again and the lease is still ours.
+        store.lock().down = true;
+        let item = tokio::time::timeout(Duration::from_secs(5), next_item(&mut driver.watch))
+            .await
+            .expect("the watch ends");
+        assert!(item.is_err());
+        driver.watched(&mut keeper, item);
+        assert!(driver.watch.is_none());
+        store.lock().down = false;
+        let back = tokio::time::timeout(Duration::from_secs(20), async {
+            while driver.watch.is_none() {
+                sleep_until(wakeup(&keeper)).await;
+                driver.tick(&mut keeper);
+                driver.pump(&mut keeper).await;
+            }
+        })
+        .await;
+        assert!(back.is_ok(), "no watch after the outage");
+        assert_eq!(keeper.own(), Some(own));
+        assert_eq!(keeper.peers().len(), 2);
     }
 }

@@ -27,9 +27,10 @@ pub const ACQUIRE_TRIES: usize = 10;
 /// Longest wait between retries of a failed store call.
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
-/// What the daemon is asked to do.
+/// What the keeper asks of the store. Each but `Delete` is answered with
+/// an [`Input`]; one is outstanding at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub enum Request {
     /// List every lease; answer [`Input::Listed`] or [`Input::Failed`].
     List,
     /// Read the network config; answer [`Input::Config`] or [`Input::Failed`].
@@ -46,6 +47,19 @@ pub enum Action {
     /// (Re)start the watch from this revision; answer
     /// [`Input::WatchStarted`] or [`Input::Failed`].
     Watch { from: i64 },
+}
+
+impl Request {
+    /// Whether the daemon must answer this request with an [`Input`].
+    pub fn needs_answer(&self) -> bool {
+        !matches!(self, Request::Delete { .. })
+    }
+}
+
+/// What the keeper asks of the host (the daemon carries it out; nothing
+/// is answered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
     /// The peer set changed: publish a new route snapshot.
     Publish,
     /// We hold our first lease: the daemon can build the TUN.
@@ -59,13 +73,30 @@ pub enum Action {
     Fatal(String),
 }
 
+/// One step of the keeper's output, in order: a request to the store or
+/// an effect on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Request(Request),
+    Effect(Effect),
+}
+
+impl From<Request> for Action {
+    fn from(r: Request) -> Self {
+        Action::Request(r)
+    }
+}
+
+impl From<Effect> for Action {
+    fn from(e: Effect) -> Self {
+        Action::Effect(e)
+    }
+}
+
 impl Action {
     /// Whether the daemon must answer this action with an [`Input`].
     pub fn is_request(&self) -> bool {
-        matches!(
-            self,
-            Action::List | Action::GetConfig | Action::Write { .. } | Action::Watch { .. }
-        )
+        matches!(self, Action::Request(r) if r.needs_answer())
     }
 }
 
@@ -174,10 +205,10 @@ pub struct Keeper {
     /// The watch must not resume from `cursor`: re-list first.
     must_relist: bool,
     /// The outstanding request, to re-issue after a failure.
-    pending: Option<Action>,
+    pending: Option<Request>,
     purpose: Option<Purpose>,
     /// A failed request, to issue again at this time.
-    retry: Option<(Instant, Action)>,
+    retry: Option<(Instant, Request)>,
     /// When to try to get the watch going again after it broke.
     watch_at: Option<Instant>,
     backoff: Backoff,
@@ -201,7 +232,7 @@ impl Keeper {
     /// the last run, from subnet.env). Returns it and its first actions.
     pub fn new(s: Settings, previous: Option<Ipv4Network>, rng: StdRng) -> (Self, Vec<Action>) {
         let mut k = Keeper::idle(s, previous, rng);
-        let a = k.request(Action::List, None);
+        let a = k.request(Request::List, None);
         (k, a)
     }
 
@@ -269,7 +300,7 @@ impl Keeper {
             })
             .collect();
         k.peers.resync(valid);
-        let mut out = vec![Action::Publish];
+        let mut out = vec![Action::Effect(Effect::Publish)];
         k.next(Instant::now(), &mut out);
         (k, out)
     }
@@ -386,7 +417,9 @@ impl Keeper {
     /// Issues what is due when nothing is outstanding: a failed request
     /// again, a renewal (even while the watch is down), the watch.
     fn next(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let fatal = out.iter().any(|a| matches!(a, Action::Fatal(_)));
+        let fatal = out
+            .iter()
+            .any(|a| matches!(a, Action::Effect(Effect::Fatal(_))));
         if fatal || self.pending.is_some() || out.iter().any(Action::is_request) {
             return;
         }
@@ -398,8 +431,8 @@ impl Keeper {
             // committed with its reply lost, and the watch (or a list) has
             // since shown the key's new revision.
             let a = match a {
-                Action::Watch { .. } => self.resume(),
-                Action::Write { .. } if purpose == Some(Purpose::Renew) => match self.renewal() {
+                Request::Watch { .. } => self.resume(),
+                Request::Write { .. } if purpose == Some(Purpose::Renew) => match self.renewal() {
                     Some(a) => a,
                     None => return,
                 },
@@ -409,7 +442,7 @@ impl Keeper {
             return;
         }
         if self.config_unread && self.retry.is_none() {
-            out.extend(self.request(Action::GetConfig, None));
+            out.extend(self.request(Request::GetConfig, None));
             return;
         }
         let Phase::Holding { reservation, .. } = self.phase else {
@@ -441,10 +474,10 @@ impl Keeper {
             match NetworkConfig::parse(t) {
                 Ok(c) if c != self.s.cfg => {
                     let etcd: Vec<&str> = t.split_whitespace().collect();
-                    out.push(Action::Fatal(format!(
+                    out.push(Action::Effect(Effect::Fatal(format!(
                         "the network config in etcd is not the one in the peer cache flanneld started from; exiting so that flanneld restarts on etcd's config: {}",
                         etcd.join(" ")
-                    )));
+                    ))));
                     return;
                 }
                 Ok(_) => {
@@ -453,15 +486,15 @@ impl Keeper {
                 Err(_) => {}
             }
         }
-        out.push(Action::ConfigChanged(text));
+        out.push(Action::Effect(Effect::ConfigChanged(text)));
     }
 
     /// The write that renews our lease, on the revision we last saw.
-    fn renewal(&self) -> Option<Action> {
+    fn renewal(&self) -> Option<Request> {
         let Phase::Holding { own, revision, .. } = self.phase else {
             return None;
         };
-        Some(Action::Write {
+        Some(Request::Write {
             subnet: own,
             value: self.value.clone(),
             ttl: Some(self.s.ttl),
@@ -470,20 +503,20 @@ impl Keeper {
     }
 
     /// How to get the watch going again: from the cursor, or by a re-list.
-    fn resume(&mut self) -> Action {
+    fn resume(&mut self) -> Request {
         if self.must_relist || self.cursor == 0 {
-            Action::List
+            Request::List
         } else {
-            Action::Watch {
+            Request::Watch {
                 from: self.cursor + 1,
             }
         }
     }
 
-    fn request(&mut self, a: Action, purpose: Option<Purpose>) -> Vec<Action> {
+    fn request(&mut self, a: Request, purpose: Option<Purpose>) -> Vec<Action> {
         self.pending = Some(a.clone());
         self.purpose = purpose;
-        vec![a]
+        vec![a.into()]
     }
 
     fn on_failed(&mut self, e: StoreError, now: Instant, out: &mut Vec<Action>) {
@@ -492,7 +525,9 @@ impl Keeper {
         };
         let first_acquire = matches!(self.phase, Phase::Acquiring { from: None, .. });
         if e.is_permanent() && first_acquire {
-            out.push(Action::Fatal(format!("etcd refused us: {e}")));
+            out.push(Action::Effect(Effect::Fatal(format!(
+                "etcd refused us: {e}"
+            ))));
             return;
         }
         if e.is_permanent() {
@@ -624,7 +659,7 @@ impl Keeper {
         let changes = self.peers.resync(valid.iter().copied());
         if !changes.is_empty() {
             log_changes(&changes);
-            out.push(Action::Publish);
+            out.push(Action::Effect(Effect::Publish));
         }
     }
 
@@ -654,7 +689,7 @@ impl Keeper {
     }
 
     fn retake(&mut self, own: Ipv4Network, out: &mut Vec<Action>) {
-        let a = Action::Write {
+        let a = Request::Write {
             subnet: own,
             value: self.value.clone(),
             ttl: Some(self.s.ttl),
@@ -671,7 +706,7 @@ impl Keeper {
         let plan = match plan_acquire(&self.s.cfg, all, self.s.public_ip, previous, &mut self.rng) {
             Ok(p) => p,
             Err(e @ LeaseError::OutOfSubnets { .. }) => {
-                out.push(Action::Fatal(e.to_string()));
+                out.push(Action::Effect(Effect::Fatal(e.to_string())));
                 return;
             }
         };
@@ -684,10 +719,10 @@ impl Keeper {
                 .find(|l| l.subnet == sn)
                 .map_or(0, |l| l.mod_revision);
             tracing::info!(subnet = %sn, "deleting our stale lease that no longer fits the config");
-            out.push(Action::Delete {
+            out.push(Action::Request(Request::Delete {
                 subnet: sn,
                 expect: Expect::Revision(rev),
-            });
+            }));
         }
         let (subnet, reservation, expect) = match plan.action {
             Acquire::Reuse {
@@ -702,7 +737,7 @@ impl Keeper {
             }
             Acquire::Create(subnet) => (subnet, false, Expect::Absent),
         };
-        let a = Action::Write {
+        let a = Request::Write {
             subnet,
             value: self.value.clone(),
             ttl: (!reservation).then_some(self.s.ttl),
@@ -740,12 +775,12 @@ impl Keeper {
                 tracing::info!(%subnet, reservation, "lease acquired");
                 self.hold(subnet, reservation, w, now, out);
                 match from {
-                    None => out.push(Action::Acquired(subnet)),
+                    None => out.push(Action::Effect(Effect::Acquired(subnet))),
                     Some(old) if old != subnet => {
-                        out.push(Action::Moved {
+                        out.push(Action::Effect(Effect::Moved {
                             from: old,
                             to: subnet,
-                        });
+                        }));
                     }
                     Some(_) => {}
                 }
@@ -755,14 +790,14 @@ impl Keeper {
                 if let Phase::Acquiring { lost_races, .. } = &mut self.phase {
                     *lost_races += 1;
                     if *lost_races >= ACQUIRE_TRIES {
-                        out.push(Action::Fatal(format!(
+                        out.push(Action::Effect(Effect::Fatal(format!(
                             "could not acquire a subnet lease: lost the race {ACQUIRE_TRIES} times"
-                        )));
+                        ))));
                         return;
                     }
                 }
                 tracing::debug!(%subnet, "lost the race for a subnet, re-listing");
-                out.extend(self.request(Action::List, None));
+                out.extend(self.request(Request::List, None));
             }
             (Purpose::Retake(own), Some(w)) => {
                 tracing::info!(subnet = %own, "lease re-created");
@@ -771,7 +806,7 @@ impl Keeper {
             (Purpose::Retake(own), None) => {
                 // Someone created it first: the list shows who, and we move.
                 tracing::warn!(subnet = %own, "our subnet was created by another writer first");
-                out.extend(self.request(Action::List, None));
+                out.extend(self.request(Request::List, None));
             }
             (Purpose::Renew, Some(w)) => {
                 self.stats.renewals += 1;
@@ -790,7 +825,7 @@ impl Keeper {
                 tracing::warn!(
                     "our lease changed in etcd since we wrote it; re-listing before renewing"
                 );
-                out.extend(self.request(Action::List, None));
+                out.extend(self.request(Request::List, None));
             }
         }
     }
@@ -815,7 +850,7 @@ impl Keeper {
         if let Some(c) = self.peers.set_own(own) {
             log_changes(&[c]);
         }
-        out.push(Action::Publish);
+        out.push(Action::Effect(Effect::Publish));
     }
 
     fn on_events(&mut self, events: &[WatchEvent], out: &mut Vec<Action>) {
@@ -825,7 +860,9 @@ impl Keeper {
         let mut holder_peer = None;
         for ev in events {
             match ev {
-                WatchEvent::Config(text) => out.push(Action::ConfigChanged(text.clone())),
+                WatchEvent::Config(text) => {
+                    out.push(Action::Effect(Effect::ConfigChanged(text.clone())))
+                }
                 WatchEvent::Put(raw) => {
                     let decoded = decode(raw);
                     let subnet = decoded.as_ref().ok().map(|l| l.subnet);
@@ -864,7 +901,7 @@ impl Keeper {
         }
         if !changes.is_empty() {
             log_changes(&changes);
-            out.push(Action::Publish);
+            out.push(Action::Effect(Effect::Publish));
         }
         let (Some(how), Some(own)) = (lost, own) else {
             return;
@@ -881,19 +918,19 @@ impl Keeper {
                 if let Some(c) = holder_peer.and_then(|p| self.peers.upsert(own, p)) {
                     log_changes(&[c]);
                 }
-                out.push(Action::Publish);
-                out.extend(self.request(Action::List, None));
+                out.push(Action::Effect(Effect::Publish));
+                out.extend(self.request(Request::List, None));
             }
         }
     }
 }
 
-fn describe(a: &Action) -> &'static str {
+fn describe(a: &Request) -> &'static str {
     match a {
-        Action::List => "listing leases",
-        Action::GetConfig => "reading the network config",
-        Action::Write { .. } => "writing our lease",
-        Action::Watch { .. } => "starting the watch",
+        Request::List => "listing leases",
+        Request::GetConfig => "reading the network config",
+        Request::Write { .. } => "writing our lease",
+        Request::Watch { .. } => "starting the watch",
         _ => "a store call",
     }
 }
@@ -967,8 +1004,8 @@ mod tests {
     #[test]
     fn a_fresh_host_acquires_publishes_and_watches() {
         let bed = holding();
-        assert!(bed.effects.contains(&Action::Acquired(sn("10.44.1.0/24"))));
-        assert!(bed.effects.contains(&Action::Publish));
+        assert!(bed.effects.contains(&Effect::Acquired(sn("10.44.1.0/24"))));
+        assert!(bed.effects.contains(&Effect::Publish));
         assert_eq!(bed.holder(sn("10.44.1.0/24")), Some(ME));
         assert_eq!(
             bed.keeper.peers().get(&sn("10.44.2.0/24")),
@@ -1110,10 +1147,10 @@ mod tests {
         let a = bed.keeper.handle(Input::Tick, now);
         assert!(matches!(
             a.as_slice(),
-            [Action::Write {
+            [Action::Request(Request::Write {
                 expect: Expect::Revision(_),
                 ..
-            }]
+            })]
         ));
         bed.run(a);
         assert_eq!(
@@ -1214,7 +1251,7 @@ mod tests {
             bed.now,
         );
         bed.advance(Duration::from_millis(10));
-        assert!(bed.effects.contains(&Action::ConfigChanged(Some(
+        assert!(bed.effects.contains(&Effect::ConfigChanged(Some(
             r#"{"Network":"10.9.0.0/16"}"#.into()
         ))));
 
@@ -1227,7 +1264,7 @@ mod tests {
         assert!(bed
             .effects
             .iter()
-            .any(|a| matches!(a, Action::Fatal(w) if w.contains("out of subnets"))));
+            .any(|a| matches!(a, Effect::Fatal(w) if w.contains("out of subnets"))));
     }
 
     #[test]
@@ -1237,7 +1274,7 @@ mod tests {
         assert!(bed
             .effects
             .iter()
-            .any(|a| matches!(a, Action::Fatal(w) if w.contains("permission denied"))));
+            .any(|a| matches!(a, Effect::Fatal(w) if w.contains("permission denied"))));
         // An outage at start is waited out.
         let mut bed = Bed::start(NET, |m, _| m.down = true);
         assert!(bed.effects.is_empty());
@@ -1249,7 +1286,7 @@ mod tests {
         let mut bed = holding();
         bed.store.refuse = true;
         bed.advance(Duration::from_secs(560));
-        assert!(!bed.effects.iter().any(|a| matches!(a, Action::Fatal(_))));
+        assert!(!bed.effects.iter().any(|a| matches!(a, Effect::Fatal(_))));
         assert_eq!(bed.keeper.stats.renewals, 0);
         bed.store.refuse = false;
         bed.advance(Duration::from_secs(16));
@@ -1269,7 +1306,7 @@ mod tests {
         });
         // Routes from the cache at once (a rogue entry in it is dropped),
         // without a word from the store.
-        assert_eq!(bed.effects.first(), Some(&Action::Publish));
+        assert_eq!(bed.effects.first(), Some(&Effect::Publish));
         assert_eq!(own(&bed), sn("10.44.1.0/24"));
         let p = bed.keeper.peers();
         assert_eq!(p.len(), 1);
@@ -1327,7 +1364,7 @@ mod tests {
             assert!(!bed
                 .effects
                 .iter()
-                .any(|a| matches!(a, Action::ConfigChanged(_) | Action::Fatal(_))));
+                .any(|a| matches!(a, Effect::ConfigChanged(_) | Effect::Fatal(_))));
             let written = bed.store.revision;
             bed.store.down = false;
             bed.advance(Duration::from_secs(6));
@@ -1335,7 +1372,7 @@ mod tests {
         };
         let fatal = |bed: &Bed| {
             bed.effects.iter().find_map(|a| match a {
-                Action::Fatal(why) => Some(why.clone()),
+                Effect::Fatal(why) => Some(why.clone()),
                 _ => None,
             })
         };
@@ -1343,7 +1380,7 @@ mod tests {
         let same = format!("{{ \"Network\": \"{NET}\" }}");
         let (bed, _) = resumed(Some(&same));
         assert_eq!(fatal(&bed), None);
-        assert!(bed.effects.contains(&Action::ConfigChanged(Some(same))));
+        assert!(bed.effects.contains(&Effect::ConfigChanged(Some(same))));
         assert_eq!(bed.keeper.stats.renewals, 1);
         assert!(bed.keeper.watching());
 
@@ -1357,7 +1394,7 @@ mod tests {
 
         let (bed, _) = resumed(None);
         assert_eq!(fatal(&bed), None);
-        assert!(bed.effects.contains(&Action::ConfigChanged(None)));
+        assert!(bed.effects.contains(&Effect::ConfigChanged(None)));
         assert_eq!(bed.keeper.stats.renewals, 1);
     }
 

@@ -4,8 +4,10 @@
 //! is a unit test that needs no root and no etcd. The integration tests
 //! run the same paths against the real etcd.
 
-use super::keeper::{Action, Input, Keeper, Settings};
-use super::store::{Expect, RawLease, StoreError, WatchEvent, WatchItem, Written};
+use super::keeper::{Action, Effect, Input, Keeper, Request, Settings};
+use super::store::{
+    Expect, LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem, Written,
+};
 use crate::config::NetworkConfig;
 use crate::subnet::{lease_key, LeaseAttrs};
 use ipnetwork::Ipv4Network;
@@ -241,6 +243,81 @@ impl Memory {
     }
 }
 
+/// A [`Memory`] behind the same [`LeaseStore`] seam as etcd, so the
+/// daemon's own driver (not only the keeper) runs in unit tests; the clock
+/// is the real one.
+#[derive(Clone, Default)]
+pub struct SharedMemory(pub std::sync::Arc<std::sync::Mutex<Memory>>);
+
+impl SharedMemory {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl LeaseStore for SharedMemory {
+    type Watch = MemoryWatch;
+
+    async fn get_config(&self) -> Result<Option<String>, StoreError> {
+        self.lock().get_config()
+    }
+
+    async fn list(&self) -> Result<(Vec<RawLease>, i64), StoreError> {
+        self.lock().list()
+    }
+
+    async fn write(
+        &self,
+        subnet: Ipv4Network,
+        value: String,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<Option<Written>, StoreError> {
+        self.lock()
+            .write(subnet, &value, ttl, expect, Instant::now())
+    }
+
+    async fn delete(&self, subnet: Ipv4Network, expect: Expect) -> Result<bool, StoreError> {
+        self.lock().delete(subnet, expect)
+    }
+
+    async fn watch(&self, revision: i64) -> Result<MemoryWatch, StoreError> {
+        self.lock().check()?;
+        Ok(MemoryWatch {
+            store: self.clone(),
+            from: revision,
+        })
+    }
+}
+
+/// A watch on a [`SharedMemory`]: polls its log every 5 ms.
+pub struct MemoryWatch {
+    store: SharedMemory,
+    from: i64,
+}
+
+impl LeaseWatch for MemoryWatch {
+    async fn next(&mut self) -> Result<WatchItem, StoreError> {
+        loop {
+            {
+                let m = self.store.lock();
+                if m.down {
+                    return Err(StoreError::Transient("stream closed".into()));
+                }
+                match m.events(self.from) {
+                    WatchItem::Compacted => return Ok(WatchItem::Compacted),
+                    WatchItem::Events { events, revision } if !events.is_empty() => {
+                        self.from = revision + 1;
+                        return Ok(WatchItem::Events { events, revision });
+                    }
+                    WatchItem::Events { .. } => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// A keeper running against a [`Memory`] store, with a clock the test moves.
 pub struct Bed {
     pub store: Memory,
@@ -249,14 +326,14 @@ pub struct Bed {
     /// The revision the running watch delivers from next (`None`: no watch).
     watch: Option<i64>,
     /// Every effect the keeper asked for, in order.
-    pub effects: Vec<Action>,
+    pub effects: Vec<Effect>,
 }
 
 pub const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
 
 /// The keeper settings of a bed: `ME`, a 600 s TTL renewed 60 s early;
 /// `network` is a Network or a whole config.
-fn settings(network: &str) -> Settings {
+pub fn settings(network: &str) -> Settings {
     let json = if network.starts_with('{') {
         network.to_string()
     } else {
@@ -335,16 +412,23 @@ impl Bed {
         while let Some(a) = todo.pop_front() {
             steps += 1;
             assert!(steps < 10_000, "the keeper does not settle: {a:?}");
-            let input = match a {
-                Action::List => match self.store.list() {
+            let r = match a {
+                Action::Request(r) => r,
+                Action::Effect(e) => {
+                    self.effects.push(e);
+                    continue;
+                }
+            };
+            let input = match r {
+                Request::List => match self.store.list() {
                     Ok((leases, revision)) => Input::Listed { leases, revision },
                     Err(e) => Input::Failed(e),
                 },
-                Action::GetConfig => match self.store.get_config() {
+                Request::GetConfig => match self.store.get_config() {
                     Ok(text) => Input::Config(text),
                     Err(e) => Input::Failed(e),
                 },
-                Action::Write {
+                Request::Write {
                     subnet,
                     ref value,
                     ttl,
@@ -353,20 +437,15 @@ impl Bed {
                     Ok(w) => Input::Wrote(w),
                     Err(e) => Input::Failed(e),
                 },
-                Action::Watch { from } => match self.store.check() {
+                Request::Watch { from } => match self.store.check() {
                     Ok(()) => {
                         self.watch = Some(from);
                         Input::WatchStarted
                     }
                     Err(e) => Input::Failed(e),
                 },
-                Action::Delete { subnet, expect } => {
+                Request::Delete { subnet, expect } => {
                     let _ = self.store.delete(subnet, expect);
-                    self.effects.push(a);
-                    continue;
-                }
-                effect => {
-                    self.effects.push(effect);
                     continue;
                 }
             };
@@ -423,7 +502,7 @@ impl Bed {
         self.effects
             .iter()
             .filter_map(|a| match a {
-                Action::Moved { from, to } => Some((*from, *to)),
+                Effect::Moved { from, to } => Some((*from, *to)),
                 _ => None,
             })
             .collect()

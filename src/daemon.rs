@@ -31,24 +31,49 @@ use tokio::time::Instant;
 /// UDP (8) + IPv4 (20) header bytes the tunnel adds.
 pub const ENCAP_OVERHEAD: u32 = crate::wire::ENCAP_OVERHEAD as u32;
 
+/// The daemon's settings, grouped by the part that uses them: each part
+/// is handed its group only.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub ifaces: Vec<String>,
-    /// `--iface-regex`: patterns matched against addresses, then names.
-    pub iface_regex: Vec<String>,
-    /// `--iface-can-reach`: the interface the route to this address uses.
-    pub iface_can_reach: Option<Ipv4Addr>,
-    pub public_ip: Option<Ipv4Addr>,
+    /// Which interface and address face the other hosts.
+    pub iface: crate::iface::Selection,
+    /// Our lease's TTL and renewal.
+    pub lease: LeaseOptions,
+    /// Files the daemon keeps: subnet.env (the peer cache beside it) and
+    /// the wireguard backend's private key.
+    pub files: Files,
+    /// The iptables/nftables rules.
+    pub rules: RulesOptions,
+    /// The TUN, the workers and the sockets.
+    pub datapath: DatapathOptions,
+    /// Where to serve /healthz and /metrics (port 0: off).
+    pub healthz: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseOptions {
+    pub renew_margin: Duration,
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Files {
     pub subnet_file: PathBuf,
     /// The wireguard backend's private key file.
     pub wireguard_key_file: PathBuf,
-    pub renew_margin: Duration,
-    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RulesOptions {
     pub ip_masq: bool,
     /// Masquerade without randomised source ports.
     pub ip_masq_fully_random_disable: bool,
     pub iptables_forward_rules: bool,
     pub iptables_resync: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatapathOptions {
     pub tun_name: String,
     pub workers: usize,
     pub offload: OffloadMode,
@@ -59,8 +84,6 @@ pub struct Options {
     pub accept_unknown_peers: bool,
     /// Use the TUN as it was configured by someone else (address, MTU, routes).
     pub no_netlink_config: bool,
-    /// Where to serve /healthz and /metrics (port 0: off).
-    pub healthz: Option<std::net::SocketAddr>,
 }
 
 /// Carries out the keeper's store requests, feeding each answer back,
@@ -238,17 +261,21 @@ async fn rules_result(
 const CACHE_EVERY: Duration = Duration::from_secs(2);
 
 /// The iptables/nftables rules the options and config ask for.
-fn wanted_rules(opts: &Options, cfg: &NetworkConfig, subnet: Ipv4Network) -> Option<masq::RuleSet> {
+fn wanted_rules(
+    rules: &RulesOptions,
+    cfg: &NetworkConfig,
+    subnet: Ipv4Network,
+) -> Option<masq::RuleSet> {
     masq::RuleSet::new(
         cfg.network,
         subnet,
-        opts.ip_masq,
-        opts.iptables_forward_rules,
+        rules.ip_masq,
+        rules.iptables_forward_rules,
         cfg.enable_nftables,
         cfg.port,
     )
     .map(|r| {
-        if opts.ip_masq_fully_random_disable {
+        if rules.ip_masq_fully_random_disable {
             r.without_random_fully()
         } else {
             r
@@ -558,7 +585,7 @@ impl Control<'_> {
             %old, %new,
             "our subnet was taken by another host; moved to a new subnet: workloads addressed from the old one must be restarted"
         );
-        if self.opts.no_netlink_config {
+        if self.opts.datapath.no_netlink_config {
             tracing::error!(
                 "--no-netlink-config: give the TUN {}/32 in place of {}/32",
                 new.network(),
@@ -575,12 +602,12 @@ impl Control<'_> {
             network: self.cfg.network,
             subnet: new,
             mtu: self.mtu,
-            ipmasq: self.opts.ip_masq,
+            ipmasq: self.opts.rules.ip_masq,
         }
-        .write(&self.opts.subnet_file)
-        .with_context(|| format!("writing {}", self.opts.subnet_file.display()))?;
+        .write(&self.opts.files.subnet_file)
+        .with_context(|| format!("writing {}", self.opts.files.subnet_file.display()))?;
         // Re-declaring our chains (or table) replaces the old subnet's rules.
-        self.rules = wanted_rules(self.opts, &self.cfg, new);
+        self.rules = wanted_rules(&self.opts.rules, &self.cfg, new);
         Ok(())
     }
 }
@@ -628,14 +655,14 @@ struct Start {
 /// config is waited for. `None`: shut down while waiting.
 async fn start_from<S: LeaseStore>(
     store: &S,
-    opts: &Options,
+    subnet_file: &std::path::Path,
     public_ip: Ipv4Addr,
     cache_path: &std::path::Path,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<Option<Start>> {
     if let Some(c) = PeerCache::load(
         cache_path,
-        subnet_env::read_previous_subnet(&opts.subnet_file),
+        subnet_env::read_previous_subnet(subnet_file),
         public_ip,
     ) {
         let why = match tokio::time::timeout(CACHED_START_WAIT, store.get_config()).await {
@@ -704,7 +731,7 @@ async fn acquire<S: LeaseStore>(
 /// Opens the TUN and sockets, configures the TUN (unless an administrator
 /// does) and reports the offloads; returns the devices and the TUN's MTU.
 fn open_tun(
-    opts: &Options,
+    dp: &DatapathOptions,
     ext: &crate::iface::ExternalIface,
     cfg: &NetworkConfig,
     own: Ipv4Network,
@@ -727,20 +754,20 @@ fn open_tun(
         })?;
     let bind = SocketAddrV4::new(ext.addr, cfg.port);
     let devices = datapath::open(
-        &tun_pattern(&opts.tun_name, &cfg.backend),
-        opts.workers,
-        opts.offload,
+        &tun_pattern(&dp.tun_name, &cfg.backend),
+        dp.workers,
+        dp.offload,
         bind,
         // WireGuard peers answer (and roam) to the address a message came
         // from: every datagram leaves from ListenPort.
         if matches!(cfg.backend, Backend::Wireguard(_)) {
             datapath::SourcePorts::Fixed
         } else {
-            opts.source_ports
+            dp.source_ports
         },
     )?;
     let tun_name = &devices.tun_name;
-    let mtu = if opts.no_netlink_config {
+    let mtu = if dp.no_netlink_config {
         let have = crate::iface::mtu(tun_name)
             .with_context(|| format!("reading the MTU of {tun_name}"))?;
         tracing::info!(
@@ -765,7 +792,7 @@ fn open_tun(
         flag.store(on, Ordering::Relaxed);
     }
     tracing::info!(
-        tun = %devices.tun_name, address = %own.network(), mtu, workers = opts.workers.max(1),
+        tun = %devices.tun_name, address = %own.network(), mtu, workers = dp.workers.max(1),
         source_ports = ?devices.source_ports,
         tun_tso = c.tun_offload, tun_uso = c.tun_uso, udp_gso = c.udp_gso, udp_gro = c.udp_gro,
         "TUN ready"
@@ -852,18 +879,20 @@ pub async fn run<S: LeaseStore>(
             .with_context(|| format!("binding --healthz-ip/--healthz-port {addr}"))?;
         tokio::spawn(ops::serve(listener, registry, stats.clone()));
     }
-    let ext = crate::iface::find_external(&crate::iface::Selection {
-        ifaces: opts.ifaces.clone(),
-        regexes: opts.iface_regex.clone(),
-        can_reach: opts.iface_can_reach,
-        public_ip: opts.public_ip,
-    })?;
-    let public_ip = opts.public_ip.unwrap_or(ext.addr);
+    let ext = crate::iface::find_external(&opts.iface)?;
+    let public_ip = opts.iface.public_ip.unwrap_or(ext.addr);
     tracing::info!(iface = %ext.name, addr = %ext.addr, mtu = ext.mtu, %public_ip, "using external interface");
 
     tokio::pin!(shutdown);
-    let cache_path = peer_cache::path_for(&opts.subnet_file);
-    let Some(start) = start_from(&store, &opts, public_ip, &cache_path, &mut shutdown).await?
+    let cache_path = peer_cache::path_for(&opts.files.subnet_file);
+    let Some(start) = start_from(
+        &store,
+        &opts.files.subnet_file,
+        public_ip,
+        &cache_path,
+        &mut shutdown,
+    )
+    .await?
     else {
         return Ok(());
     };
@@ -882,11 +911,11 @@ pub async fn run<S: LeaseStore>(
     };
     let wg = match cfg.backend {
         Backend::Wireguard(w) => {
-            let key = crate::wireguard::load_or_create_key(&opts.wireguard_key_file)?;
+            let key = crate::wireguard::load_or_create_key(&opts.files.wireguard_key_file)?;
             let wg = crate::wireguard::Wg::new(key, w.psk, w.keepalive);
             tracing::info!(
                 public_key = %crate::wireguard::key_to_base64(&wg.public_key()),
-                key_file = %opts.wireguard_key_file.display(),
+                key_file = %opts.files.wireguard_key_file.display(),
                 listen_port = w.listen_port, psk = w.psk.is_some(), keepalive = w.keepalive,
                 "wireguard key ready"
             );
@@ -910,10 +939,10 @@ pub async fn run<S: LeaseStore>(
         cfg: cfg.clone(),
         public_ip,
         identity,
-        ttl: opts.lease_ttl,
-        renew_margin: opts.renew_margin,
+        ttl: opts.lease.lease_ttl,
+        renew_margin: opts.lease.renew_margin,
         // flannel: a minute; sooner for short test TTLs.
-        renew_retry: Duration::from_secs(60).min(opts.lease_ttl / 4),
+        renew_retry: Duration::from_secs(60).min(opts.lease.lease_ttl / 4),
     };
     let routes = Arc::new(RouteTable::default());
     let built = std::time::Instant::now();
@@ -931,7 +960,7 @@ pub async fn run<S: LeaseStore>(
             (keeper, c.subnet)
         }
         None => {
-            let previous = subnet_env::read_previous_subnet(&opts.subnet_file);
+            let previous = subnet_env::read_previous_subnet(&opts.files.subnet_file);
             let (mut keeper, first) = Keeper::new(settings, previous, rng);
             driver.todo.extend(first);
             match acquire(&mut keeper, &mut driver, &stats, &mut shutdown).await? {
@@ -947,17 +976,17 @@ pub async fn run<S: LeaseStore>(
         "route table built from the lease list"
     );
 
-    let (devices, mtu) = open_tun(&opts, &ext, &cfg, own, &stats)?;
+    let (devices, mtu) = open_tun(&opts.datapath, &ext, &cfg, own, &stats)?;
     let tun_name = devices.tun_name.clone();
 
     SubnetEnv {
         network: cfg.network,
         subnet: own,
         mtu,
-        ipmasq: opts.ip_masq,
+        ipmasq: opts.rules.ip_masq,
     }
-    .write(&opts.subnet_file)
-    .with_context(|| format!("writing {}", opts.subnet_file.display()))?;
+    .write(&opts.files.subnet_file)
+    .with_context(|| format!("writing {}", opts.files.subnet_file.display()))?;
 
     let dp = Datapath::start(
         devices,
@@ -965,20 +994,20 @@ pub async fn run<S: LeaseStore>(
             routes: routes.clone(),
             counters: counters.clone(),
             icmp_src: cfg.network.network(),
-            pin: opts.pin_workers,
-            accept_unknown_peers: opts.accept_unknown_peers,
-            threads: opts.worker_threads,
-            busy_poll: opts.busy_poll,
+            pin: opts.datapath.pin_workers,
+            accept_unknown_peers: opts.datapath.accept_unknown_peers,
+            threads: opts.datapath.worker_threads,
+            busy_poll: opts.datapath.busy_poll,
             encap: Encap::for_backend(&cfg.backend, vtep_mac.unwrap_or_default()),
             icmp_limit: Default::default(),
             wg: wg.clone(),
         },
     )?;
 
-    let mut rules_tick = tokio::time::interval(opts.iptables_resync);
+    let mut rules_tick = tokio::time::interval(opts.rules.iptables_resync);
     rules_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ctl = Control {
-        rules: wanted_rules(&opts, &cfg, own),
+        rules: wanted_rules(&opts.rules, &cfg, own),
         rules_failing: false,
         rules_inflight: None,
         opts: &opts,

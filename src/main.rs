@@ -1,7 +1,7 @@
 //! `flanneld`: command line → options → [`flannel::daemon::run`].
 
 use clap::Parser;
-use flannel::daemon::{self, Options};
+use flannel::daemon::{self, DatapathOptions, Files, LeaseOptions, Options, RulesOptions};
 use flannel::lease::etcd::{EtcdOptions, EtcdStore};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -564,32 +564,42 @@ fn main() -> ExitCode {
         password: cli.etcd_password,
     };
     let opts = Options {
-        ifaces: cli.iface,
-        iface_regex: cli.iface_regex,
-        iface_can_reach: cli.iface_can_reach,
-        public_ip: cli.public_ip,
-        subnet_file: cli.subnet_file,
-        wireguard_key_file: cli.wireguard_key_file,
-        renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),
-        lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
-        ip_masq: cli.ip_masq,
-        ip_masq_fully_random_disable: cli.ip_masq_fully_random_disable,
-        iptables_forward_rules: cli.iptables_forward_rules,
-        iptables_resync: Duration::from_secs(cli.iptables_resync),
-        tun_name: cli.tun_name,
-        workers: cli.workers.map(|w| w as usize).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .min(DEFAULT_MAX_WORKERS)
-        }),
-        offload: cli.offload.mode(),
-        pin_workers: cli.pin_workers,
-        source_ports: cli.udp_source_ports.mode(),
-        worker_threads: cli.worker_threads.mode(),
-        busy_poll: cli.busy_poll,
-        accept_unknown_peers: cli.accept_unknown_peers,
-        no_netlink_config: cli.no_netlink_config,
+        iface: flannel::iface::Selection {
+            ifaces: cli.iface,
+            regexes: cli.iface_regex,
+            can_reach: cli.iface_can_reach,
+            public_ip: cli.public_ip,
+        },
+        lease: LeaseOptions {
+            renew_margin: Duration::from_secs(cli.subnet_lease_renew_margin * 60),
+            lease_ttl: Duration::from_secs(cli.subnet_lease_ttl),
+        },
+        files: Files {
+            subnet_file: cli.subnet_file,
+            wireguard_key_file: cli.wireguard_key_file,
+        },
+        rules: RulesOptions {
+            ip_masq: cli.ip_masq,
+            ip_masq_fully_random_disable: cli.ip_masq_fully_random_disable,
+            iptables_forward_rules: cli.iptables_forward_rules,
+            iptables_resync: Duration::from_secs(cli.iptables_resync),
+        },
+        datapath: DatapathOptions {
+            tun_name: cli.tun_name,
+            workers: cli.workers.map(|w| w as usize).unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+                    .min(DEFAULT_MAX_WORKERS)
+            }),
+            offload: cli.offload.mode(),
+            pin_workers: cli.pin_workers,
+            source_ports: cli.udp_source_ports.mode(),
+            worker_threads: cli.worker_threads.mode(),
+            busy_poll: cli.busy_poll,
+            accept_unknown_peers: cli.accept_unknown_peers,
+            no_netlink_config: cli.no_netlink_config,
+        },
         healthz: (cli.healthz_port != 0).then(|| (cli.healthz_ip, cli.healthz_port).into()),
     };
     // At -v 1 and above: the settings in effect (no secrets: the etcd

@@ -7,8 +7,9 @@ use crate::config::{Backend, NetworkConfig};
 use crate::datapath::{self, Datapath, OffloadMode, Shared};
 use crate::forward::Counters;
 use crate::lease::config_wait::{ConfigWait, Next};
-use crate::lease::keeper::{Action, Effect, Input, Keeper, KeeperStats, Request, Settings};
-use crate::lease::store::{LeaseStore, LeaseWatch, StoreError, WatchItem};
+use crate::lease::driver::{next_item, Driver};
+use crate::lease::keeper::{Effect, Keeper, KeeperStats, Settings};
+use crate::lease::store::LeaseStore;
 use crate::masq;
 use crate::netlink::{self, Netlink};
 use crate::ops::{self, Stats};
@@ -19,7 +20,6 @@ use crate::wire::ether::Mac;
 use anyhow::{bail, Context};
 use ipnetwork::Ipv4Network;
 use rand::SeedableRng;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -84,92 +84,6 @@ pub struct DatapathOptions {
     pub accept_unknown_peers: bool,
     /// Use the TUN as it was configured by someone else (address, MTU, routes).
     pub no_netlink_config: bool,
-}
-
-/// Carries out the keeper's store requests, feeding each answer back,
-/// and hands its effects to the caller.
-struct Driver<'a, S: LeaseStore> {
-    store: &'a S,
-    watch: Option<S::Watch>,
-    todo: VecDeque<Action>,
-}
-
-impl<S: LeaseStore> Driver<'_, S> {
-    /// Runs requests until none is left; returns the effects, in order.
-    async fn pump(&mut self, keeper: &mut Keeper) -> Vec<Effect> {
-        let mut effects = Vec::new();
-        while let Some(a) = self.todo.pop_front() {
-            let r = match a {
-                Action::Request(r) => r,
-                Action::Effect(e) => {
-                    effects.push(e);
-                    continue;
-                }
-            };
-            let input = match r {
-                Request::List => match self.store.list().await {
-                    Ok((leases, revision)) => Input::Listed { leases, revision },
-                    Err(e) => Input::Failed(e),
-                },
-                Request::GetConfig => match self.store.get_config().await {
-                    Ok(text) => Input::Config(text),
-                    Err(e) => Input::Failed(e),
-                },
-                Request::Write {
-                    subnet,
-                    value,
-                    ttl,
-                    expect,
-                } => match self.store.write(subnet, value, ttl, expect).await {
-                    Ok(w) => Input::Wrote(w),
-                    Err(e) => Input::Failed(e),
-                },
-                Request::Watch { from } => match self.store.watch(from).await {
-                    Ok(w) => {
-                        self.watch = Some(w);
-                        Input::WatchStarted
-                    }
-                    Err(e) => Input::Failed(e),
-                },
-                Request::Delete { subnet, expect } => {
-                    match self.store.delete(subnet, expect).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::info!(%subnet, "stale lease changed meanwhile; left alone")
-                        }
-                        Err(e) => tracing::warn!(%subnet, "deleting a stale lease failed: {e}"),
-                    }
-                    continue;
-                }
-            };
-            self.todo
-                .extend(keeper.handle(input, std::time::Instant::now()));
-        }
-        effects
-    }
-
-    fn tick(&mut self, keeper: &mut Keeper) {
-        self.todo
-            .extend(keeper.handle(Input::Tick, std::time::Instant::now()));
-    }
-
-    /// Hands the keeper what the watch gave (dropping a watch that ended).
-    fn watched(&mut self, keeper: &mut Keeper, item: Result<WatchItem, StoreError>) {
-        let input = match item {
-            Ok(item) => {
-                if item == WatchItem::Compacted {
-                    self.watch = None;
-                }
-                Input::Watch(item)
-            }
-            Err(e) => {
-                self.watch = None;
-                Input::WatchBroken(e)
-            }
-        };
-        self.todo
-            .extend(keeper.handle(input, std::time::Instant::now()));
-    }
 }
 
 /// When the keeper next wants a tick, for `sleep_until`.
@@ -946,11 +860,7 @@ pub async fn run<S: LeaseStore>(
     };
     let routes = Arc::new(RouteTable::default());
     let built = std::time::Instant::now();
-    let mut driver = Driver {
-        store: &store,
-        watch: None,
-        todo: VecDeque::new(),
-    };
+    let mut driver = Driver::new(&store);
     let rng = rand::rngs::StdRng::from_entropy();
     let (mut keeper, own) = match cached {
         Some(c) => {
@@ -1104,14 +1014,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The next watch item.
-async fn next_item<W: LeaseWatch>(w: &mut Option<W>) -> Result<WatchItem, StoreError> {
-    match w {
-        Some(w) => w.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1130,11 +1032,7 @@ mod tests {
         let store = SharedMemory::default();
         let t0 = std::time::Instant::now();
         store.lock().put_lease("10.44.7.0/24", [192, 168, 0, 7], t0);
-        let mut driver = Driver {
-            store: &store,
-            watch: None,
-            todo: VecDeque::new(),
-        };
+        let mut driver = Driver::new(&store);
         let (mut keeper, first) = Keeper::new(
             settings("10.44.0.0/16"),
             None,

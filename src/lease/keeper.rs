@@ -1042,19 +1042,24 @@ mod tests {
         );
         assert_eq!(bed.keeper.stats.ignored, 6);
         // A re-list (a compaction) warns no more and counts the same.
-        bed.store.compact();
+        bed.store.lock().compact();
         bed.store
+            .lock()
             .put_lease("10.44.90.0/24", [192, 168, 0, 3], bed.now);
-        bed.store.compact();
+        bed.store.lock().compact();
         bed.advance(Duration::from_millis(10));
         assert_eq!(bed.keeper.stats.ignored, 6);
         assert_eq!(bed.keeper.peers().len(), 2);
         // The rogue /25 deleted: no longer counted.
-        bed.store.remove(&format!("{PREFIX}/subnets/10.44.85.0-25"));
+        bed.store
+            .lock()
+            .remove(&format!("{PREFIX}/subnets/10.44.85.0-25"));
         bed.advance(Duration::from_millis(10));
         assert_eq!(bed.keeper.stats.ignored, 5);
         // A valid peer rewritten with a bad PublicIP stops being a route.
-        bed.store.put_lease("10.44.90.0/24", [0, 0, 0, 0], bed.now);
+        bed.store
+            .lock()
+            .put_lease("10.44.90.0/24", [0, 0, 0, 0], bed.now);
         bed.advance(Duration::from_millis(10));
         assert_eq!(bed.keeper.peers().get(&sn("10.44.90.0/24")), None);
         assert_eq!(bed.keeper.stats.ignored, 6);
@@ -1063,8 +1068,8 @@ mod tests {
     #[test]
     fn a_deleted_lease_is_taken_back_and_a_failed_re_create_is_retried() {
         let mut bed = holding();
-        bed.store.failing_writes = 2;
-        bed.store.remove(&key("10.44.1.0/24"));
+        bed.store.lock().failing_writes = 2;
+        bed.store.lock().remove(&key("10.44.1.0/24"));
         bed.advance(Duration::from_millis(10));
         assert_eq!(
             bed.holder(sn("10.44.1.0/24")),
@@ -1083,6 +1088,7 @@ mod tests {
     fn a_takeover_seen_by_the_watch_routes_to_the_new_owner_and_moves_us() {
         let mut bed = holding();
         bed.store
+            .lock()
             .put_lease("10.44.1.0/24", [192, 168, 0, 7], bed.now);
         bed.advance(Duration::from_millis(10));
         let new = own(&bed);
@@ -1106,17 +1112,19 @@ mod tests {
         for compacted in [false, true] {
             let mut bed = holding();
             let relists = bed.keeper.stats.relists;
-            bed.store.down = true;
+            bed.store.lock().down = true;
             bed.advance(Duration::from_millis(10));
             assert!(!bed.keeper.watching());
-            bed.store.down = false;
+            bed.store.lock().down = false;
             bed.store
+                .lock()
                 .put_lease("10.44.1.0/24", [192, 168, 0, 7], bed.now);
-            bed.store.remove(&key("10.44.2.0/24"));
+            bed.store.lock().remove(&key("10.44.2.0/24"));
             bed.store
+                .lock()
                 .put_lease("10.44.3.0/24", [192, 168, 0, 3], bed.now);
             if compacted {
-                bed.store.compact();
+                bed.store.lock().compact();
             }
             bed.advance(Duration::from_secs(6));
             let new = own(&bed);
@@ -1141,6 +1149,7 @@ mod tests {
         let k = key("10.44.1.0/24");
         let v = LeaseAttrs::udp([192, 168, 0, 7].into()).to_json();
         bed.store
+            .lock()
             .put(&k, v.as_bytes(), Some(Duration::from_secs(600)), bed.now);
         let now = bed.now + Duration::from_secs(541);
         bed.now = now;
@@ -1171,10 +1180,10 @@ mod tests {
         );
         // etcd away when the next renewal is due: retried until it answers.
         bed.advance(Duration::from_secs(530));
-        bed.store.down = true;
+        bed.store.lock().down = true;
         bed.advance(Duration::from_secs(40));
         assert_eq!(bed.keeper.stats.renewals, 1);
-        bed.store.down = false;
+        bed.store.lock().down = false;
         bed.advance(Duration::from_secs(16));
         assert_eq!(bed.keeper.stats.renewals, 2);
         assert_eq!(bed.holder(own(&bed)), Some(ME));
@@ -1186,14 +1195,17 @@ mod tests {
         let mut bed = holding();
         let k = key(&own(&bed).to_string());
         // The renewal due at 540 s commits, but its answer is lost.
-        bed.store.lost_replies = 1;
+        bed.store.lock().lost_replies = 1;
         let mut t = 0;
         while t < 2000 {
             bed.advance(Duration::from_secs(10));
             t += 10;
-            assert!(bed.store.get(&k).is_some(), "our lease is gone at {t} s");
+            assert!(
+                bed.store.lock().get(&k).is_some(),
+                "our lease is gone at {t} s"
+            );
         }
-        assert!(!bed.store.expired.contains(&k), "our lease expired");
+        assert!(!bed.store.lock().expired.contains(&k), "our lease expired");
         // 540 (lost), then at once after the re-list, then every 540 s.
         assert!(
             bed.keeper.stats.renewals >= 3,
@@ -1207,20 +1219,23 @@ mod tests {
     fn a_renewal_retried_after_a_lost_reply_with_the_watch_down_still_renews() {
         let mut bed = holding();
         let k = key(&own(&bed).to_string());
-        bed.store.lost_replies = 1;
+        bed.store.lock().lost_replies = 1;
         bed.advance(Duration::from_secs(541));
         // The watch breaks too: the retry cannot learn the new revision
         // from it, and must not be lost.
-        bed.store.down = true;
+        bed.store.lock().down = true;
         bed.advance(Duration::from_secs(5));
-        bed.store.down = false;
+        bed.store.lock().down = false;
         let mut t = 546;
         while t < 2500 {
             bed.advance(Duration::from_secs(10));
             t += 10;
-            assert!(bed.store.get(&k).is_some(), "our lease is gone at {t} s");
+            assert!(
+                bed.store.lock().get(&k).is_some(),
+                "our lease is gone at {t} s"
+            );
         }
-        assert!(!bed.store.expired.contains(&k), "our lease expired");
+        assert!(!bed.store.lock().expired.contains(&k), "our lease expired");
         assert!(
             bed.keeper.stats.renewals >= 3,
             "{}",
@@ -1231,11 +1246,11 @@ mod tests {
     #[test]
     fn an_expired_lease_is_re_created_after_an_outage() {
         let mut bed = holding();
-        bed.store.down = true;
+        bed.store.lock().down = true;
         bed.advance(Duration::from_secs(10));
         // The lease expires in the store while we cannot reach it.
-        bed.store.down = false;
-        bed.store.remove(&key("10.44.1.0/24"));
+        bed.store.lock().down = false;
+        bed.store.lock().remove(&key("10.44.1.0/24"));
         bed.advance(Duration::from_secs(6));
         assert_eq!(bed.holder(sn("10.44.1.0/24")), Some(ME));
         assert_eq!(own(&bed), sn("10.44.1.0/24"));
@@ -1244,7 +1259,7 @@ mod tests {
     #[test]
     fn config_changes_are_reported_and_a_full_network_is_fatal() {
         let mut bed = holding();
-        bed.store.put(
+        bed.store.lock().put(
             &format!("{PREFIX}/config"),
             br#"{"Network":"10.9.0.0/16"}"#,
             None,
@@ -1279,16 +1294,16 @@ mod tests {
         let mut bed = Bed::start(NET, |m, _| m.down = true);
         assert!(bed.effects.is_empty());
         bed.advance(Duration::from_secs(3));
-        bed.store.down = false;
+        bed.store.lock().down = false;
         bed.advance(Duration::from_secs(6));
         assert!(bed.keeper.own().is_some());
         // Refused later (credentials revoked): retried, not fatal.
         let mut bed = holding();
-        bed.store.refuse = true;
+        bed.store.lock().refuse = true;
         bed.advance(Duration::from_secs(560));
         assert!(!bed.effects.iter().any(|a| matches!(a, Effect::Fatal(_))));
         assert_eq!(bed.keeper.stats.renewals, 0);
-        bed.store.refuse = false;
+        bed.store.lock().refuse = false;
         bed.advance(Duration::from_secs(16));
         assert_eq!(bed.keeper.stats.renewals, 1);
     }
@@ -1315,7 +1330,7 @@ mod tests {
         assert_eq!(bed.keeper.stats.renewals, 0);
         // The store answers: the list replaces the cached peers, our lease
         // is confirmed and renewed at once (its time left is unknown).
-        bed.store.down = false;
+        bed.store.lock().down = false;
         bed.advance(Duration::from_secs(6));
         let p = bed.keeper.peers();
         assert_eq!(p.get(&sn("10.44.2.0/24")), None);
@@ -1341,7 +1356,7 @@ mod tests {
         let renewed = bed.keeper.expires_at().unwrap();
         assert_eq!(renewed, t0 + Duration::from_secs(540 + 600));
         // Down: the last answer stays where it was.
-        bed.store.down = true;
+        bed.store.lock().down = true;
         let before = bed.keeper.last_contact();
         bed.advance(Duration::from_secs(600));
         assert_eq!(bed.keeper.last_contact(), before);
@@ -1365,8 +1380,8 @@ mod tests {
                 .effects
                 .iter()
                 .any(|a| matches!(a, Effect::ConfigChanged(_) | Effect::Fatal(_))));
-            let written = bed.store.revision;
-            bed.store.down = false;
+            let written = bed.store.lock().revision;
+            bed.store.lock().down = false;
             bed.advance(Duration::from_secs(6));
             (bed, written)
         };
@@ -1389,7 +1404,7 @@ mod tests {
         let why = fatal(&bed).expect("another config ends the daemon");
         assert!(why.contains("SubnetMax"), "{why}");
         assert_eq!(bed.keeper.stats.renewals, 0);
-        assert_eq!(bed.store.revision, written, "nothing written");
+        assert_eq!(bed.store.lock().revision, written, "nothing written");
         assert!(!bed.keeper.watching());
 
         let (bed, _) = resumed(None);

@@ -4,7 +4,8 @@
 //! is a unit test that needs no root and no etcd. The integration tests
 //! run the same paths against the real etcd.
 
-use super::keeper::{Action, Effect, Input, Keeper, Request, Settings};
+use super::driver::Driver;
+use super::keeper::{Action, Effect, Input, Keeper, Settings};
 use super::store::{
     Expect, LeaseStore, LeaseWatch, RawLease, StoreError, WatchEvent, WatchItem, Written,
 };
@@ -46,6 +47,9 @@ pub struct Memory {
     pub lost_replies: usize,
     /// Keys whose TTL ran out, in order.
     pub expired: Vec<String>,
+    /// The time writes through [`SharedMemory`] are stamped with (a test
+    /// clock); `None`: the real clock.
+    pub clock: Option<Instant>,
 }
 
 impl Memory {
@@ -243,6 +247,16 @@ impl Memory {
     }
 }
 
+/// Polls a future of the in-memory store, which never waits, to its end.
+fn ready<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the in-memory store waited"),
+    }
+}
+
 /// A [`Memory`] behind the same [`LeaseStore`] seam as etcd, so the
 /// daemon's own driver (not only the keeper) runs in unit tests; the clock
 /// is the real one.
@@ -273,8 +287,9 @@ impl LeaseStore for SharedMemory {
         ttl: Option<Duration>,
         expect: Expect,
     ) -> Result<Option<Written>, StoreError> {
-        self.lock()
-            .write(subnet, &value, ttl, expect, Instant::now())
+        let mut m = self.lock();
+        let now = m.clock.unwrap_or_else(Instant::now);
+        m.write(subnet, &value, ttl, expect, now)
     }
 
     async fn delete(&self, subnet: Ipv4Network, expect: Expect) -> Result<bool, StoreError> {
@@ -293,7 +308,8 @@ impl LeaseStore for SharedMemory {
 /// A watch on a [`SharedMemory`]: polls its log every 5 ms.
 pub struct MemoryWatch {
     store: SharedMemory,
-    from: i64,
+    /// The revision it delivers from next.
+    pub from: i64,
 }
 
 impl LeaseWatch for MemoryWatch {
@@ -320,7 +336,7 @@ impl LeaseWatch for MemoryWatch {
 
 /// A keeper running against a [`Memory`] store, with a clock the test moves.
 pub struct Bed {
-    pub store: Memory,
+    pub store: SharedMemory,
     pub keeper: Keeper,
     pub now: Instant,
     /// The revision the running watch delivers from next (`None`: no watch).
@@ -361,8 +377,8 @@ impl Bed {
         setup: impl FnOnce(&mut Memory, Instant),
     ) -> Bed {
         let now = Instant::now();
-        let mut store = Memory::default();
-        setup(&mut store, now);
+        let store = SharedMemory::default();
+        setup(&mut store.lock(), now);
         let (keeper, first) = Keeper::new(
             settings(network),
             previous,
@@ -389,8 +405,8 @@ impl Bed {
     ) -> Bed {
         let mut bed = Bed::start(network, |_, _| {});
         bed.effects.clear();
-        bed.store = Memory::default();
-        setup(&mut bed.store, bed.now);
+        bed.store = SharedMemory::default();
+        setup(&mut bed.store.lock(), bed.now);
         let (keeper, first) = Keeper::from_cache(
             settings(network),
             own.parse().expect("own"),
@@ -405,58 +421,29 @@ impl Bed {
         bed
     }
 
-    /// Carries out actions (and the keeper's answers to them) until none is left.
+    /// Carries out actions (and the keeper's answers to them) until none
+    /// is left, with the daemon's own [`Driver`] on the bed's clock.
     pub fn run(&mut self, actions: Vec<Action>) {
-        let mut todo: std::collections::VecDeque<Action> = actions.into();
-        let mut steps = 0;
-        while let Some(a) = todo.pop_front() {
-            steps += 1;
-            assert!(steps < 10_000, "the keeper does not settle: {a:?}");
-            let r = match a {
-                Action::Request(r) => r,
-                Action::Effect(e) => {
-                    self.effects.push(e);
-                    continue;
-                }
-            };
-            let input = match r {
-                Request::List => match self.store.list() {
-                    Ok((leases, revision)) => Input::Listed { leases, revision },
-                    Err(e) => Input::Failed(e),
-                },
-                Request::GetConfig => match self.store.get_config() {
-                    Ok(text) => Input::Config(text),
-                    Err(e) => Input::Failed(e),
-                },
-                Request::Write {
-                    subnet,
-                    ref value,
-                    ttl,
-                    expect,
-                } => match self.store.write(subnet, value, ttl, expect, self.now) {
-                    Ok(w) => Input::Wrote(w),
-                    Err(e) => Input::Failed(e),
-                },
-                Request::Watch { from } => match self.store.check() {
-                    Ok(()) => {
-                        self.watch = Some(from);
-                        Input::WatchStarted
-                    }
-                    Err(e) => Input::Failed(e),
-                },
-                Request::Delete { subnet, expect } => {
-                    let _ = self.store.delete(subnet, expect);
-                    continue;
-                }
-            };
-            todo.extend(self.keeper.handle(input, self.now));
+        let now = self.now;
+        self.store.lock().clock = Some(now);
+        let mut driver = Driver {
+            store: &self.store,
+            watch: None,
+            todo: actions.into(),
+            clock: move || now,
+        };
+        let effects = ready(driver.pump(&mut self.keeper));
+        if let Some(w) = driver.watch {
+            // The bed delivers the watch itself, step by step.
+            self.watch = Some(w.from);
         }
+        self.effects.extend(effects);
     }
 
     /// Delivers what the watch has seen since it last delivered.
     pub fn deliver(&mut self) {
         let Some(from) = self.watch else { return };
-        if self.store.down {
+        if self.store.lock().down {
             self.watch = None;
             let a = self.keeper.handle(
                 Input::WatchBroken(StoreError::Transient("stream closed".into())),
@@ -465,10 +452,10 @@ impl Bed {
             self.run(a);
             return;
         }
-        let item = self.store.events(from);
+        let item = self.store.lock().events(from);
         match &item {
             WatchItem::Compacted => self.watch = None,
-            WatchItem::Events { .. } => self.watch = Some(self.store.revision() + 1),
+            WatchItem::Events { .. } => self.watch = Some(self.store.lock().revision() + 1),
         }
         let a = self.keeper.handle(Input::Watch(item), self.now);
         self.run(a);
@@ -483,18 +470,18 @@ impl Bed {
             let next = self.keeper.next_wakeup().filter(|t| *t <= end);
             let Some(t) = next else { break };
             self.now = self.now.max(t);
-            self.store.expire(self.now);
+            self.store.lock().expire(self.now);
             let a = self.keeper.handle(Input::Tick, self.now);
             self.run(a);
         }
         self.now = end;
-        self.store.expire(self.now);
+        self.store.lock().expire(self.now);
         self.deliver();
     }
 
     /// The subnet key of ours in the store names `ip`.
     pub fn holder(&self, subnet: Ipv4Network) -> Option<Ipv4Addr> {
-        let (v, _) = self.store.get(&lease_key(PREFIX, subnet))?;
+        let (v, _) = self.store.lock().get(&lease_key(PREFIX, subnet))?;
         LeaseAttrs::from_json(&v).ok().map(|a| a.public_ip)
     }
 

@@ -4,6 +4,7 @@
 //! [`store`] seam. Only [`etcd`] talks to etcd; the core never imports it.
 
 pub mod config_wait;
+pub mod driver;
 pub mod etcd;
 pub mod keeper;
 #[cfg(test)]

@@ -15,44 +15,11 @@ use support::*;
 const VXLAN: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const KERNEL_SUBNET: &str = "10.5.200.0/24";
 
-/// A bed with `n` hosts and `config` written.
-fn bed_with(config: &str, n: usize) -> Bed {
-    let mut bed = Bed::empty();
-    bed.put(&format!("{PREFIX}/config"), config);
-    for _ in 0..n {
-        bed.add_host();
-    }
-    bed
-}
-
 /// Our lease's VtepMAC as etcd holds it.
 fn vtep_mac_in_etcd(bed: &Bed, i: usize) -> String {
-    let key = key_of(flannel::subnet_env::read_previous_subnet(&bed.hosts[i].subnet_file).unwrap());
-    let (_, v) = bed
-        .leases()
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .unwrap_or_else(|| panic!("no lease {key}"));
-    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
-    assert_eq!(v["BackendType"], "vxlan", "{v}");
-    assert_eq!(v["PublicIP"], bed.hosts[i].ip.to_string(), "{v}");
+    let v = bed.own_lease(i, "vxlan");
     assert!(v["BackendData"]["VNI"].is_u64(), "{v}");
     v["BackendData"]["VtepMAC"].as_str().unwrap().to_string()
-}
-
-/// A ping of `size` payload bytes with DF set; true if answered.
-fn ping_df(ns: &str, dst: Ipv4Addr, size: usize) -> bool {
-    Command::new("ip")
-        .args([
-            "netns", "exec", ns, "ping", "-c", "2", "-W", "2", "-M", "do", "-s",
-        ])
-        .arg(size.to_string())
-        .arg(dst.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
 }
 
 /// Sends `per` datagrams from each of `flows` sockets in `from_ns` to
@@ -91,13 +58,6 @@ fn udp_flows(
         }
     });
     server.join().unwrap()
-}
-
-fn scrape(bed: &Bed, i: usize, port: u16) -> String {
-    wait_for("metrics", Duration::from_secs(5), || {
-        http_get(&bed.ns(i), port, "/metrics")
-    })
-    .1
 }
 
 #[test]
@@ -203,16 +163,7 @@ fn foreign_and_malformed_leases_get_nothing_and_a_deleted_lease_stops_being_rout
     });
     let log = bed.log(1);
     for sn in ["10.5.201.0-24", "10.5.202.0-24", "10.5.203.0-24"] {
-        assert!(
-            log.contains(&format!("ignoring lease {PREFIX}/subnets/{sn}")),
-            "{sn}:\n{log}"
-        );
-        let dst: Ipv4Addr = sn.replace("0-24", "9").parse().unwrap();
-        assert_eq!(
-            udp_probe_error(&bed, 1, dst),
-            Some(libc::ENETUNREACH),
-            "{dst} is routed"
-        );
+        bed.assert_lease_ignored(1, &log, sn);
     }
     assert!(log.contains("BackendType is \"\""), "{log}");
     let m = scrape(&bed, 1, 9303);

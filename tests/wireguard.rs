@@ -18,27 +18,9 @@ const WG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#;
 const REF_SUBNET: &str = "10.5.200.0/24";
 const MARKER: &[u8] = b"flannel-rs-plaintext-marker-5f3c9a";
 
-fn bed_with(config: &str, n: usize) -> Bed {
-    let mut bed = Bed::empty();
-    bed.put(&format!("{PREFIX}/config"), config);
-    for _ in 0..n {
-        bed.add_host();
-    }
-    bed
-}
-
 /// Host `i`'s lease value in etcd, checked to be a wireguard lease.
 fn lease_of(bed: &Bed, i: usize) -> serde_json::Value {
-    let key = key_of(flannel::subnet_env::read_previous_subnet(&bed.hosts[i].subnet_file).unwrap());
-    let (_, v) = bed
-        .leases()
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .unwrap_or_else(|| panic!("no lease {key}"));
-    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
-    assert_eq!(v["BackendType"], "wireguard", "{v}");
-    assert_eq!(v["PublicIP"], bed.hosts[i].ip.to_string(), "{v}");
-    v
+    bed.own_lease(i, "wireguard")
 }
 
 fn public_key_in_etcd(bed: &Bed, i: usize) -> String {
@@ -71,21 +53,6 @@ fn wg_pubkey(private: &str) -> String {
     String::from_utf8(o.stdout).unwrap().trim().to_string()
 }
 
-/// A ping of `size` payload bytes with DF set; true if answered.
-fn ping_df(ns: &str, dst: Ipv4Addr, size: usize) -> bool {
-    Command::new("ip")
-        .args([
-            "netns", "exec", ns, "ping", "-c", "2", "-W", "2", "-M", "do", "-s",
-        ])
-        .arg(size.to_string())
-        .arg(dst.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
-}
-
 fn ping_from(ns: &str, src: &str, dst: Ipv4Addr) -> bool {
     Command::new("ip")
         .args([
@@ -97,13 +64,6 @@ fn ping_from(ns: &str, src: &str, dst: Ipv4Addr) -> bool {
         .status()
         .unwrap()
         .success()
-}
-
-fn scrape(bed: &Bed, i: usize, port: u16) -> String {
-    wait_for("metrics", Duration::from_secs(5), || {
-        http_get(&bed.ns(i), port, "/metrics")
-    })
-    .1
 }
 
 fn dropped(m: &str, reason: &str) -> u64 {
@@ -439,16 +399,7 @@ fn a_restart_keeps_the_key_a_new_key_is_followed_and_a_deleted_lease_is_unreacha
     let (rip, a1) = (r.subnet.network(), bed.tun_addr(1));
     let log = bed.log(1);
     for (sn, _) in foreign {
-        assert!(
-            log.contains(&format!("ignoring lease {PREFIX}/subnets/{sn}")),
-            "{sn}:\n{log}"
-        );
-        let dst: Ipv4Addr = sn.replace("0-24", "9").parse().unwrap();
-        assert_eq!(
-            udp_probe_error(&bed, 1, dst),
-            Some(libc::ENETUNREACH),
-            "{dst} is routed"
-        );
+        bed.assert_lease_ignored(1, &log, sn);
     }
     assert_eq!(metric(&scrape(&bed, 1, 9314), "flannel_leases_ignored"), 3);
     for (sn, _) in foreign {

@@ -1036,5 +1036,71 @@ pub fn spawn_until_lease(
     let sn = wait_child_lease(what, &mut child, subnet_file, log);
     (child, sn)
 }
+impl Bed {
+    /// Host `i`'s daemon ignored the lease `sn` (a key suffix such as
+    /// `10.5.201.0-24`): its `log` says so, and the subnet is unroutable.
+    pub fn assert_lease_ignored(&self, i: usize, log: &str, sn: &str) {
+        assert!(
+            log.contains(&format!("ignoring lease {PREFIX}/subnets/{sn}")),
+            "{sn}:\n{log}"
+        );
+        let dst: Ipv4Addr = sn.replace("0-24", "9").parse().unwrap();
+        assert_eq!(
+            udp_probe_error(self, i, dst),
+            Some(libc::ENETUNREACH),
+            "{dst} is routed"
+        );
+    }
+
+    /// Host `i`'s lease value in etcd, checked to be of `backend` and to
+    /// carry the host's address.
+    pub fn own_lease(&self, i: usize, backend: &str) -> serde_json::Value {
+        let key =
+            key_of(flannel::subnet_env::read_previous_subnet(&self.hosts[i].subnet_file).unwrap());
+        let (_, v) = self
+            .leases()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("no lease {key}"));
+        let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(v["BackendType"], backend, "{v}");
+        assert_eq!(v["PublicIP"], self.hosts[i].ip.to_string(), "{v}");
+        v
+    }
+}
+
+/// A bed with `n` hosts (no daemon yet) and `config` written.
+pub fn bed_with(config: &str, n: usize) -> Bed {
+    let mut bed = Bed::empty();
+    bed.put(&format!("{PREFIX}/config"), config);
+    for _ in 0..n {
+        bed.add_host();
+    }
+    bed
+}
+
+/// A ping of `size` payload bytes with DF set; true if answered.
+pub fn ping_df(ns: &str, dst: Ipv4Addr, size: usize) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-c", "2", "-W", "2", "-M", "do", "-s",
+        ])
+        .arg(size.to_string())
+        .arg(dst.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The metrics of host `i`'s daemon on `--healthz-port=port`.
+pub fn scrape(bed: &Bed, i: usize, port: u16) -> String {
+    wait_for("metrics", Duration::from_secs(5), || {
+        http_get(&bed.ns(i), port, "/metrics")
+    })
+    .1
+}
+
 pub mod kernel_vxlan;
 pub mod wg_node;

@@ -95,13 +95,7 @@ fn kernel_vxlan_nodes_and_ours_exchange_traffic_in_both_offload_modes() {
     let data = pattern(8 << 20, 7);
     for (from, to) in [(0usize, 1usize), (1, 0), (0, 2), (2, 0), (1, 2), (2, 1)] {
         let dst = if to == 0 { kip } else { bed.tun_addr(to) };
-        let got = tcp_between(&bed.ns(from), &bed.ns(to), dst, data.clone());
-        assert!(
-            got == data,
-            "TCP h{from} -> h{to}: {} of {} bytes, or corrupted",
-            got.len(),
-            data.len()
-        );
+        assert_tcp_intact(&bed, from, to, dst, &data);
     }
     // Many UDP flows from the kernel side (the kernel picks an outer source
     // port per flow): every flow gets through.

@@ -54,16 +54,7 @@ fn wg_pubkey(private: &str) -> String {
 }
 
 fn ping_from(ns: &str, src: &str, dst: Ipv4Addr) -> bool {
-    Command::new("ip")
-        .args([
-            "netns", "exec", ns, "ping", "-c", "3", "-i", "0.3", "-W", "1", "-I", src,
-        ])
-        .arg(dst.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
+    ping_with(ns, &["-c", "3", "-i", "0.3", "-W", "1", "-I", src], dst)
 }
 
 fn dropped(m: &str, reason: &str) -> u64 {
@@ -249,13 +240,7 @@ fn wireguard_go_and_ours_exchange_encrypted_traffic_and_refuse_forgeries() {
     let data = pattern(16 << 20, 11);
     for (from, to) in [(0usize, 1usize), (1, 0), (1, 2), (2, 1)] {
         let dst = if to == 0 { rip } else { bed.tun_addr(to) };
-        let got = tcp_between(&bed.ns(from), &bed.ns(to), dst, data.clone());
-        assert!(
-            got == data,
-            "TCP h{from} -> h{to}: {} of {} bytes, or corrupted",
-            got.len(),
-            data.len()
-        );
+        assert_tcp_intact(&bed, from, to, dst, &data);
     }
 
     // The underlay sees no plaintext: a sniffer on the hub's bridge catches

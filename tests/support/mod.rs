@@ -1079,19 +1079,35 @@ pub fn bed_with(config: &str, n: usize) -> Bed {
     bed
 }
 
-/// A ping of `size` payload bytes with DF set; true if answered.
-pub fn ping_df(ns: &str, dst: Ipv4Addr, size: usize) -> bool {
+/// `ping <args> dst` in namespace `ns`; true if answered.
+pub fn ping_with(ns: &str, args: &[&str], dst: Ipv4Addr) -> bool {
     Command::new("ip")
-        .args([
-            "netns", "exec", ns, "ping", "-c", "2", "-W", "2", "-M", "do", "-s",
-        ])
-        .arg(size.to_string())
+        .args(["netns", "exec", ns, "ping"])
+        .args(args)
         .arg(dst.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .unwrap()
         .success()
+}
+
+/// A ping of `size` payload bytes with DF set; true if answered.
+pub fn ping_df(ns: &str, dst: Ipv4Addr, size: usize) -> bool {
+    let size = size.to_string();
+    ping_with(ns, &["-c", "2", "-W", "2", "-M", "do", "-s", &size], dst)
+}
+
+/// `data` sent over TCP from host `from` to `dst` (an address of host
+/// `to`) arrives whole and unchanged.
+pub fn assert_tcp_intact(bed: &Bed, from: usize, to: usize, dst: Ipv4Addr, data: &[u8]) {
+    let got = tcp_between(&bed.ns(from), &bed.ns(to), dst, data.to_vec());
+    assert!(
+        got == data,
+        "TCP h{from} -> h{to}: {} of {} bytes, or corrupted",
+        got.len(),
+        data.len()
+    );
 }
 
 /// The metrics of host `i`'s daemon on `--healthz-port=port`.

@@ -226,8 +226,12 @@ def iperf(dst, secs, args):
         return None
 
 
+last_retransmits = [0]
+
+
 def tcp(dst, secs, streams):
     end = iperf(dst, secs, ["-P", str(streams)])
+    last_retransmits[0] = end["sum_sent"].get("retransmits", 0) if end else 0
     return (end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"]) if end else (0.0, 0)
 
 
@@ -324,7 +328,7 @@ def measure(name, dst, args, daemons=None):
     ping(dst, 20)  # warm up ARP/neighbour entries and routes
     r = {"case": name}
     r["ping_p50_ms"], r["ping_p99_ms"] = ping(dst, args.pings)
-    runs, cpu, machine, moved = [], 0.0, 0.0, 0
+    runs, cpu, machine, moved, retr = [], 0.0, 0.0, 0, []
     for _ in range(reps):
         c0 = cpu_seconds(pids) if pids else 0
         m0 = machine_busy_seconds()
@@ -334,7 +338,11 @@ def measure(name, dst, args, daemons=None):
             cpu += cpu_seconds(pids) - c0
         moved += nbytes
         runs.append(gbps)
+        retr.append(last_retransmits[0])
     r["tcp1_gbps"] = statistics.median(runs)
+    # TCP segments the sender had to resend: losses in the tunnel (a full
+    # socket buffer or TUN queue) cut the congestion window and leave gaps.
+    r["tcp1_retransmits"] = float(statistics.median(retr))
     r["machine_cpu_s_per_gb"] = machine / (moved / 1e9) if moved else None
     r["tcp4_gbps"] = statistics.median(tcp(dst, secs, 4)[0] for _ in range(reps))
     if not args.smoke:
@@ -364,8 +372,8 @@ def report(results, args):
              f"Each case: median of {args.reps} x {args.seconds} s; ratio to kernel VXLAN in brackets "
              f"(higher is better for throughput, lower for ping). {os.cpu_count()} CPUs, kernel {os.uname().release}.",
              "", "| case | " + " | ".join(f"{t} ({u})" for _, t, u, _ in METRICS)
-             + " | machine CPU s/GB | daemon CPU s/GB | peak RSS MB |",
-             "|---" * (len(METRICS) + 4) + "|"]
+             + " | TCP 1 retransmits | machine CPU s/GB | daemon CPU s/GB | peak RSS MB |",
+             "|---" * (len(METRICS) + 5) + "|"]
     for r in results:
         cells = []
         for key, _, _, _ in METRICS:
@@ -375,6 +383,8 @@ def report(results, args):
                 continue
             b = base.get(key) if base else None
             cells.append(f"{v:.3g} ({v / b:.2f}×)" if b else f"{v:.3g}")
+        retr = r.get("tcp1_retransmits")
+        cells.append("–" if retr is None else f"{retr:.0f}")
         mcpu = r.get("machine_cpu_s_per_gb")
         b = base.get("machine_cpu_s_per_gb") if base else None
         cells.append(f"{mcpu:.2f} ({mcpu / b:.2f}×)" if mcpu and b else (f"{mcpu:.2f}" if mcpu else "–"))
@@ -442,7 +452,8 @@ def main():
     ap.add_argument("--profile", default="", help="comma-separated cases to profile with perf "
                     "(one more TCP stream each; report in <out>/profile-<case>.txt)")
     ap.add_argument("--compare", action="append", default=[], metavar="NAME=BIN",
-                    help="also run flannel-on with another flanneld build, as case flannel-on@NAME "
+                    help="also run flannel-on (and flannel-wg, when chosen) with another flanneld build, "
+                    "as case flannel-on@NAME "
                     "(a before/after in one run; repeatable)")
     ap.add_argument("--cases", default="", help="comma-separated subset: veth,vxlan,flannel-off,flannel-on,"
                     "flannel-vxlan,kernel-to-flannel-vxlan,flannel-wg,wg-go-to-flannel-wg,wireguard-go,boringtun,"
@@ -499,6 +510,11 @@ def main():
                 daemons, addr = start_flannel(args.bin, "auto", dev="flannel-wg")
                 results.append(measure("flannel-wg", addr, args, daemons))
                 stop(daemons)
+                for spec in args.compare:
+                    label, _, binary = spec.partition("=")
+                    daemons, addr = start_flannel(binary, "auto", dev="flannel-wg")
+                    results.append(measure(f"flannel-wg@{label}", addr, args, daemons))
+                    stop(daemons)
             if want("wg-go-to-flannel-wg"):
                 ref, key = userspace_wg(H1, "flannel-wg", ["wireguard-go", "-f"], f"{KERNEL_SUBNET}/16")
                 value = json.dumps({"PublicIP": "192.168.77.1", "PublicIPv6": None, "BackendType": "wireguard",

@@ -36,7 +36,10 @@ pub const DATA_OVERHEAD: usize = 32;
 /// counted (`no_session`). boringtun's own queue holds as many.
 pub const MAX_WAITING: usize = 256;
 /// Handshake initiations per second, per the whole daemon, before cookie
-/// replies are asked for (WireGuard's "under load").
+/// replies are asked for (WireGuard's "under load"). Each initiation is
+/// counted here once, before the Diffie-Hellman that finds out its peer;
+/// each peer's own state then has boringtun's per-peer budget (10 per
+/// timer tick), so one chatty peer meets cookies before the daemon does.
 const HANDSHAKES_PER_SECOND: u64 = 100;
 /// The key file flannel uses.
 pub const DEFAULT_KEY_FILE: &str = "/run/flannel/wgkey";
@@ -331,7 +334,10 @@ impl Wg {
             self.psk,
             self.keepalive,
             index,
-            Some(self.limiter.clone()),
+            // Not the shared limiter: decapsulate() counts the initiation
+            // again, and the daemon-wide budget would be spent twice per
+            // handshake. Its own limiter is reset by its own timers.
+            None,
         )
         .ok()?;
         Some(Arc::new(WgPeer {
@@ -640,6 +646,62 @@ mod tests {
         let (a, b) = pair(Some([3; 32]), Some([3; 32]));
         let p = packet([10, 5, 1, 2], [10, 5, 2, 2], b"ok");
         assert_eq!(handshake(&a, &b, &p), p);
+    }
+
+    #[test]
+    fn each_handshake_counts_once_against_the_daemon_wide_budget() {
+        // 70 peers start a handshake with B in the same second: under the
+        // budget of 100, every one is answered, none is asked for a cookie
+        // (counted twice, the 51st would be).
+        let b = Wg::new(PrivateKey::generate(), None, 0);
+        let peers: Vec<(Wg, SocketAddrV4)> = (0..70u8)
+            .map(|i| {
+                let a = Wg::new(PrivateKey::generate(), None, 0);
+                let ep = SocketAddrV4::new(Ipv4Addr::new(192, 0, 3, i), 51820);
+                a.sync([(net("10.5.2.0/24"), B_EP, b.public_key())]);
+                (a, ep)
+            })
+            .collect();
+        b.sync(peers.iter().enumerate().map(|(i, (a, ep))| {
+            let subnet = Ipv4Network::new(Ipv4Addr::new(10, 5, 100 + i as u8, 0), 24).unwrap();
+            (subnet, *ep, a.public_key())
+        }));
+        let mut buf = vec![0u8; 2048];
+        let init = |a: &Wg| {
+            let p = a.peer(B_EP).unwrap();
+            let mut out = vec![0u8; 256];
+            let TunnResult::WriteToNetwork(d) =
+                p.lock().format_handshake_initiation(&mut out, true)
+            else {
+                panic!("an initiation")
+            };
+            d.to_vec()
+        };
+        let mut kinds = |b: &Wg, from: SocketAddrV4, d: &[u8]| match b.open(from, d, &mut buf) {
+            Opened::Reply(n, _) => buf[0] as usize * 1000 + n,
+            _ => 0,
+        };
+        const RESPONSE: usize = 2 * 1000 + 92;
+        const COOKIE: usize = 3 * 1000 + 64;
+        for (a, ep) in &peers {
+            let d = init(a);
+            assert_eq!(kinds(&b, *ep, &d), RESPONSE);
+        }
+        // The budget still holds: 40 more initiations in the same second
+        // take it past 100, and the last ones are asked for a cookie.
+        let answers: Vec<usize> = peers[..40]
+            .iter()
+            .map(|(a, ep)| {
+                let d = init(a);
+                kinds(&b, *ep, &d)
+            })
+            .collect();
+        assert_eq!(
+            answers[..30].iter().filter(|&&k| k == RESPONSE).count(),
+            30,
+            "{answers:?}"
+        );
+        assert!(answers[30..].iter().all(|&k| k == COOKIE), "{answers:?}");
     }
 
     #[test]

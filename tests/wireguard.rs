@@ -491,3 +491,83 @@ fn psk_listen_port_and_keepalive_from_the_config_take_effect() {
         "no keepalives from h1 while idle: {rx0} -> {rx1}"
     );
 }
+
+/// A restart while etcd does not answer runs from the peer cache: the
+/// peers' public keys and ports come from it (a wrong key or port would get
+/// no handshake through), and both the reference and our other host are
+/// reached with the key our restarted host keeps.
+#[test]
+fn a_restart_while_etcd_is_stopped_reaches_wireguard_peers_from_the_peer_cache() {
+    let _g = heavy();
+    // Ours listen on 51999; the reference's lease says 51820: the cache
+    // must keep each peer's own port.
+    let config = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","ListenPort":51999}}"#;
+    let mut bed = bed_with(config, 3);
+    let mut r = WgNode::new(&bed, 0, REF_SUBNET, 51820, None, 0);
+    bed.start_ready(1);
+    bed.start_ready(2);
+    r.sync(&bed);
+    let (rip, a1, a2) = (r.subnet.network(), bed.tun_addr(1), bed.tun_addr(2));
+    for (what, from, to) in [
+        ("ref -> h1", 0, a1),
+        ("h1 -> h2", 1, a2),
+        ("h2 -> ref", 2, rip),
+    ] {
+        wait_for(what, Duration::from_secs(15), || {
+            bed.ping(from, to).then_some(())
+        });
+    }
+    let (key, key2) = (public_key_in_etcd(&bed, 1), public_key_in_etcd(&bed, 2));
+
+    // etcd frozen: it accepts connections and never answers.
+    let etcd = bed.etcd_pid();
+    // SAFETY: signalling the test's own etcd child.
+    unsafe { libc::kill(etcd, libc::SIGSTOP) };
+    struct Thaw(i32);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            // SAFETY: as above; a failing assertion must not leave it stopped.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let thaw = Thaw(etcd);
+    assert!(bed.stop(1, libc::SIGTERM).unwrap().success());
+    bed.start(1, &[]);
+    for (what, from, to) in [
+        ("h1 -> h2 from the cache", 1, a2),
+        ("h2 -> h1 after the restart", 2, a1),
+        ("h1 -> ref from the cache", 1, rip),
+        ("ref -> h1 after the restart", 0, a1),
+    ] {
+        wait_for(what, Duration::from_secs(15), || {
+            bed.ping_wait(from, to, "0.5").then_some(())
+        });
+    }
+    let log = bed.log(1);
+    assert!(log.contains("starting from the peer cache"), "{log}");
+    assert_eq!(bed.tun_addr(1), a1);
+    // What the cache holds: the peers' keys and ports, never our private key.
+    let cache = std::fs::read_to_string(
+        bed.hosts[1]
+            .subnet_file
+            .with_file_name("subnet.env.peers.json"),
+    )
+    .expect("the peer cache");
+    assert!(cache.contains(&r.public), "{cache}");
+    assert!(cache.contains(&key2), "{cache}");
+    let private = std::fs::read_to_string(key_file(&bed, 1)).unwrap();
+    assert!(
+        !cache.contains(private.trim()),
+        "the private key is in the peer cache"
+    );
+
+    // etcd back: the lease is confirmed with the same key.
+    drop(thaw);
+    wait_for("h1 to confirm its lease", Duration::from_secs(30), || {
+        bed.log(1)
+            .contains("our lease is confirmed in etcd")
+            .then_some(())
+    });
+    assert_eq!(public_key_in_etcd(&bed, 1), key, "the key changed");
+    assert!(bed.ping(1, rip) && bed.ping(0, a1));
+}

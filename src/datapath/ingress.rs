@@ -249,7 +249,9 @@ fn write_tun(
     for k in 0..gro.items() {
         let item = gro.item(k);
         let run = item.len();
-        let ok = if run > 1 {
+        // A lone verified segment too: as CHECKSUM_PARTIAL the kernel
+        // does not sum its payload a second time.
+        let ok = if gro.verified(k) {
             let run_pkts = item.map(|i| slice(&pkts[i]));
             match offload::coalesce_header(run_pkts.clone(), head) {
                 Ok((hl, h)) => w

@@ -463,6 +463,9 @@ pub struct GroTable {
     next: Vec<usize>,
     /// (first packet, packet count) of each item, in output order.
     items: Vec<(usize, usize)>,
+    /// Whether each item is TCP segments whose checksums
+    /// [`tcp_segment`] verified (false for a lone packet it refused).
+    verified: Vec<bool>,
 }
 
 impl GroTable {
@@ -474,6 +477,7 @@ impl GroTable {
     pub fn group<'a>(&mut self, n: usize, packet: impl Fn(usize) -> &'a [u8]) {
         self.open.clear();
         self.items.clear();
+        self.verified.clear();
         self.next.clear();
         self.next.resize(n, NONE);
         for i in 0..n {
@@ -489,6 +493,7 @@ impl GroTable {
                     self.open.retain(|r| !same_connection(packet(r.head), p));
                 }
                 self.items.push((i, 1));
+                self.verified.push(false);
                 continue;
             };
             let found = self
@@ -519,6 +524,7 @@ impl GroTable {
             }
             let item = self.items.len();
             self.items.push((i, 1));
+            self.verified.push(true);
             if s.psh {
                 continue; // PSH on a first segment: deliver it alone
             }
@@ -541,6 +547,13 @@ impl GroTable {
     /// Number of items (super-packets or single packets) to write.
     pub fn items(&self) -> usize {
         self.items.len()
+    }
+
+    /// Whether item `k`'s TCP checksums were verified here: then it goes
+    /// to the TUN as CHECKSUM_PARTIAL (with [`coalesce_header`]), also when
+    /// it is one segment, and the kernel does not sum its payload again.
+    pub fn verified(&self, k: usize) -> bool {
+        self.verified[k]
     }
 
     /// The packets of item `k`, in order.
@@ -586,10 +599,10 @@ impl Iterator for GroItem<'_> {
 }
 
 /// Writes the vnet header and the IPv4/TCP headers of the super-packet of
-/// an item of a [`GroTable`] into `out` (GSO_TCPV4, NEEDS_CSUM with
-/// the pseudo-header sum in the TCP checksum field). The payloads follow
-/// unchanged, each packet's bytes after `hlen`. Returns (bytes written,
-/// hlen).
+/// a verified item of a [`GroTable`] into `out` (NEEDS_CSUM with the
+/// pseudo-header sum in the TCP checksum field; GSO_TCPV4 for two segments
+/// or more, no GSO for one). The payloads follow unchanged, each packet's
+/// bytes after `hlen`. Returns (bytes written, hlen).
 pub fn coalesce_header<'a, I>(run: I, out: &mut [u8]) -> Result<(usize, usize), OffloadError>
 where
     I: Iterator<Item = &'a [u8]> + Clone,
@@ -599,21 +612,24 @@ where
     let h = seg.hlen;
     let mut len = h;
     let mut last_psh = false;
+    let mut count = 0;
     for p in run {
         if p.len() < h {
             return Err(OffloadError::BadPacket);
         }
+        count += 1;
         len += p.len() - h;
         last_psh = TcpHeader::new_unchecked(&p[IPV4_MIN_HEADER..]).flags() & PSH != 0;
     }
     if len > MAX_PACKET || out.len() < VNET_HDR_LEN + h {
         return Err(OffloadError::NoRoom);
     }
+    let gso = count > 1;
     VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
+        gso_type: if gso { GSO_TCPV4 } else { GSO_NONE },
         hdr_len: h as u16,
-        gso_size: seg.payload as u16,
+        gso_size: if gso { seg.payload as u16 } else { 0 },
         csum_start: IPV4_MIN_HEADER as u16,
         csum_offset: TcpHeader::<&[u8]>::CHECKSUM_AT as u16,
     }
@@ -1022,6 +1038,45 @@ mod tests {
         let psh = tso_packet(&[1; 10], 0, 0, PSH | ACK);
         assert_eq!(coalesce_run([&psh[..], segs[0]]), 1);
         assert_eq!(coalesce_run(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn a_lone_verified_segment_goes_out_checksum_partial_and_nothing_else_does() {
+        let payload = vec![5u8; 3000];
+        let p = tso_packet(&payload, 0, 12, ACK);
+        let mut out = vec![0u8; 8000];
+        let s = gso_split(&p, &tso_hdr(&p, 1000), &mut out).unwrap();
+        let segs = segments(&out, s);
+        let mut bad = segs[1].to_vec();
+        bad[60] ^= 0xff;
+        let ack = tso_packet(&[], 0, 0, ACK); // no payload: never coalesced
+        let lone = [segs[0], &bad[..], &ack[..]];
+        let mut g = GroTable::new();
+        g.group(lone.len(), |i| lone[i]);
+        assert_eq!(g.items(), 3);
+        assert_eq!(
+            (0..3).map(|k| g.verified(k)).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+
+        // The one segment's header: NEEDS_CSUM, no GSO, the pseudo-header
+        // sum in the field; completing it gives back the segment as sent.
+        let mut head = vec![0u8; 256];
+        let (hl, h) = coalesce_header([segs[0]].into_iter(), &mut head).unwrap();
+        let hdr = VnetHdr::decode(&head).unwrap();
+        assert_eq!(
+            (hdr.flags, hdr.gso_type, hdr.gso_size),
+            (F_NEEDS_CSUM, GSO_NONE, 0)
+        );
+        let mut pkt = head[VNET_HDR_LEN..hl].to_vec();
+        pkt.extend_from_slice(&segs[0][h..]);
+        assert_ne!(pkt, segs[0], "the field holds the partial sum");
+        complete_checksum(&mut pkt, &hdr).unwrap();
+        assert_eq!(pkt, segs[0]);
+        // Two segments are one GSO super-packet.
+        let (_, _) = coalesce_header(segs[..2].iter().copied(), &mut head).unwrap();
+        let hdr = VnetHdr::decode(&head).unwrap();
+        assert_eq!((hdr.gso_type, hdr.gso_size), (GSO_TCPV4, 1000));
     }
 
     /// The segments of one flow: `len` payload bytes (a pattern keyed by

@@ -461,11 +461,10 @@ pub struct GroTable {
     open: Vec<OpenRun>,
     /// Next packet of the same item, per packet (NONE at the end).
     next: Vec<usize>,
-    /// (first packet, packet count) of each item, in output order.
-    items: Vec<(usize, usize)>,
-    /// Whether each item is TCP segments whose checksums
-    /// [`tcp_segment`] verified (false for a lone packet it refused).
-    verified: Vec<bool>,
+    /// (first packet, packet count, verified) of each item, in output
+    /// order; verified: TCP segments whose checksums [`tcp_segment`]
+    /// checked (false for a lone packet it refused).
+    items: Vec<(usize, usize, bool)>,
 }
 
 impl GroTable {
@@ -477,7 +476,6 @@ impl GroTable {
     pub fn group<'a>(&mut self, n: usize, packet: impl Fn(usize) -> &'a [u8]) {
         self.open.clear();
         self.items.clear();
-        self.verified.clear();
         self.next.clear();
         self.next.resize(n, NONE);
         for i in 0..n {
@@ -492,8 +490,7 @@ impl GroTable {
                 {
                     self.open.retain(|r| !same_connection(packet(r.head), p));
                 }
-                self.items.push((i, 1));
-                self.verified.push(false);
+                self.items.push((i, 1, false));
                 continue;
             };
             let found = self
@@ -523,8 +520,7 @@ impl GroTable {
                 self.open.swap_remove(j);
             }
             let item = self.items.len();
-            self.items.push((i, 1));
-            self.verified.push(true);
+            self.items.push((i, 1, true));
             if s.psh {
                 continue; // PSH on a first segment: deliver it alone
             }
@@ -553,12 +549,12 @@ impl GroTable {
     /// to the TUN as CHECKSUM_PARTIAL (with [`coalesce_header`]), also when
     /// it is one segment, and the kernel does not sum its payload again.
     pub fn verified(&self, k: usize) -> bool {
-        self.verified[k]
+        self.items[k].2
     }
 
     /// The packets of item `k`, in order.
     pub fn item(&self, k: usize) -> GroItem<'_> {
-        let (head, count) = self.items[k];
+        let (head, count, _) = self.items[k];
         GroItem {
             next: &self.next,
             at: head,
@@ -1042,15 +1038,11 @@ mod tests {
 
     #[test]
     fn a_lone_verified_segment_goes_out_checksum_partial_and_nothing_else_does() {
-        let payload = vec![5u8; 3000];
-        let p = tso_packet(&payload, 0, 12, ACK);
-        let mut out = vec![0u8; 8000];
-        let s = gso_split(&p, &tso_hdr(&p, 1000), &mut out).unwrap();
-        let segs = segments(&out, s);
-        let mut bad = segs[1].to_vec();
+        let segs = flow_segments(0, 3000, 1000, 12);
+        let mut bad = segs[1].clone();
         bad[60] ^= 0xff;
         let ack = tso_packet(&[], 0, 0, ACK); // no payload: never coalesced
-        let lone = [segs[0], &bad[..], &ack[..]];
+        let lone = [&segs[0][..], &bad[..], &ack[..]];
         let mut g = GroTable::new();
         g.group(lone.len(), |i| lone[i]);
         assert_eq!(g.items(), 3);
@@ -1062,7 +1054,7 @@ mod tests {
         // The one segment's header: NEEDS_CSUM, no GSO, the pseudo-header
         // sum in the field; completing it gives back the segment as sent.
         let mut head = vec![0u8; 256];
-        let (hl, h) = coalesce_header([segs[0]].into_iter(), &mut head).unwrap();
+        let (hl, h) = coalesce_header([&segs[0][..]].into_iter(), &mut head).unwrap();
         let hdr = VnetHdr::decode(&head).unwrap();
         assert_eq!(
             (hdr.flags, hdr.gso_type, hdr.gso_size),
@@ -1074,7 +1066,7 @@ mod tests {
         complete_checksum(&mut pkt, &hdr).unwrap();
         assert_eq!(pkt, segs[0]);
         // Two segments are one GSO super-packet.
-        let (_, _) = coalesce_header(segs[..2].iter().copied(), &mut head).unwrap();
+        let (_, _) = coalesce_header(segs[..2].iter().map(|s| &s[..]), &mut head).unwrap();
         let hdr = VnetHdr::decode(&head).unwrap();
         assert_eq!((hdr.gso_type, hdr.gso_size), (GSO_TCPV4, 1000));
     }

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Paired A/B of two flanneld builds (or flag sets) on one TCP stream.
+
+On a shared 2-vCPU machine one build's throughput drifts ±15 % between runs
+of e2e.py, which runs each case to the end before the next: a 5 % change is
+invisible. This runs the two side by side instead, on the topology e2e.py
+builds (two namespaced hosts, a bridge, a real etcd): for each pair it
+starts A, moves one TCP stream for --seconds, stops it, does the same for B,
+and alternates the order (AB, BA, AB, …) so a drift of the machine falls on
+both. It reports, per build, the median Gbit/s and the machine's busy CPU
+seconds per GB moved (from /proc/stat), and the median of the per-pair
+ratios B/A with how many pairs B won.
+
+A "build" is a path to a flanneld binary, optionally followed by flags:
+    benches/ab.py --backend wireguard \\
+        --a target/release/flanneld --b "target/release/flanneld --busy-poll=0"
+
+Run as root (network namespaces, TUN). Cleans up on exit, also on errors.
+"""
+import argparse, shlex, statistics, sys, time
+
+import e2e
+
+
+def trial(cmd, dev, secs):
+    e2e.EXTRA[:] = cmd[1:]
+    daemons, addr = e2e.start_flannel(cmd[0], "auto", dev=dev)
+    try:
+        e2e.ping(addr, 5)
+        m0 = e2e.machine_busy_seconds()
+        gbps, nbytes = e2e.tcp(addr, secs, 1)
+        busy = e2e.machine_busy_seconds() - m0
+    finally:
+        e2e.stop(daemons)
+    return gbps, (busy / (nbytes / 1e9) if nbytes else float("nan"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", required=True, help="baseline: binary [flags]")
+    ap.add_argument("--b", required=True, help="candidate: binary [flags]")
+    ap.add_argument("--backend", default="udp", choices=["udp", "wireguard"])
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--seconds", type=int, default=4)
+    args = ap.parse_args()
+    builds = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
+    dev = "flannel0" if args.backend == "udp" else "flannel-wg"
+    got = {"A": [], "B": []}
+    try:
+        e2e.topology()
+        if args.backend == "wireguard":
+            e2e.etcdctl("put", "/coreos.com/network/config", e2e.WG_CONFIG)
+        for i in range(args.pairs):
+            order = "AB" if i % 2 == 0 else "BA"
+            for k in order:
+                got[k].append(trial(builds[k], dev, args.seconds))
+            a, b = got["A"][-1], got["B"][-1]
+            print(f"pair {i + 1}: A {a[0]:.2f} Gbit/s {a[1]:.2f} s/GB   B {b[0]:.2f} Gbit/s {b[1]:.2f} s/GB",
+                  flush=True)
+    finally:
+        e2e.cleanup()
+    med = lambda k, j: statistics.median(x[j] for x in got[k])
+    ratios = [b[0] / a[0] for a, b in zip(got["A"], got["B"]) if a[0] > 0]
+    cpu = [b[1] / a[1] for a, b in zip(got["A"], got["B"]) if a[1] > 0]
+    wins = sum(r > 1 for r in ratios)
+    print(f"\n{args.backend}, {args.pairs} pairs of {args.seconds} s, TCP 1 stream")
+    print(f"A  {med('A', 0):.2f} Gbit/s  {med('A', 1):.2f} machine CPU s/GB   {args.a}")
+    print(f"B  {med('B', 0):.2f} Gbit/s  {med('B', 1):.2f} machine CPU s/GB   {args.b}")
+    print(f"B/A: throughput {statistics.median(ratios):.3f}× (B faster in {wins} of {len(ratios)} pairs), "
+          f"CPU per GB {statistics.median(cpu):.3f}×")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

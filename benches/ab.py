@@ -8,8 +8,9 @@ builds (two namespaced hosts, a bridge, a real etcd): for each pair it
 starts A, moves one TCP stream for --seconds, stops it, does the same for B,
 and alternates the order (AB, BA, AB, …) so a drift of the machine falls on
 both. It reports, per build, the median Gbit/s and the machine's busy CPU
-seconds per GB moved (from /proc/stat), and the median of the per-pair
-ratios B/A with how many pairs B won.
+seconds per GB moved (from /proc/stat) and the ping RTT p50 without load
+(100 pings before the stream), and the median of the per-pair ratios B/A,
+with how many pairs B won on throughput.
 
 A "build" is a path to a flanneld binary, optionally followed by flags:
     benches/ab.py --backend wireguard \\
@@ -27,12 +28,13 @@ def trial(cmd, dev, secs):
     daemons, addr = e2e.start_flannel(cmd[0], "auto", dev=dev)
     try:
         e2e.ping(addr, 5)
+        p50, _ = e2e.ping(addr, 100)
         m0 = e2e.machine_busy_seconds()
         gbps, nbytes = e2e.tcp(addr, secs, 1)
         busy = e2e.machine_busy_seconds() - m0
     finally:
         e2e.stop(daemons)
-    return gbps, (busy / (nbytes / 1e9) if nbytes else float("nan"))
+    return gbps, (busy / (nbytes / 1e9) if nbytes else float("nan")), p50 or float("nan")
 
 
 def main():
@@ -55,19 +57,20 @@ def main():
             for k in order:
                 got[k].append(trial(builds[k], dev, args.seconds))
             a, b = got["A"][-1], got["B"][-1]
-            print(f"pair {i + 1}: A {a[0]:.2f} Gbit/s {a[1]:.2f} s/GB   B {b[0]:.2f} Gbit/s {b[1]:.2f} s/GB",
-                  flush=True)
+            print(f"pair {i + 1}: A {a[0]:.2f} Gbit/s {a[1]:.2f} s/GB {a[2]:.3f} ms   "
+                  f"B {b[0]:.2f} Gbit/s {b[1]:.2f} s/GB {b[2]:.3f} ms", flush=True)
     finally:
         e2e.cleanup()
     med = lambda k, j: statistics.median(x[j] for x in got[k])
     ratios = [b[0] / a[0] for a, b in zip(got["A"], got["B"]) if a[0] > 0]
     cpu = [b[1] / a[1] for a, b in zip(got["A"], got["B"]) if a[1] > 0]
+    lat = [b[2] / a[2] for a, b in zip(got["A"], got["B"]) if a[2] > 0]
     wins = sum(r > 1 for r in ratios)
     print(f"\n{args.backend}, {args.pairs} pairs of {args.seconds} s, TCP 1 stream")
-    print(f"A  {med('A', 0):.2f} Gbit/s  {med('A', 1):.2f} machine CPU s/GB   {args.a}")
-    print(f"B  {med('B', 0):.2f} Gbit/s  {med('B', 1):.2f} machine CPU s/GB   {args.b}")
+    for k, build in (("A", args.a), ("B", args.b)):
+        print(f"{k}  {med(k, 0):.2f} Gbit/s  {med(k, 1):.2f} machine CPU s/GB  ping p50 {med(k, 2):.3f} ms   {build}")
     print(f"B/A: throughput {statistics.median(ratios):.3f}× (B faster in {wins} of {len(ratios)} pairs), "
-          f"CPU per GB {statistics.median(cpu):.3f}×")
+          f"CPU per GB {statistics.median(cpu):.3f}×, ping p50 {statistics.median(lat):.3f}×")
 
 
 if __name__ == "__main__":

@@ -79,8 +79,7 @@ pub struct DatapathOptions {
     pub offload: OffloadMode,
     pub pin_workers: bool,
     pub source_ports: datapath::SourcePorts,
-    /// `None`: the backend's default ([`datapath::WorkerThreads::auto`]).
-    pub worker_threads: Option<datapath::WorkerThreads>,
+    pub worker_threads: datapath::WorkerThreads,
     pub busy_poll: std::time::Duration,
     pub accept_unknown_peers: bool,
     /// Use the TUN as it was configured by someone else (address, MTU, routes).
@@ -899,7 +898,6 @@ pub async fn run<S: LeaseStore>(
     .write(&opts.files.subnet_file)
     .with_context(|| format!("writing {}", opts.files.subnet_file.display()))?;
 
-    let encap = Encap::for_backend(&cfg.backend, vtep_mac.unwrap_or_default());
     let dp = Datapath::start(
         devices,
         Shared {
@@ -908,12 +906,9 @@ pub async fn run<S: LeaseStore>(
             icmp_src: cfg.network.network(),
             pin: opts.datapath.pin_workers,
             accept_unknown_peers: opts.datapath.accept_unknown_peers,
-            threads: opts
-                .datapath
-                .worker_threads
-                .unwrap_or_else(|| datapath::WorkerThreads::auto(&encap)),
+            threads: opts.datapath.worker_threads,
             busy_poll: opts.datapath.busy_poll,
-            encap,
+            encap: Encap::for_backend(&cfg.backend, vtep_mac.unwrap_or_default()),
             icmp_limit: Default::default(),
             wg: wg.clone(),
         },

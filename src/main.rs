@@ -185,16 +185,15 @@ struct Cli {
     )]
     udp_source_ports: SourcePorts,
 
-    /// How each worker runs its two directions: `combined`, one thread
-    /// polling both the TUN and the socket; `split`, a thread each; `auto`
-    /// (the default), split on the wireguard backend and combined on the
-    /// others. Measured: on udp combined answers a ping in ~0.8x the time and
-    /// moves as much; on wireguard split moves ~1.05x (see docs/benchmarks.md).
+    /// How each worker runs its two directions: `combined` (the default),
+    /// one thread polling both the TUN and the socket; `split`, a thread
+    /// each. Measured: combined answers a ping in ~0.8x the time and moves
+    /// as much (see docs/benchmarks.md, latency).
     #[arg(
         long,
         env = "FLANNELD_WORKER_THREADS",
         value_enum,
-        default_value = "auto"
+        default_value = "combined"
     )]
     worker_threads: WorkerThreads,
 
@@ -362,7 +361,6 @@ enum SourcePorts {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum WorkerThreads {
-    Auto,
     Split,
     Combined,
 }
@@ -386,11 +384,10 @@ impl SourcePorts {
 }
 
 impl WorkerThreads {
-    fn mode(self) -> Option<flannel::datapath::WorkerThreads> {
+    fn mode(self) -> flannel::datapath::WorkerThreads {
         match self {
-            WorkerThreads::Auto => None,
-            WorkerThreads::Split => Some(flannel::datapath::WorkerThreads::Split),
-            WorkerThreads::Combined => Some(flannel::datapath::WorkerThreads::Combined),
+            WorkerThreads::Split => flannel::datapath::WorkerThreads::Split,
+            WorkerThreads::Combined => flannel::datapath::WorkerThreads::Combined,
         }
     }
 }

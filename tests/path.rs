@@ -392,9 +392,8 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
 #[test]
 fn both_thread_layouts_carry_traffic_and_idle_without_spinning() {
     let _heavy = heavy();
-    // The default on udp (`auto`: one thread per worker polling both
-    // descriptors, with a busy-poll window after traffic) and the split
-    // layout without one.
+    // The default (one thread per worker polling both descriptors, with a
+    // busy-poll window after traffic) and the split layout without one.
     let layouts: [(&[&str], &str, &str); 2] = [
         (&["--busy-poll=200us"], "worker-0", "tun-to-udp"),
         (

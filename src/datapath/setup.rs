@@ -37,23 +37,6 @@ pub enum WorkerThreads {
     Combined,
 }
 
-impl WorkerThreads {
-    /// The default for a backend (`--worker-threads=auto`). Where each
-    /// packet costs little (udp, vxlan), one thread per worker saves the
-    /// wake-up between a TUN write and the answer it causes; where each
-    /// costs an AEAD pass (wireguard), a thread per direction lets the ACKs
-    /// of a stream be opened while its data is sealed. Measured with
-    /// `benches/ab.py` (one TCP stream, 20 pairs, 2026-12-07): wireguard
-    /// split moves 1.05× combined (faster in 15 of 20 pairs) at the same
-    /// CPU per GB; udp split 1.05× but 1.07× the CPU per GB and slower pings.
-    pub fn auto(encap: &crate::backend::Encap) -> Self {
-        match encap {
-            crate::backend::Encap::Wireguard => WorkerThreads::Split,
-            _ => WorkerThreads::Combined,
-        }
-    }
-}
-
 /// What the kernel let us turn on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Caps {

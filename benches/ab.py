@@ -18,7 +18,9 @@ A "build" is a path to a flanneld binary, optionally followed by flags:
 
 Run as root (network namespaces, TUN). Cleans up on exit, also on errors.
 """
-import argparse, shlex, statistics, sys, time
+import argparse, shlex, statistics, sys
+
+sys.dont_write_bytecode = True  # importing e2e leaves no __pycache__ in the tree
 
 import e2e
 

@@ -393,6 +393,7 @@ def report(results, args):
         cells.append(f"{cpu:.2f}" if cpu else "–")
         cells.append(f"{rss:.1f}" if rss else "–")
         lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
+    lines += wireguard_ratios(results)
     md = "\n".join(lines) + "\n"
     print("\n" + md)
     os.makedirs(args.out, exist_ok=True)
@@ -405,6 +406,28 @@ def report(results, args):
         with open(f"{args.out}/ratios.svg", "w") as f:
             f.write(svg(results, base))
     print(f"written: {args.out}/results.json results.md ratios.svg")
+
+
+def wireguard_ratios(results):
+    """Our wireguard backend's TCP streams against the faster userspace
+    WireGuard of the same run and against our udp backend (issue 21's
+    yardsticks), as lines under the table."""
+    by = {r["case"]: r for r in results}
+    ours = by.get("flannel-wg")
+    if not ours:
+        return []
+    out = [""]
+    for key, label in (("tcp1_gbps", "TCP 1"), ("tcp4_gbps", "TCP 4")):
+        others = [(by[c][key], c) for c in ("wireguard-go", "boringtun") if by.get(c, {}).get(key)]
+        parts = []
+        if others:
+            best, name = max(others)
+            parts.append(f"{ours[key] / best:.1f}× the faster userspace WireGuard ({name}, {best:.3g} Gbit/s)")
+        if by.get("flannel-on", {}).get(key):
+            parts.append(f"{ours[key] / by['flannel-on'][key]:.2f}× our udp backend")
+        if parts and ours.get(key):
+            out.append(f"flannel-wg {label}: " + ", ".join(parts) + ".")
+    return out if len(out) > 1 else []
 
 
 def svg(results, base):

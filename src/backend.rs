@@ -276,6 +276,15 @@ impl Encap {
         }
     }
 
+    /// Where the inner IPv4 packet starts in a datagram's payload, when it
+    /// is there in the clear (to steer datagrams by their inner flow).
+    pub fn clear_inner_offset(&self) -> Option<usize> {
+        match self {
+            Encap::Wireguard => None,
+            e => Some(e.prefix_len()),
+        }
+    }
+
     /// Writes the prefix for a packet to `peer_mac` into
     /// `out[..prefix_len()]`.
     #[inline]

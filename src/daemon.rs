@@ -679,6 +679,7 @@ fn open_tun(
         } else {
             dp.source_ports
         },
+        Encap::for_backend(&cfg.backend, Mac::default()).clear_inner_offset(),
     )?;
     let tun_name = &devices.tun_name;
     let mtu = if dp.no_netlink_config {

@@ -311,6 +311,74 @@ fn a_tun_deleted_under_the_daemon_makes_it_exit_non_zero() {
     }
 }
 
+/// A plain UDP socket on 8285 in a bed host's namespace, as a Go flanneld
+/// node's is: it forwards whatever arrives to `to` and ignores where from,
+/// and notes the source ports of what came from `watch`.
+struct Relay {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ports: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u16>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(bed: &Bed, host: usize, watch: std::net::Ipv4Addr, to: std::net::Ipv4Addr) -> Relay {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let sock = in_ns(&bed.ns(host), || UdpSocket::bind("0.0.0.0:8285").unwrap());
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ports = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let thread = {
+            let (stop, ports) = (stop.clone(), ports.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if from.ip() == std::net::IpAddr::V4(watch) {
+                        ports.lock().unwrap().insert(from.port());
+                    }
+                    sock.send_to(&buf[..n], (to, 8285)).unwrap();
+                }
+            })
+        };
+        Relay {
+            stop,
+            ports,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops forwarding; the source ports seen from `watch`.
+    fn finish(mut self) -> std::collections::BTreeSet<u16> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.ports.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// 16 TCP transfers from `from` to `to`, each compared byte for byte.
+fn sixteen_transfers(bed: &Bed, from: usize, to: usize, what: &str) {
+    for k in 0..16 {
+        let data = pattern(256 << 10, k);
+        assert!(
+            tcp_transfer(bed, from, to, data.clone()) == data,
+            "{what}: transfer {k}"
+        );
+    }
+}
+
 /// h0 (two workers) sends to h1 through a relay that is a plain UDP socket
 /// on 8285, as a Go flanneld node is: it forwards whatever arrives and
 /// ignores where from. With `per-worker` source ports h0's flows leave from
@@ -320,9 +388,6 @@ fn a_tun_deleted_under_the_daemon_makes_it_exit_non_zero() {
 #[test]
 fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
     use std::collections::BTreeSet;
-    use std::net::UdpSocket;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
     let _heavy = heavy();
     for (flag, want) in [
         (
@@ -343,47 +408,70 @@ fn flows_carry_source_port_entropy_and_a_plain_8285_receiver_takes_them() {
                 &format!("--public-ip={relay_ip}"),
             ],
         );
-        let relay = in_ns(&bed.ns(2), || UdpSocket::bind("0.0.0.0:8285").unwrap());
-        relay
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let ports = Arc::new(Mutex::new(BTreeSet::new()));
-        let worker = {
-            let (stop, ports) = (stop.clone(), ports.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = relay.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    if from.ip() == std::net::IpAddr::V4(h0_ip) {
-                        ports.lock().unwrap().insert(from.port());
-                    }
-                    relay.send_to(&buf[..n], (h1_ip, 8285)).unwrap();
-                }
-            })
-        };
+        let relay = Relay::start(&bed, 2, h0_ip, h1_ip);
         let dst = bed.tun_addr(1);
         wait_for(
             "h0 -> h1 through the plain relay",
             Duration::from_secs(10),
             || bed.ping(0, dst).then_some(()),
         );
-        // 16 connections: each hashes to one of h0's two TUN queues, so
-        // both workers carry some (all on one: a 2^-15 chance).
-        for k in 0..16 {
-            let data = pattern(256 << 10, k);
-            assert!(
-                tcp_transfer(&bed, 0, 1, data.clone()) == data,
-                "{flag}: transfer {k}"
-            );
-        }
-        stop.store(true, Ordering::Relaxed);
-        worker.join().unwrap();
-        let seen = ports.lock().unwrap().clone();
+        // 16 connections: each hashes to one of h0's two workers (their
+        // ACKs are steered by flow), so both carry some (all on one: a
+        // 2^-15 chance).
+        sixteen_transfers(&bed, 0, 1, flag);
+        let seen = relay.finish();
         println!("{flag}: h0's datagrams came from ports {seen:?}");
         assert_eq!(seen, want, "{flag}");
+    }
+}
+
+/// A sender with one source port (h0 with one worker, as every Go flanneld
+/// sends from 8285) to h1 with two workers, on udp and on vxlan: h1's
+/// reuseport group steers each datagram by its inner flow (the program
+/// attaches: no warning in its log), each transfer arrives intact, and
+/// h1's replies leave from both of its workers' ports, 8286 and 8287
+/// (through a plain relay that notes them). Where each datagram lands is
+/// checked against the kernel in `datapath::udp`'s unit tests.
+#[test]
+fn a_receiver_spreads_one_senders_flows_over_its_workers() {
+    use std::collections::BTreeSet;
+    let _heavy = heavy();
+    for backend in ["udp", "vxlan"] {
+        let mut bed = if backend == "vxlan" {
+            bed_with(
+                r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","Port":8285}}"#,
+                3,
+            )
+        } else {
+            Bed::new(3)
+        };
+        let relay_ip = bed.hosts[2].ip;
+        let (h0_ip, h1_ip) = (bed.hosts[0].ip, bed.hosts[1].ip);
+        bed.start_ready_with(
+            0,
+            &[
+                "--workers=1",
+                "--accept-unknown-peers",
+                &format!("--public-ip={relay_ip}"),
+            ],
+        );
+        bed.start_ready_with(1, &["--workers=2", "--accept-unknown-peers"]);
+        let relay = Relay::start(&bed, 2, h1_ip, h0_ip);
+        let dst = bed.tun_addr(1);
+        wait_for(
+            &format!("{backend}: h0 -> h1, replies through the plain relay"),
+            Duration::from_secs(10),
+            || bed.ping(0, dst).then_some(()),
+        );
+        sixteen_transfers(&bed, 0, 1, backend);
+        let seen = relay.finish();
+        println!("{backend}: h1's datagrams came from ports {seen:?}");
+        assert_eq!(seen, BTreeSet::from([8286u16, 8287]), "{backend}");
+        let log = bed.log(1);
+        assert!(
+            !log.contains("steering received datagrams"),
+            "{backend}: {log}"
+        );
     }
 }
 

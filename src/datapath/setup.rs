@@ -63,13 +63,17 @@ pub struct Devices {
 
 /// Opens the TUN (with `workers` queues) and one UDP socket per queue bound
 /// to `bind` (with `SO_REUSEPORT` when there are several), turning on the
-/// offloads `mode` allows and the kernel supports.
+/// offloads `mode` allows and the kernel supports. With several workers and
+/// `steer` (where the inner IPv4 packet starts in a datagram's payload;
+/// `None` when it is encrypted), each datagram goes to the worker its inner
+/// flow hashes to (see [`udp::flow_socket`]).
 pub fn open(
     pattern: &str,
     workers: usize,
     mode: OffloadMode,
     bind: SocketAddrV4,
     sources: SourcePorts,
+    steer: Option<usize>,
 ) -> io::Result<Devices> {
     let workers = workers.max(1);
     let multi_queue = workers > 1 && Tun::takes_multi_queue(pattern);
@@ -102,6 +106,12 @@ pub fn open(
             s.try_clone()?
         };
         queues.push((t, s, tx));
+    }
+    if let (true, Some(inner)) = (multi_queue, steer) {
+        // The group is complete: the program's indices are the workers'.
+        if let Err(e) = udp::steer_by_inner_flow(&queues[0].1, inner, workers) {
+            tracing::warn!(error = %e, "steering received datagrams by their inner flow failed; the kernel's hash of the outer ports picks the worker instead");
+        }
     }
     let tun_name = queues[0].0.name().to_string();
     let source_ports = queues

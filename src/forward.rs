@@ -199,7 +199,16 @@ pub struct Counters {
     /// Peers for which UDP GSO is off for now (after a refused GSO send),
     /// summed over the workers.
     pub gso_off_peers: AtomicU64,
+    /// Datagrams each worker received (the first [`WORKER_METRICS`]
+    /// workers; later ones count into the last): how evenly the peers'
+    /// flows spread over the workers.
+    pub worker_rx: [AtomicU64; WORKER_METRICS],
+    /// Workers running (so many entries of `worker_rx` are reported).
+    pub workers: AtomicU64,
 }
+
+/// Workers counted apart in [`Counters::worker_rx`].
+pub const WORKER_METRICS: usize = 32;
 
 /// Upper bounds of the batch-size histogram buckets (the last is +Inf).
 pub const BATCH_BOUNDS: [f64; BATCH_BUCKETS - 1] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
@@ -303,6 +312,11 @@ impl Counters {
     }
 
     /// Records one batch of `n` datagrams received.
+    /// Datagrams worker `k` received.
+    pub fn worker_rx(&self, k: usize, n: u64) {
+        self.worker_rx[k.min(WORKER_METRICS - 1)].fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn rx_batch(&self, n: usize) {
         self.rx_batches[bucket(n)].fetch_add(1, Ordering::Relaxed);
         self.rx_batch_sum.fetch_add(n as u64, Ordering::Relaxed);

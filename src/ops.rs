@@ -4,7 +4,7 @@
 //! own atomics are read at scrape time, so the packet loops never touch a
 //! metrics library.
 
-use crate::forward::{Counters, DropReason, BATCH_BOUNDS};
+use crate::forward::{Counters, DropReason, BATCH_BOUNDS, WORKER_METRICS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -166,6 +166,19 @@ impl Collector for FlannelCollector {
             )?;
             for (dir, v) in [("sent", d.udp_tx_packets), ("received", d.udp_rx_packets)] {
                 ConstCounter::new(v).encode(m.encode_family(&[("direction", dir)])?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "flannel_worker_received_datagrams",
+                "Tunnel datagrams each data-path worker received (a GRO train counts each datagram in it).",
+                None,
+                MetricType::Counter,
+            )?;
+            let workers = (get(&self.data.workers) as usize).clamp(1, WORKER_METRICS);
+            for (k, v) in self.data.worker_rx[..workers].iter().enumerate() {
+                let k = k.to_string();
+                ConstCounter::new(get(v)).encode(m.encode_family(&[("worker", k.as_str())])?)?;
             }
         }
         {

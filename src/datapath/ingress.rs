@@ -196,6 +196,7 @@ pub(super) fn udp_to_tun(w: &Worker) -> Drain<'_> {
             write_tun(w, delivered, &pkts, &mut gro, &mut gro_head, &mut t);
             w.shared.counters.ingress.add(&t);
             w.shared.counters.rx_batch(t.udp_rx_packets as usize);
+            w.shared.counters.worker_rx(w.index, t.udp_rx_packets);
             if n < slots.count() {
                 break;
             }

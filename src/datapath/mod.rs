@@ -82,6 +82,8 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 pub(crate) struct Worker {
+    /// Which worker this is (its TUN queue and place in the socket group).
+    index: usize,
     tun: Tun,
     /// Receives on Backend.Port.
     sock: UdpSocket,
@@ -241,9 +243,14 @@ impl Datapath {
                 },
             )?);
         }
+        shared
+            .counters
+            .workers
+            .store(devices.queues.len() as u64, Ordering::Relaxed);
         for (k, (tun, sock, tx)) in devices.queues.into_iter().enumerate() {
             let cpu = shared.pin.then_some(k % cpus);
             let w = Arc::new(Worker {
+                index: k,
                 tun,
                 sock,
                 tx,

@@ -54,15 +54,13 @@ pub fn bind_udp(addr: SocketAddrV4, reuse_port: bool) -> io::Result<UdpSocket> {
 /// starts `inner` bytes into its payload (0 on udp, the VXLAN + Ethernet
 /// prefix on vxlan).
 ///
-/// Without it, `SO_REUSEPORT` picks by the outer addresses and ports. A
-/// peer's datagrams come from one port per worker of its own (one in all
-/// from Go flanneld), and the TUN sends each flow out of the queue that
-/// last wrote its other direction (the kernel's automatic steering), so
-/// the two hosts' choices feed each other and usually settle every flow
-/// between a pair of hosts on one worker on each side: four TCP streams
-/// moved what one did. With the inner flow picking the socket on both
-/// hosts, a flow's two directions meet on one worker (the hash is
-/// symmetric), and different flows spread over the workers.
+/// Without it, `SO_REUSEPORT` picks by the outer addresses and ports,
+/// which are the same for every flow a peer sends from one port (all of
+/// them from Go flanneld, which sends from 8285): one worker received
+/// them all, and four TCP streams between two hosts moved what one did.
+/// With the inner flow picking the socket, different flows spread over
+/// the workers, and a flow's two directions meet on one worker (the hash
+/// is symmetric).
 ///
 /// The hash: source ^ destination address, and for TCP and UDP that are
 /// not fragments, ^ (source port ^ destination port); times 0x9E3779B1,
@@ -133,13 +131,7 @@ pub fn flow_steering_program(inner: u32, n: u32) -> Vec<libc::sock_filter> {
         k,
     };
     let jump = |code: u16, k: u32, jt: u8, jf: u8| libc::sock_filter { code, jt, jf, k };
-    let mut p = Vec::new();
-    if inner >= 2 {
-        // Not IPv4 inside: socket 0 (the `ret #0` at the end; 25 below).
-        p.push(op(LD | H | ABS, inner - 2));
-        p.push(jump(JMP | JEQ | K, 0x0800, 0, 25));
-    }
-    p.extend([
+    let hash = [
         op(LD | W | ABS, inner + 12), // A = source address
         op(MISC | TAX, 0),
         op(LD | W | ABS, inner + 16), // ^ destination address
@@ -166,10 +158,18 @@ pub fn flow_steering_program(inner: u32, n: u32) -> Vec<libc::sock_filter> {
         op(ALU | RSH | K, 16),
         op(ALU | MOD | K, n.max(1)),
         op(RET | A, 0),
-    ]);
-    if inner >= 2 {
-        p.push(op(RET | K, 0));
+    ];
+    if inner < 2 {
+        return hash.to_vec();
     }
+    // A prefix ending in an EtherType: anything but IPv4 jumps over the
+    // hash to a `ret #0` (socket 0).
+    let mut p = vec![
+        op(LD | H | ABS, inner - 2),
+        jump(JMP | JEQ | K, 0x0800, 0, hash.len() as u8),
+    ];
+    p.extend(hash);
+    p.push(op(RET | K, 0));
     p
 }
 

@@ -189,6 +189,21 @@ fn send_icmp_from_hub(bed: &Bed, to: std::net::Ipv4Addr, icmp: Vec<u8>) {
     })
 }
 
+/// IP fragments namespace `ns` has made of its outgoing datagrams
+/// (`IpFragCreates`, absolute).
+fn frags_created(ns: &str) -> u64 {
+    sh(&["ip", "netns", "exec", ns, "nstat", "-az", "IpFragCreates"])
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("IpFragCreates")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// The path MTU each host has cached towards the other, from `ip route get`.
 fn cached_mtu(bed: &Bed, from: usize, to: usize) -> String {
     sh(&[
@@ -241,19 +256,30 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
             }
             for (a, b) in [(0, 1), (1, 0)] {
                 let data = pattern(16 << 20, 21 + a as u64);
+                let frags_before = frags_created(&bed.ns(a));
                 let t = Instant::now();
                 let got = tcp_transfer(&bed, a, b, data.clone());
                 let secs = t.elapsed().as_secs_f64();
+                let frags = frags_created(&bed.ns(a)) - frags_before;
                 assert!(
                     got == data,
                     "{case:?} {mode}: 16 MB h{a} -> h{b} corrupted or short ({} bytes)",
                     got.len()
                 );
                 println!(
-                    "{case:?} {mode}: 16 MB h{a} -> h{b} intact in {secs:.2} s ({:.2} Gbit/s); route: {}",
+                    "{case:?} {mode}: 16 MB h{a} -> h{b} intact in {secs:.2} s ({:.2} Gbit/s), {frags} IP fragments made by h{a}; route: {}",
                     16.0 * 8.0 * 1.048576 / 1000.0 / secs,
                     cached_mtu(&bed, a, b).lines().next().unwrap_or("")
                 );
+                if mode == "--offload=auto" {
+                    // TCP is cut to the path: only what went out before the
+                    // refusal taught the path MTU is fragmented, not each of
+                    // the ~12 000 segments (two fragments each).
+                    assert!(
+                        frags < 1000,
+                        "{case:?}: h{a} fragmented {frags} datagrams of a bulk TCP transfer: segments are not cut to the path MTU"
+                    );
+                }
             }
             for i in 0..2 {
                 let m = http_get(&bed.ns(i), PORT, "/metrics").expect("metrics").1;
@@ -550,4 +576,51 @@ fn cpu_ticks(pid: u32) -> u64 {
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat(5): the 12th and 13th after the state.
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The wireguard backend over a path MTU below the interface MTU: its TCP
+/// is cut to the path as the udp backend's is (each sealed datagram is the
+/// segment plus 32 bytes), so a bulk transfer is not fragmented.
+#[test]
+fn wireguard_bulk_tcp_fits_a_path_mtu_below_the_interface_mtu() {
+    let _heavy = heavy();
+    let cfg = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#;
+    let mut bed = bed_with(cfg, 2);
+    bed.start_ready(0);
+    bed.start_ready(1);
+    for (a, b) in [(0, 1), (1, 0)] {
+        let peer = bed.hosts[b].ip.to_string();
+        sh(&[
+            "ip",
+            "-n",
+            &bed.ns(a),
+            "route",
+            "add",
+            &peer,
+            "dev",
+            "eth0",
+            "mtu",
+            "1400",
+        ]);
+    }
+    let dst = bed.tun_addr(1);
+    wait_for("h0 -> h1 over wireguard", Duration::from_secs(15), || {
+        bed.ping(0, dst).then_some(())
+    });
+    for (a, b) in [(0, 1), (1, 0)] {
+        let data = pattern(16 << 20, 41 + a as u64);
+        let frags_before = frags_created(&bed.ns(a));
+        let got = tcp_transfer(&bed, a, b, data.clone());
+        let frags = frags_created(&bed.ns(a)) - frags_before;
+        assert!(
+            got == data,
+            "wireguard: 16 MB h{a} -> h{b} corrupted or short ({} bytes)",
+            got.len()
+        );
+        println!("wireguard: 16 MB h{a} -> h{b} intact, {frags} IP fragments made by h{a}");
+        assert!(
+            frags < 1000,
+            "wireguard: h{a} fragmented {frags} datagrams of a bulk TCP transfer"
+        );
+    }
 }

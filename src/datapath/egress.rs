@@ -205,16 +205,22 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                     t.drop(DropReason::Malformed);
                     continue;
                 };
-                t.udp_tx_bytes += segs.total() as u64;
-                let dgram = segs.seg_len()
-                    + pre
+                let overhead = pre
                     + if wg.is_some() {
                         crate::wireguard::DATA_OVERHEAD
                     } else {
                         0
                     };
+                // Towards a path narrower than our segments, TCP is cut to it.
+                let limit = gso_off.limit(*peer.addr.ip());
+                let segs = match limit {
+                    Some(Limit::Fits(max)) => segs.fit(max.saturating_sub(overhead)),
+                    _ => segs,
+                };
+                t.udp_tx_bytes += segs.total() as u64;
+                let dgram = segs.seg_len() + overhead;
                 // One GSO send carries at most 64 segments and 64 KB.
-                let per = if w.caps.udp_gso && segs.count() > 1 && gso_off.allows(*peer.addr.ip()) {
+                let per = if w.caps.udp_gso && segs.count() > 1 && Limit::allows(limit, dgram) {
                     MAX_GSO_SEGMENTS.min(GSO_MAX_BYTES / dgram).max(1)
                 } else {
                     1
@@ -235,7 +241,7 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                         let aux = sealed.aux_or(&mut headers);
                         flush(&mut mmsg, sock, rx.bytes_mut(), aux, &mut t);
                         sealed.clear();
-                        gso_off.refused(&mmsg.gso_refused);
+                        gso_off.refused(&mmsg.gso_refused, probe_mtu);
                         hoff = 0;
                     }
                     let pkt = &rx.packet(i)[vnet..];
@@ -294,7 +300,7 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
                 &mut t,
             );
             sealed.clear();
-            gso_off.refused(&mmsg.gso_refused);
+            gso_off.refused(&mmsg.gso_refused, probe_mtu);
             hoff = 0;
             w.shared.counters.egress.add(&t);
             w.shared.counters.tx_batch(n);
@@ -304,6 +310,13 @@ pub(super) fn tun_to_udp(w: &Worker) -> Drain<'_> {
         }
         Ok(got)
     })
+}
+
+/// The path MTU towards a peer, for [`GsoOff::refused`].
+fn probe_mtu(to: SocketAddrV4) -> Option<usize> {
+    super::udp::path_mtu(to)
+        .map_err(|e| tracing::debug!(peer = %to, error = %e, "no path MTU"))
+        .ok()
 }
 
 /// Sends what is queued, counting datagrams sent and failed.
@@ -316,16 +329,50 @@ fn flush(mmsg: &mut Mmsg, sock: RawFd, main: &mut [u8], aux: &mut [u8], t: &mut 
     }
 }
 
-/// How long a peer whose GSO send the kernel refused gets plain datagrams:
-/// as long as the kernel keeps a learned path MTU (`ip_rt_mtu_expires`).
+/// How long what a refused GSO send taught about a peer holds: as long as
+/// the kernel keeps a learned path MTU (`ip_rt_mtu_expires`). Then full-size
+/// GSO is tried again, so a path that recovers gets it back.
 const GSO_OFF_FOR: Duration = Duration::from_secs(600);
 
-/// The peers one worker sends to without UDP GSO for now, because the
-/// kernel refused a GSO send to them (the path MTU to them is below the
-/// segment size, or an IPsec policy cannot segment). Each entry expires,
-/// so a path that recovers gets GSO back.
+/// What one worker sends to a peer whose UDP GSO send the kernel refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// UDP payloads of up to this many bytes fit the path (its MTU less the
+    /// outer IPv4 and UDP headers): TCP super-packets are cut into segments
+    /// that fit, and still go out as GSO sends; what cannot be cut smaller
+    /// goes as plain datagrams (the kernel fragments them).
+    Fits(usize),
+    /// Plain datagrams only: refused although the segments fit the path
+    /// (an IPsec policy, say), or no usable path MTU.
+    NoGso,
+}
+
+impl Limit {
+    /// What a refusal teaches, given what was known (`prev`) and the path
+    /// MTU the kernel now holds towards the peer.
+    fn after_refusal(prev: Option<Limit>, path_mtu: Option<usize>) -> Limit {
+        const OUTER: usize = 28; // IPv4 + UDP
+        match (prev, path_mtu) {
+            (None, Some(mtu)) if mtu >= 576 => Limit::Fits(mtu - OUTER),
+            _ => Limit::NoGso,
+        }
+    }
+
+    /// Whether a GSO send of `dgram`-byte datagrams may be tried.
+    fn allows(this: Option<Limit>, dgram: usize) -> bool {
+        match this {
+            None => true,
+            Some(Limit::Fits(max)) => dgram <= max,
+            Some(Limit::NoGso) => false,
+        }
+    }
+}
+
+/// The peers one worker has seen a UDP GSO send refused to (a path MTU
+/// below the segment size, or an IPsec policy that cannot segment), with
+/// what it does for them now. Each entry expires.
 struct GsoOff {
-    until: Vec<(Ipv4Addr, Instant)>,
+    until: Vec<(Ipv4Addr, Instant, Limit)>,
     counters: Arc<Counters>,
 }
 
@@ -337,34 +384,59 @@ impl GsoOff {
         }
     }
 
-    /// Whether GSO may be used towards `ip` now.
+    /// What is known about sending GSO to `ip` (`None`: nothing, full size).
     #[inline]
-    fn allows(&mut self, ip: Ipv4Addr) -> bool {
+    fn limit(&mut self, ip: Ipv4Addr) -> Option<Limit> {
         if self.until.is_empty() {
-            return true;
+            return None;
         }
         let now = Instant::now();
         let before = self.until.len();
-        self.until.retain(|&(_, t)| t > now);
+        self.until.retain(|&(_, t, _)| t > now);
         let expired = (before - self.until.len()) as u64;
         if expired > 0 {
             self.counters
                 .gso_off_peers
                 .fetch_sub(expired, Ordering::Relaxed);
         }
-        !self.until.iter().any(|&(p, _)| p == ip)
+        self.until
+            .iter()
+            .find_map(|&(p, _, l)| (p == ip).then_some(l))
     }
 
-    /// Turns GSO off towards the peers whose GSO sends were refused.
-    fn refused(&mut self, peers: &[SocketAddrV4]) {
+    /// Learns from the peers whose GSO sends were refused: the path MTU
+    /// towards each (`path_mtu`), and so whether cutting segments to it is
+    /// enough or GSO has to stop.
+    fn refused(
+        &mut self,
+        peers: &[SocketAddrV4],
+        path_mtu: impl Fn(SocketAddrV4) -> Option<usize>,
+    ) {
         for p in peers {
             let ip = *p.ip();
-            if self.until.iter().any(|&(q, _)| q == ip) {
+            let at = self.until.iter().position(|&(q, _, _)| q == ip);
+            let prev = at.map(|i| self.until[i].2);
+            if prev == Some(Limit::NoGso) {
                 continue;
             }
-            tracing::warn!(peer = %ip, "the kernel refused a UDP GSO send (a path MTU below the segment size, or an IPsec policy); resent as plain datagrams, and GSO stays off for this peer for {} s", GSO_OFF_FOR.as_secs());
-            self.until.push((ip, Instant::now() + GSO_OFF_FOR));
-            self.counters.gso_off_peers.fetch_add(1, Ordering::Relaxed);
+            let mtu = if prev.is_none() { path_mtu(*p) } else { None };
+            let limit = Limit::after_refusal(prev, mtu);
+            match limit {
+                Limit::Fits(max) => {
+                    tracing::warn!(peer = %ip, path_mtu = max + 28, "the kernel refused a UDP GSO send: the path MTU to this peer is below the segment size; TCP is cut into segments that fit it, GSO goes on, and plain datagrams carry the rest, for {} s", GSO_OFF_FOR.as_secs())
+                }
+                Limit::NoGso => {
+                    tracing::warn!(peer = %ip, "the kernel refused a UDP GSO send of datagrams that fit the path (an IPsec policy, say); resent as plain datagrams, and GSO stays off for this peer for {} s", GSO_OFF_FOR.as_secs())
+                }
+            }
+            let until = Instant::now() + GSO_OFF_FOR;
+            match at {
+                Some(i) => self.until[i] = (ip, until, limit),
+                None => {
+                    self.until.push((ip, until, limit));
+                    self.counters.gso_off_peers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
@@ -476,5 +548,43 @@ impl Sealer {
         if let Some(r) = run {
             queue(mmsg, r, run_bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_teaches_the_path_mtu_then_a_second_one_stops_gso() {
+        // First refusal: the segments are cut to the path and GSO goes on.
+        let first = Limit::after_refusal(None, Some(1400));
+        assert_eq!(first, Limit::Fits(1372));
+        assert!(Limit::allows(Some(first), 1372));
+        assert!(
+            !Limit::allows(Some(first), 1373),
+            "a datagram over the path"
+        );
+        // Refused again although they fit (IPsec, say): plain datagrams.
+        let second = Limit::after_refusal(Some(first), Some(1400));
+        assert_eq!(second, Limit::NoGso);
+        assert!(!Limit::allows(Some(second), 100));
+        // No path MTU, or one below IPv4's 576 minimum: no guessing.
+        assert_eq!(Limit::after_refusal(None, None), Limit::NoGso);
+        assert_eq!(Limit::after_refusal(None, Some(500)), Limit::NoGso);
+        assert!(Limit::allows(None, 65_000), "nothing known: full size");
+    }
+
+    #[test]
+    fn the_path_mtu_comes_from_the_kernel() {
+        // Loopback's MTU, whatever the machine sets it to (IPv4 caps a
+        // route's MTU at 65535).
+        let mtu = probe_mtu(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9)).expect("IP_MTU on loopback");
+        let lo: usize = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(mtu, lo.min(65_535));
     }
 }

@@ -256,6 +256,25 @@ impl Segments {
         }
     }
 
+    /// These segments cut so that each is at most `max` bytes (IP header
+    /// included), for a path whose MTU is below the segment size. Only a
+    /// TCP super-packet is cut finer (TCP may segment anywhere; UDP
+    /// datagram boundaries are the application's); anything else, or a
+    /// `max` that leaves no payload, is returned as it is.
+    pub fn fit(self, max: usize) -> Self {
+        match self {
+            Segments::Split(p) if p.tcp && p.seg_len() > max && max > p.hlen => {
+                let gso = max - p.hlen;
+                Segments::Split(SplitPlan {
+                    count: p.payload.div_ceil(gso).max(1),
+                    gso,
+                    ..p
+                })
+            }
+            s => s,
+        }
+    }
+
     pub fn count(&self) -> usize {
         match self {
             Segments::Whole(_) => 1,
@@ -823,6 +842,55 @@ mod tests {
             data.extend_from_slice(&t[32..]);
         }
         assert_eq!(data, payload);
+    }
+
+    #[test]
+    fn fitting_to_a_narrow_path_cuts_tcp_finer_and_nothing_else() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 13) as u8).collect();
+        let p = tso_packet(&payload, 7, 12, ACK | PSH);
+        let full = Segments::of(&p, &tso_hdr(&p, 1420)).unwrap();
+        assert_eq!(full.seg_len(), 52 + 1420);
+        // A 1400-byte path, 28 of it the outer IPv4 + UDP headers.
+        let fit = full.fit(1372);
+        assert_eq!(fit.seg_len(), 1372);
+        assert_eq!(fit.count(), 10_000usize.div_ceil(1372 - 52));
+        let mut data = Vec::new();
+        for (k, seg) in fit.collect(&p).unwrap().iter().enumerate() {
+            assert!(seg.len() <= 1372, "segment {k}: {} bytes", seg.len());
+            let v = crate::wire::Ipv4Packet::new_checked(&seg[..]).expect("valid IPv4");
+            assert!(v.header_checksum_ok());
+            let t = &seg[20..];
+            assert_eq!(
+                fold(sum(
+                    t,
+                    pseudo_header_sum(&seg[12..16], &seg[16..20], 6, t.len() as u16)
+                )),
+                0xffff,
+                "TCP checksum of segment {k}"
+            );
+            assert_eq!(
+                u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+                7 + (k as u32) * 1320,
+                "sequence number of segment {k}"
+            );
+            assert_eq!(
+                t[13] & PSH != 0,
+                k + 1 == fit.count(),
+                "PSH only on the last"
+            );
+            data.extend_from_slice(&t[32..]);
+        }
+        assert_eq!(data, payload, "the cut segments carry the payload in order");
+        // Segments that already fit, and a limit that leaves no payload,
+        // stay as they are.
+        assert_eq!(full.fit(1472), full);
+        assert_eq!(full.fit(52), full);
+        // UDP datagram boundaries are the sender's: never cut.
+        let u = uso_packet(&[5u8; 4000]);
+        let uso = Segments::of(&u, &uso_hdr(1400)).unwrap();
+        assert_eq!(uso.fit(1000), uso);
+        let whole = Segments::Whole(1500);
+        assert_eq!(whole.fit(1000), whole);
     }
 
     /// An IPv4/UDP super-packet as the kernel hands it over with USO:

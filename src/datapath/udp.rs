@@ -33,6 +33,30 @@ pub fn send_socket(bind: SocketAddrV4, port: u16) -> io::Result<UdpSocket> {
     })
 }
 
+/// The path MTU the kernel holds towards `to` (a route's `mtu`, or one
+/// learned from ICMP "fragmentation needed"): `IP_MTU` of a UDP socket
+/// connected to it. Nothing is sent.
+pub fn path_mtu(to: SocketAddrV4) -> io::Result<usize> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(to)?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an int-sized out buffer with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mtu as usize)
+}
+
 /// Binds a backend UDP socket to `addr:port`, non-blocking.
 pub fn bind_udp(addr: SocketAddrV4, reuse_port: bool) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};

@@ -224,7 +224,7 @@ impl Collector for FlannelCollector {
         gauge(
             &mut e,
             "flannel_gso_off_peers",
-            "Peers sent plain datagrams instead of UDP GSO for now, after a refused GSO send (summed over workers; each entry expires after 10 min).",
+            "Peers whose UDP GSO send was refused: sent TCP cut to the path MTU (and plain datagrams for what cannot be cut), or plain datagrams only after a second refusal (summed over workers; each entry expires after 10 min).",
             self.data.gso_off_peers.load(Ordering::Relaxed) as i64,
         )?;
         counter(

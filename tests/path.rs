@@ -281,6 +281,31 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
                     );
                 }
             }
+            if matches!(case, SmallPath::RouteMtu) && mode == "--offload=auto" {
+                // The path narrows further: the next refusal is followed.
+                for (a, b) in [(0, 1), (1, 0)] {
+                    let peer = bed.hosts[b].ip.to_string();
+                    let ns_a = bed.ns(a);
+                    sh(&[
+                        "ip", "-n", &ns_a, "route", "change", &peer, "dev", "eth0", "mtu", "1300",
+                    ]);
+                }
+                for (a, b) in [(0, 1), (1, 0)] {
+                    let data = pattern(16 << 20, 31 + a as u64);
+                    let frags_before = frags_created(&bed.ns(a));
+                    let got = tcp_transfer(&bed, a, b, data.clone());
+                    let frags = frags_created(&bed.ns(a)) - frags_before;
+                    assert!(
+                        got == data,
+                        "mtu 1300: 16 MB h{a} -> h{b} corrupted or short"
+                    );
+                    println!("{case:?} {mode}: path narrowed to 1300, 16 MB h{a} -> h{b} intact, {frags} IP fragments made by h{a}");
+                    assert!(
+                        frags < 1000,
+                        "h{a} fragmented {frags} datagrams after the path narrowed to 1300"
+                    );
+                }
+            }
             for i in 0..2 {
                 let m = http_get(&bed.ns(i), PORT, "/metrics").expect("metrics").1;
                 let fallbacks = metric(&m, "flannel_gso_fallbacks_total");

@@ -342,18 +342,22 @@ enum Limit {
     /// that fit, and still go out as GSO sends; what cannot be cut smaller
     /// goes as plain datagrams (the kernel fragments them).
     Fits(usize),
-    /// Plain datagrams only: refused although the segments fit the path
-    /// (an IPsec policy, say), or no usable path MTU.
+    /// Plain datagrams only: refused although the segments fit the path as
+    /// the kernel holds it (an IPsec policy, say), or no usable path MTU.
     NoGso,
 }
 
 impl Limit {
     /// What a refusal teaches, given what was known (`prev`) and the path
-    /// MTU the kernel now holds towards the peer.
+    /// MTU the kernel now holds towards the peer: cut to it if that helps
+    /// (first refusal, or the path has narrowed since), else no GSO.
     fn after_refusal(prev: Option<Limit>, path_mtu: Option<usize>) -> Limit {
         const OUTER: usize = 28; // IPv4 + UDP
         match (prev, path_mtu) {
             (None, Some(mtu)) if mtu >= 576 => Limit::Fits(mtu - OUTER),
+            (Some(Limit::Fits(max)), Some(mtu)) if mtu >= 576 && mtu - OUTER < max => {
+                Limit::Fits(mtu - OUTER)
+            }
             _ => Limit::NoGso,
         }
     }
@@ -419,7 +423,7 @@ impl GsoOff {
             if prev == Some(Limit::NoGso) {
                 continue;
             }
-            let mtu = if prev.is_none() { path_mtu(*p) } else { None };
+            let mtu = path_mtu(*p);
             let limit = Limit::after_refusal(prev, mtu);
             match limit {
                 Limit::Fits(max) => {
@@ -565,7 +569,13 @@ mod tests {
             !Limit::allows(Some(first), 1373),
             "a datagram over the path"
         );
-        // Refused again although they fit (IPsec, say): plain datagrams.
+        // Refused again: a path narrowed since is followed…
+        assert_eq!(
+            Limit::after_refusal(Some(first), Some(1300)),
+            Limit::Fits(1272)
+        );
+        // …but datagrams that fit refused all the same (IPsec, say) stop
+        // GSO: plain datagrams.
         let second = Limit::after_refusal(Some(first), Some(1400));
         assert_eq!(second, Limit::NoGso);
         assert!(!Limit::allows(Some(second), 100));

@@ -189,19 +189,22 @@ fn send_icmp_from_hub(bed: &Bed, to: std::net::Ipv4Addr, icmp: Vec<u8>) {
     })
 }
 
-/// IP fragments namespace `ns` has made of its outgoing datagrams
-/// (`IpFragCreates`, absolute).
-fn frags_created(ns: &str) -> u64 {
-    sh(&["ip", "netns", "exec", ns, "nstat", "-az", "IpFragCreates"])
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("IpFragCreates")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+/// 16 MB of TCP from h`a` to h`b` through the tunnel, checked byte for
+/// byte (`what` names the case); returns the seconds it took and the IP
+/// fragments h`a`'s kernel made of its datagrams meanwhile.
+fn transfer_counting_fragments(bed: &Bed, a: usize, b: usize, seed: u64, what: &str) -> (f64, u64) {
+    let data = pattern(16 << 20, seed);
+    let frags_before = nstat(&bed.ns(a), "IpFragCreates");
+    let t = Instant::now();
+    let got = tcp_transfer(bed, a, b, data.clone());
+    let secs = t.elapsed().as_secs_f64();
+    let frags = nstat(&bed.ns(a), "IpFragCreates") - frags_before;
+    assert!(
+        got == data,
+        "{what}: 16 MB h{a} -> h{b} corrupted or short ({} bytes)",
+        got.len()
+    );
+    (secs, frags)
 }
 
 /// The path MTU each host has cached towards the other, from `ip route get`.
@@ -255,17 +258,8 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
                 }
             }
             for (a, b) in [(0, 1), (1, 0)] {
-                let data = pattern(16 << 20, 21 + a as u64);
-                let frags_before = frags_created(&bed.ns(a));
-                let t = Instant::now();
-                let got = tcp_transfer(&bed, a, b, data.clone());
-                let secs = t.elapsed().as_secs_f64();
-                let frags = frags_created(&bed.ns(a)) - frags_before;
-                assert!(
-                    got == data,
-                    "{case:?} {mode}: 16 MB h{a} -> h{b} corrupted or short ({} bytes)",
-                    got.len()
-                );
+                let what = format!("{case:?} {mode}");
+                let (secs, frags) = transfer_counting_fragments(&bed, a, b, 21 + a as u64, &what);
                 println!(
                     "{case:?} {mode}: 16 MB h{a} -> h{b} intact in {secs:.2} s ({:.2} Gbit/s), {frags} IP fragments made by h{a}; route: {}",
                     16.0 * 8.0 * 1.048576 / 1000.0 / secs,
@@ -291,14 +285,8 @@ fn bulk_tcp_crosses_a_path_mtu_below_the_interface_mtu() {
                     ]);
                 }
                 for (a, b) in [(0, 1), (1, 0)] {
-                    let data = pattern(16 << 20, 31 + a as u64);
-                    let frags_before = frags_created(&bed.ns(a));
-                    let got = tcp_transfer(&bed, a, b, data.clone());
-                    let frags = frags_created(&bed.ns(a)) - frags_before;
-                    assert!(
-                        got == data,
-                        "mtu 1300: 16 MB h{a} -> h{b} corrupted or short"
-                    );
+                    let (_, frags) =
+                        transfer_counting_fragments(&bed, a, b, 31 + a as u64, "mtu 1300");
                     println!("{case:?} {mode}: path narrowed to 1300, 16 MB h{a} -> h{b} intact, {frags} IP fragments made by h{a}");
                     assert!(
                         frags < 1000,
@@ -633,15 +621,7 @@ fn wireguard_bulk_tcp_fits_a_path_mtu_below_the_interface_mtu() {
         bed.ping(0, dst).then_some(())
     });
     for (a, b) in [(0, 1), (1, 0)] {
-        let data = pattern(16 << 20, 41 + a as u64);
-        let frags_before = frags_created(&bed.ns(a));
-        let got = tcp_transfer(&bed, a, b, data.clone());
-        let frags = frags_created(&bed.ns(a)) - frags_before;
-        assert!(
-            got == data,
-            "wireguard: 16 MB h{a} -> h{b} corrupted or short ({} bytes)",
-            got.len()
-        );
+        let (_, frags) = transfer_counting_fragments(&bed, a, b, 41 + a as u64, "wireguard");
         println!("wireguard: 16 MB h{a} -> h{b} intact, {frags} IP fragments made by h{a}");
         assert!(
             frags < 1000,

@@ -27,6 +27,21 @@ pub fn flanneld_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_flanneld")))
 }
 
+/// A kernel counter of namespace `ns` as `nstat` names it (absolute
+/// value; 0 when the kernel does not have it).
+pub fn nstat(ns: &str, name: &str) -> u64 {
+    sh(&["ip", "netns", "exec", ns, "nstat", "-az", name])
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Runs a command, panicking with its output when it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])

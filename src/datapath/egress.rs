@@ -334,6 +334,9 @@ fn flush(mmsg: &mut Mmsg, sock: RawFd, main: &mut [u8], aux: &mut [u8], t: &mut 
 /// GSO is tried again, so a path that recovers gets it back.
 const GSO_OFF_FOR: Duration = Duration::from_secs(600);
 
+/// The outer headers the kernel puts around each datagram we send.
+const OUTER: usize = wire::IPV4_MIN_HEADER + wire::UDP_HEADER;
+
 /// What one worker sends to a peer whose UDP GSO send the kernel refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Limit {
@@ -352,7 +355,6 @@ impl Limit {
     /// MTU the kernel now holds towards the peer: cut to it if that helps
     /// (first refusal, or the path has narrowed since), else no GSO.
     fn after_refusal(prev: Option<Limit>, path_mtu: Option<usize>) -> Limit {
-        const OUTER: usize = 28; // IPv4 + UDP
         match (prev, path_mtu) {
             (None, Some(mtu)) if mtu >= 576 => Limit::Fits(mtu - OUTER),
             (Some(Limit::Fits(max)), Some(mtu)) if mtu >= 576 && mtu - OUTER < max => {
@@ -427,7 +429,7 @@ impl GsoOff {
             let limit = Limit::after_refusal(prev, mtu);
             match limit {
                 Limit::Fits(max) => {
-                    tracing::warn!(peer = %ip, path_mtu = max + 28, "the kernel refused a UDP GSO send: the path MTU to this peer is below the segment size; TCP is cut into segments that fit it, GSO goes on, and plain datagrams carry the rest, for {} s", GSO_OFF_FOR.as_secs())
+                    tracing::warn!(peer = %ip, path_mtu = max + OUTER, "the kernel refused a UDP GSO send: the path MTU to this peer is below the segment size; TCP is cut into segments that fit it, GSO goes on, and plain datagrams carry the rest, for {} s", GSO_OFF_FOR.as_secs())
                 }
                 Limit::NoGso => {
                     tracing::warn!(peer = %ip, "the kernel refused a UDP GSO send of datagrams that fit the path (an IPsec policy, say); resent as plain datagrams, and GSO stays off for this peer for {} s", GSO_OFF_FOR.as_secs())
